@@ -1,0 +1,38 @@
+"""The `scgene` command line: one sub-command per job, each defined in `scgene.commands.<name>`.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`; this file only wires them up,
+so importing the CLI stays cheap until a sub-command is chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module, one-line help)
+COMMANDS = {
+    "tokenize": ("scgene.commands.tokenize", "Tokenize an .h5ad into a Hugging Face datasets folder."),
+    "build-prior": ("scgene.commands.build_prior", "Build the fused prior gene embedding from data."),
+    "convert": ("scgene.commands.convert", "Convert an original ScGene checkpoint to a Hugging Face checkpoint."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scgene", description="ScGene single-cell foundation model tools.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

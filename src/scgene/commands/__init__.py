@@ -1,0 +1,1 @@
+"""Sub-commands of the `scgene` command line (see `scgene.cli`)."""
