@@ -1,1 +1,42 @@
-"""ScGene."""
+"""scgene: the ScGene single-cell foundation model for Hugging Face Transformers.
+
+Importing the package registers ScGene with the Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskedLM`,
+`AutoModelForSequenceClassification`), and marks the classes so that `save_pretrained` writes the model code and an
+`auto_map` next to the weights: a checkpoint then also loads with `trust_remote_code=True` where scgene is not installed.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from .configuration_scgene import ScGeneConfig
+from .modeling_scgene import (
+    ScGeneCellClassificationOutput,
+    ScGeneForCellClassification,
+    ScGeneForMaskedExpression,
+    ScGeneMaskedExpressionOutput,
+    ScGeneModel,
+    ScGeneModelOutput,
+    ScGenePreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ScGeneConfig.model_type, ScGeneConfig, exist_ok=True)
+for auto_class, model_class in (
+    (AutoModel, ScGeneModel),
+    (AutoModelForMaskedLM, ScGeneForMaskedExpression),
+    (AutoModelForSequenceClassification, ScGeneForCellClassification),
+):
+    auto_class.register(ScGeneConfig, model_class, exist_ok=True)
+    model_class.register_for_auto_class(auto_class.__name__)
+ScGeneConfig.register_for_auto_class()
+
+__all__ = [
+    "ScGeneConfig",
+    "ScGenePreTrainedModel",
+    "ScGeneModel",
+    "ScGeneForMaskedExpression",
+    "ScGeneForCellClassification",
+    "ScGeneModelOutput",
+    "ScGeneMaskedExpressionOutput",
+    "ScGeneCellClassificationOutput",
+]

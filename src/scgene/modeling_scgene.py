@@ -1,0 +1,765 @@
+"""ScGene: a transformer over the genes of one cell, with a frozen prior gene embedding.
+
+Forward order of the components below:
+    gene ids ──> ScGenePriorEmbedding (frozen fp32 buffer, seed 000's gene2vec + knowledge fusion) ─┐
+    values/bins ──> ScGeneExpressionEmbedding (linear: seed 000 | binned: seed 001) ────────────────┤
+                                                                      ScGeneEmbeddings ─────────────┘
+    "standard":    x = expression + gene  ──> ScGeneLayer × L                     (seed 000)
+    "dual_branch": gene branch   H_g ──> ScGeneLayer                               (seed 001)
+                   expr branch   H_e ──> regulated attention: (A_e + λ⁺A⁺(H_g) − λ⁻A⁻(H_g)) V_e
+    heads: ScGeneModel (embeddings) | ScGeneForMaskedExpression | ScGeneForCellClassification
+
+This file ships with every checkpoint as Hub code: it imports only torch and transformers, and
+`.configuration_scgene` relatively.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_scgene import ScGeneConfig
+
+NUM_SPECIAL_TOKENS = 3  # <pad>, <cls>, <mask> hold ids 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ScGeneModelOutput(ModelOutput):
+    """Gene-level states, the pooled cell embedding, and optional per-layer extras."""
+
+    last_hidden_state: torch.FloatTensor | None = None  # (B, G, d)
+    pooler_output: torch.FloatTensor | None = None  # (B, d)
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None  # L + 1 × (B, G, d)
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # L × (B, heads, G, G), eager only
+    regulation: tuple[torch.FloatTensor, ...] | None = None  # L × (B, heads, G, G), signed, dual-branch only
+
+
+@dataclass
+class ScGeneMaskedExpressionOutput(ModelOutput):
+    """Masked-expression pretraining: predicted values per gene (and bin logits when binned)."""
+
+    loss: torch.FloatTensor | None = None
+    predicted_values: torch.FloatTensor | None = None  # (B, G)
+    bin_logits: torch.FloatTensor | None = None  # (B, G, n_bins)
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    regulation: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ScGeneCellClassificationOutput(ModelOutput):
+    """Cell classification logits."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None  # (B, num_labels)
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    regulation: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Embeddings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ScGenePriorEmbedding(nn.Module):
+    """The fused prior gene embedding (vocab_size, d): a persistent fp32 buffer, never trainable.
+
+    A buffer rather than a frozen parameter: it stays out of optimizers, PEFT and `requires_grad_()` cannot unfreeze
+    it, and FSDP does not see mixed `requires_grad` in one module.
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(config.vocab_size, config.hidden_size, dtype=torch.float32))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)  # (B, G, d) fp32
+
+
+class ScGeneExpressionEmbedding(nn.Module):
+    """Embeds each gene's expression.
+
+    linear (seed 000): `Linear(1, d)(x)`.
+    binned (seed 001): `W_bin · onehot(b) + alpha · x · v_cont`; bin `n_bins` is the mask bin, where the continuous
+    term is dropped (the masked value carries no information).
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.encoding = config.expression_encoding
+        self.mask_bin = config.n_bins
+        if self.encoding == "linear":
+            self.value_projection = nn.Linear(1, config.hidden_size)
+        else:
+            self.bin_embeddings = nn.Embedding(config.n_bins + 1, config.hidden_size)
+            self.continuous_direction = nn.Parameter(torch.empty(config.hidden_size))  # v_cont
+            self.continuous_scale = nn.Parameter(torch.empty(1))  # alpha
+
+    def forward(self, expression_values: torch.Tensor, expression_bins: torch.Tensor | None) -> torch.Tensor:
+        values = expression_values.unsqueeze(-1)  # (B, G, 1)
+        if self.encoding == "linear":
+            return self.value_projection(values)  # (B, G, d)
+        values = values.masked_fill((expression_bins == self.mask_bin).unsqueeze(-1), 0.0)
+        return self.bin_embeddings(expression_bins) + self.continuous_scale * values * self.continuous_direction
+
+
+class ScGeneEmbeddings(nn.Module):
+    """Gene identity (prior + special tokens + optional learnable embedding) and expression embeddings.
+
+    The two are returned apart: the standard encoder adds them (seed 000: the prior acts like a positional encoding),
+    the dual-branch encoder starts one branch from each (seed 001).
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.gene_prior = ScGenePriorEmbedding(config)
+        self.special_tokens = nn.Embedding(NUM_SPECIAL_TOKENS, config.hidden_size)
+        self.gene_embeddings = (
+            nn.Embedding(config.vocab_size, config.hidden_size) if config.use_learnable_gene_embedding else None
+        )
+        self.expression = ScGeneExpressionEmbedding(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def gene_identity(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, G) ids -> (B, G, d): what each token is, independent of expression."""
+        is_special = (input_ids < NUM_SPECIAL_TOKENS).unsqueeze(-1)
+        identity = self.gene_prior(input_ids).to(dtype)
+        identity = identity + self.special_tokens(input_ids.clamp(max=NUM_SPECIAL_TOKENS - 1)) * is_special
+        if self.gene_embeddings is not None:
+            identity = identity + self.gene_embeddings(input_ids)
+        return identity
+
+    def forward(self, input_ids, expression_values, expression_bins=None) -> tuple[torch.Tensor, torch.Tensor]:
+        expression = self.expression(expression_values, expression_bins)  # (B, G, d)
+        identity = self.gene_identity(input_ids, expression.dtype)  # (B, G, d)
+        return self.dropout(identity), self.dropout(expression)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,  # (B, H, G, dh)
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,  # (B, 1, 1, G) additive
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, G, G)
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()  # (B, G, H, dh)
+    return attn_output, attn_weights
+
+
+def attention_function(config: ScGeneConfig) -> Callable:
+    """The attention implementation chosen by `config._attn_implementation` (eager, sdpa, or a registered one)."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)  # (B, G, H·dh) -> (B, H, G, dh)
+
+
+class ScGeneSelfAttention(nn.Module):
+    """Multi-head attention projections: q, k, v of (B, H, G, dh) from hidden states (B, G, d)."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def project_qkv(self, hidden_states: torch.Tensor):
+        return tuple(split_heads(proj(hidden_states), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+
+
+class ScGeneLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2): K and V come from one low-rank latent `c_kv`, Q optionally from a
+    low-rank latent `c_q`. Genes have no order, so there is no rotary part."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, d)
+        else:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.LayerNorm(config.q_lora_rank, eps=config.layer_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, d)
+        self.kv_a_proj = nn.Linear(d, config.kv_lora_rank, bias=False)
+        self.kv_a_layernorm = nn.LayerNorm(config.kv_lora_rank, eps=config.layer_norm_eps)
+        self.kv_b_proj = nn.Linear(config.kv_lora_rank, 2 * d)
+
+    def expand_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latent (B, G, r_kv) -> keys and values (B, H, G, dh) each."""
+        key, value = self.kv_b_proj(latent).chunk(2, dim=-1)
+        return split_heads(key, self.head_dim), split_heads(value, self.head_dim)
+
+    def project_qkv(self, hidden_states: torch.Tensor):
+        if hasattr(self, "q_proj"):
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        key, value = self.expand_kv(self.kv_a_layernorm(self.kv_a_proj(hidden_states)))
+        return split_heads(query, self.head_dim), key, value
+
+
+def build_projections(config: ScGeneConfig) -> nn.Module:
+    return ScGeneLatentAttention(config) if config.attention_type == "mla" else ScGeneSelfAttention(config)
+
+
+class ScGeneAttention(nn.Module):
+    """Self-attention over the genes of a cell (MHA or MLA projections), dispatched through the attention interface."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.config = config
+        self.is_causal = False
+        self.scaling = config.head_dim**-0.5
+        self.dropout = config.attention_probs_dropout_prob
+        self.projections = build_projections(config)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+        query, key, value = self.projections.project_qkv(hidden_states)  # (B, H, G, dh)
+        attn_output, attn_weights = attention_function(self.config)(
+            self, query, key, value, attention_mask,
+            dropout=self.dropout if self.training else 0.0, scaling=self.scaling,
+        )  # (B, G, H, dh)
+        return self.o_proj(attn_output.flatten(2)), attn_weights
+
+
+class ScGeneRegulatedAttention(ScGeneAttention):
+    """The expression branch's attention with signed regulation from the gene branch (seed 001).
+
+    Per head h, with A = softmax(QKᵀ/√dh) over real (unpadded) genes:
+        out_h = (A_expr + λ⁺_h · A⁺(H_gene) − λ⁻_h · A⁻(H_gene)) · V_expr
+    A_expr comes from the expression states; the activating map A⁺ and the repressing map A⁻ come from the gene
+    branch's states, so they do not depend on expression. The effective weights can be negative: gene j raises or
+    lowers gene i's update. The three maps run as one attention call over 3H heads (fused SDPA kernels, no G × G matrix
+    in memory); λ⁺ = λ⁻ = `regulation_init` (small) makes the layer start close to plain attention.
+    The signed gene × gene regulation λ⁺A⁺ − λ⁻A⁻ is materialised only on request (`output_regulation=True`).
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__(config)
+        self.regulation_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size)  # q⁺, k⁺, q⁻, k⁻
+        self.activation_scale = nn.Parameter(torch.empty(config.num_attention_heads))  # λ⁺
+        self.repression_scale = nn.Parameter(torch.empty(config.num_attention_heads))  # λ⁻
+
+    def regulation_queries_keys(self, gene_states: torch.Tensor) -> list[torch.Tensor]:
+        """(Bg, G, d) -> [q⁺, k⁺, q⁻, k⁻], each (Bg, H, G, dh)."""
+        return [split_heads(part, self.config.head_dim) for part in self.regulation_proj(gene_states).chunk(4, dim=-1)]
+
+    def signed_regulation(self, gene_states, gene_attention_mask) -> torch.Tensor:
+        """λ⁺A⁺ − λ⁻A⁻: (Bg, H, G, G), the gene × gene regulation of this layer."""
+        q_act, k_act, q_rep, k_rep = self.regulation_queries_keys(gene_states)
+        maps = []
+        for query, key in ((q_act, k_act), (q_rep, k_rep)):
+            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
+            if gene_attention_mask is not None:
+                scores = scores + gene_attention_mask
+            maps.append(F.softmax(scores, dim=-1, dtype=torch.float32))
+        activation, repression = (scale.view(1, -1, 1, 1) for scale in (self.activation_scale, self.repression_scale))
+        return activation * maps[0] - repression * maps[1]
+
+    def forward(self, hidden_states, gene_states, attention_mask, gene_attention_mask=None, output_regulation=False):
+        batch_size = hidden_states.shape[0]
+        query, key, value = self.projections.project_qkv(hidden_states)  # (B, H, G, dh)
+        q_act, k_act, q_rep, k_rep = (
+            t.expand(batch_size, -1, -1, -1) for t in self.regulation_queries_keys(gene_states)
+        )  # gene branch may hold a single shared cell: (1, H, G, dh) -> (B, H, G, dh)
+        attn_output, attn_weights = attention_function(self.config)(
+            self,
+            torch.cat([query, q_act, q_rep], dim=1),  # (B, 3H, G, dh)
+            torch.cat([key, k_act, k_rep], dim=1),
+            value.repeat(1, 3, 1, 1),
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )  # (B, G, 3H, dh)
+        expression, activation, repression = attn_output.chunk(3, dim=2)  # (B, G, H, dh) each
+        combined = (
+            expression
+            + self.activation_scale.view(1, 1, -1, 1) * activation
+            - self.repression_scale.view(1, 1, -1, 1) * repression
+        )
+        if attn_weights is not None:  # eager: report the effective signed weights
+            weights_expr, weights_act, weights_rep = attn_weights.chunk(3, dim=1)
+            attn_weights = (
+                weights_expr
+                + self.activation_scale.view(1, -1, 1, 1) * weights_act
+                - self.repression_scale.view(1, -1, 1, 1) * weights_rep
+            )
+        regulation = None
+        if output_regulation:
+            regulation = self.signed_regulation(gene_states, gene_attention_mask).expand(batch_size, -1, -1, -1)
+        return self.o_proj(combined.flatten(2)), attn_weights, regulation
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoder layers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ScGeneFeedForward(nn.Module):
+    """Position-wise FFN: down_proj(dropout(act(up_proj(x))))."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.act(self.up_proj(hidden_states))))
+
+
+class ScGeneBlock(nn.Module):
+    """Attention and FFN sub-layers with residuals: post-LN (seed 000, PyTorch's `TransformerEncoderLayer` default) or
+    pre-LN. Extra keyword arguments go to the attention; its extra outputs (weights, regulation) are passed back."""
+
+    def __init__(self, config: ScGeneConfig, attention: nn.Module | None = None):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attention = attention if attention is not None else ScGeneAttention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.feed_forward = ScGeneFeedForward(config)
+        self.feed_forward_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def residual(self, hidden_states, sublayer, norm):
+        if self.pre_norm:
+            return hidden_states + self.dropout(sublayer(norm(hidden_states)))
+        return norm(hidden_states + self.dropout(sublayer(hidden_states)))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **attention_kwargs):
+        extras = ()
+
+        def attend(x):
+            nonlocal extras
+            out, *extras = self.attention(x, attention_mask=attention_mask, **attention_kwargs)
+            return out
+
+        hidden_states = self.residual(hidden_states, attend, self.attention_norm)
+        hidden_states = self.residual(hidden_states, self.feed_forward, self.feed_forward_norm)
+        return hidden_states, *extras
+
+
+class ScGeneLayer(ScGeneBlock, GradientCheckpointingLayer):
+    """One standard encoder layer (seed 000), checkpointable as a unit."""
+
+
+class ScGeneDualBranchLayer(GradientCheckpointingLayer):
+    """One dual-branch layer: the gene branch is a plain block over gene identities; the expression branch is a block
+    whose attention is regulated by this layer's incoming gene states."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.gene_block = ScGeneBlock(config)
+        self.expression_block = ScGeneBlock(config, attention=ScGeneRegulatedAttention(config))
+
+    def forward(self, gene_states, expression_states, attention_mask=None, gene_attention_mask=None,
+                output_regulation=False):
+        expression_states, attn_weights, regulation = self.expression_block(
+            expression_states, attention_mask,
+            gene_states=gene_states, gene_attention_mask=gene_attention_mask, output_regulation=output_regulation,
+        )
+        gene_states, _ = self.gene_block(gene_states, gene_attention_mask)
+        return gene_states, expression_states, attn_weights, regulation
+
+
+class ScGeneEncoder(nn.Module):
+    """Stacked `ScGeneLayer`s over expression + gene identity (seed 000)."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([ScGeneLayer(config) for _ in range(config.num_hidden_layers)])
+        self.final_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_position == "pre" else None
+        )
+
+    def forward(self, identity, expression, attention_mask, gene_attention_mask, output_hidden_states,
+                output_regulation):
+        hidden_states = expression + identity  # (B, G, d)
+        all_hidden, all_attn = [hidden_states], []
+        for layer in self.layers:
+            hidden_states, attn_weights = layer(hidden_states, attention_mask)
+            all_hidden.append(hidden_states)
+            all_attn.append(attn_weights)
+        if self.final_norm is not None:
+            hidden_states = self.final_norm(hidden_states)
+            all_hidden[-1] = hidden_states
+        return hidden_states, all_hidden, all_attn, []
+
+
+class ScGeneDualBranchEncoder(nn.Module):
+    """Gene branch from the gene identity, expression branch from the expression embedding (seed 001).
+
+    The output fuses both (expression states + gene states), so the heads know which gene each token is. The gene branch
+    does not depend on expression: when the batch shares one gene panel it runs on a single row, not once per cell.
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([ScGeneDualBranchLayer(config) for _ in range(config.num_hidden_layers)])
+        pre_norm = config.norm_position == "pre"
+        self.gene_final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if pre_norm else None
+        self.expression_final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if pre_norm else None
+
+    def forward(self, identity, expression, attention_mask, gene_attention_mask, output_hidden_states,
+                output_regulation):
+        gene_states, expression_states = identity, expression  # (Bg, G, d), (B, G, d) with Bg in {1, B}
+        all_hidden, all_attn, all_regulation = [], [], []
+        if output_hidden_states:
+            all_hidden.append(expression_states + gene_states)
+        for layer in self.layers:
+            gene_states, expression_states, attn_weights, regulation = layer(
+                gene_states, expression_states, attention_mask, gene_attention_mask, output_regulation
+            )
+            if output_hidden_states:
+                all_hidden.append(expression_states + gene_states)
+            all_attn.append(attn_weights)
+            all_regulation.append(regulation)
+        if self.gene_final_norm is not None:
+            gene_states = self.gene_final_norm(gene_states)
+            expression_states = self.expression_final_norm(expression_states)
+        hidden_states = expression_states + gene_states
+        if output_hidden_states:
+            all_hidden[-1] = hidden_states
+        return hidden_states, all_hidden, all_attn, all_regulation
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretrained model base
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ScGenePreTrainedModel(PreTrainedModel):
+    config_class = ScGeneConfig
+    base_model_prefix = "scgene"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ScGeneLayer", "ScGeneDualBranchLayer"]
+    _keep_in_fp32_modules = ["gene_prior"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    accepts_loss_kwargs = False  # losses are means over masked positions; Trainer must scale for accumulation
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ScGenePriorEmbedding):
+            init.zeros_(module.weight)  # a checkpoint overwrites it; loading without one raises (from_pretrained)
+        elif isinstance(module, ScGeneExpressionEmbedding) and module.encoding == "binned":
+            init.normal_(module.continuous_direction, mean=0.0, std=self.config.initializer_range)
+            init.ones_(module.continuous_scale)
+        elif isinstance(module, ScGeneRegulatedAttention):
+            init.constant_(module.activation_scale, self.config.regulation_init)
+            init.constant_(module.repression_scale, self.config.regulation_init)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint without the prior gene embedding is an error: loading
+        would otherwise leave the frozen prior at zeros without a word."""
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing_prior = [key for key in info["missing_keys"] if key.endswith("gene_prior.weight")]
+        if missing_prior:
+            raise ValueError(
+                f"The checkpoint has no prior gene embedding ({missing_prior[0]}): it was not saved by scgene or is "
+                "corrupt. Re-save the model with `save_pretrained`, or build a prior (`scgene build-prior`) and set it "
+                "with `model.set_gene_prior(matrix)` on a freshly initialised model."
+            )
+        return (model, info) if wants_info else model
+
+    def get_gene_prior(self) -> torch.Tensor:
+        """The frozen prior gene embedding buffer, (vocab_size, hidden_size) fp32."""
+        return self.base_model.embeddings.gene_prior.weight
+
+    @torch.no_grad()
+    def set_gene_prior(self, matrix) -> None:
+        """Copy a (vocab_size, hidden_size) matrix, rows aligned to the tokenizer's gene ids, into the prior buffer."""
+        matrix = torch.as_tensor(matrix, dtype=torch.float32)
+        buffer = self.get_gene_prior()
+        if tuple(matrix.shape) != tuple(buffer.shape):
+            raise ValueError(
+                f"The prior must be (vocab_size, hidden_size) = {tuple(buffer.shape)}, got {tuple(matrix.shape)}. "
+                "Align it to the tokenizer's vocabulary (one row per id, zeros for special tokens) and build it with "
+                f"hidden_size={buffer.shape[1]}."
+            )
+        if not torch.isfinite(matrix).all():
+            raise ValueError("The prior contains NaN or infinite values.")
+        buffer.copy_(matrix.to(buffer.device))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Base model (embedding / cluster mode)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_inputs(config: ScGeneConfig, input_ids, expression_values, expression_bins, attention_mask) -> None:
+    """Clear errors for inputs of the wrong shape, dtype or range."""
+    if input_ids is None or expression_values is None:
+        raise ValueError("ScGene needs both `input_ids` (gene ids) and `expression_values`.")
+    if input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"`input_ids` must be an integer tensor (batch, genes); got {input_ids.dtype} {tuple(input_ids.shape)}.")
+    if not expression_values.dtype.is_floating_point:
+        raise ValueError(f"`expression_values` must be floating point (log1p expression); got {expression_values.dtype}.")
+    named = {"expression_values": expression_values, "expression_bins": expression_bins, "attention_mask": attention_mask}
+    for name, tensor in named.items():
+        if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
+            raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
+        raise ValueError(f"`input_ids` must lie in [0, {config.vocab_size}); got [{input_ids.min()}, {input_ids.max()}].")
+    if config.expression_encoding == "binned":
+        if expression_bins is None or expression_bins.dtype.is_floating_point:
+            raise ValueError("expression_encoding='binned' needs integer `expression_bins` (the tokenizer's bins).")
+        if expression_bins.numel() and (expression_bins.min() < 0 or expression_bins.max() > config.n_bins):
+            raise ValueError(f"`expression_bins` must lie in [0, {config.n_bins}] ({config.n_bins} is the mask bin).")
+
+
+def additive_key_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, G) 1/0 -> (B, 1, 1, G) additive mask over keys, or None when nothing is padded (fastest kernels)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+
+
+class ScGeneModel(ScGenePreTrainedModel):
+    """The ScGene encoder: gene-level states `(B, G, d)` and a cell embedding `(B, d)` (CLS or masked mean)."""
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__(config)
+        self.embeddings = ScGeneEmbeddings(config)
+        self.encoder = ScGeneDualBranchEncoder(config) if config.encoder_type == "dual_branch" else ScGeneEncoder(config)
+        self.post_init()
+
+    def pool(self, hidden_states, input_ids, attention_mask) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            if not bool((input_ids[:, 0] == self.config.cls_token_id).all()):
+                raise ValueError(
+                    "pooling='cls' needs the <cls> token at position 0 of every cell: tokenize with the <cls> token "
+                    "added, or use a config with pooling='mean'."
+                )
+            return hidden_states[:, 0]
+        keep = input_ids != self.config.cls_token_id
+        if attention_mask is not None:
+            keep = keep & attention_mask.bool()
+        keep = keep.unsqueeze(-1).to(hidden_states.dtype)  # (B, G, 1)
+        return (hidden_states * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        expression_values: torch.FloatTensor | None = None,
+        expression_bins: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        output_regulation: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ScGeneModelOutput:
+        check_inputs(self.config, input_ids, expression_values, expression_bins, attention_mask)
+        if output_regulation and self.config.encoder_type != "dual_branch":
+            raise ValueError("output_regulation=True needs encoder_type='dual_branch'.")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError("output_attentions=True needs attn_implementation='eager' (SDPA does not return weights).")
+
+        dtype = self.dtype
+        expression_values = expression_values.to(dtype)
+        identity, expression = self.embeddings(input_ids, expression_values, expression_bins)  # (B, G, d) each
+        attention_mask_4d = additive_key_mask(attention_mask, dtype)
+        gene_attention_mask = attention_mask_4d
+        if self.config.encoder_type == "dual_branch" and self.shares_gene_panel(input_ids, attention_mask):
+            identity = identity[:1]  # the gene branch runs once for the whole batch
+            gene_attention_mask = None if attention_mask_4d is None else attention_mask_4d[:1]
+
+        hidden_states, all_hidden, all_attn, all_regulation = self.encoder(
+            identity, expression, attention_mask_4d, gene_attention_mask,
+            output_hidden_states, output_regulation,
+        )
+        return ScGeneModelOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=self.pool(hidden_states, input_ids, attention_mask),
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+            regulation=tuple(all_regulation) if output_regulation else None,
+        )
+
+    @staticmethod
+    def shares_gene_panel(input_ids, attention_mask) -> bool:
+        """True when every cell of the batch has the same genes (and padding) as the first."""
+        same_ids = bool((input_ids == input_ids[:1]).all())
+        return same_ids and (attention_mask is None or bool((attention_mask == attention_mask[:1]).all()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Heads
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ScGeneForMaskedExpression(ScGenePreTrainedModel):
+    """Masked-expression pretraining (seed 000's `Linear(d, 1)` value head; plus a bin classifier when binned).
+
+    `labels (B, G)` hold the true values at masked positions and -100 elsewhere; the loss is the MSE over masked
+    positions, plus `bin_loss_weight` × cross-entropy over bins against `bin_labels` when binned.
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__(config)
+        self.scgene = ScGeneModel(config)
+        self.value_head = nn.Linear(config.hidden_size, 1)
+        self.bin_head = nn.Linear(config.hidden_size, config.n_bins) if config.expression_encoding == "binned" else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids=None,
+        expression_values=None,
+        expression_bins=None,
+        attention_mask=None,
+        labels: torch.FloatTensor | None = None,
+        bin_labels: torch.LongTensor | None = None,
+        output_hidden_states=None,
+        output_attentions=None,
+        output_regulation: bool = False,
+        return_dict=None,
+        **kwargs,
+    ) -> ScGeneMaskedExpressionOutput:
+        outputs = self.scgene(
+            input_ids, expression_values, expression_bins, attention_mask,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_regulation=output_regulation,
+        )
+        hidden_states = outputs.last_hidden_state  # (B, G, d)
+        predicted_values = self.value_head(hidden_states).squeeze(-1)  # (B, G)
+        bin_logits = self.bin_head(hidden_states) if self.bin_head is not None else None  # (B, G, n_bins)
+
+        loss = None
+        if labels is not None:
+            masked = labels != -100
+            if not bool(masked.any()):
+                raise ValueError("`labels` mark no masked position (all -100): mask some genes before computing a loss.")
+            loss = F.mse_loss(predicted_values[masked].float(), labels[masked].float())
+            if bin_logits is not None and bin_labels is not None:
+                loss = loss + self.config.bin_loss_weight * F.cross_entropy(
+                    bin_logits.flatten(0, 1).float(), bin_labels.flatten(), ignore_index=-100
+                )
+        return ScGeneMaskedExpressionOutput(
+            loss=loss, predicted_values=predicted_values, bin_logits=bin_logits,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, regulation=outputs.regulation,
+        )
+
+
+class ScGeneClassificationHead(nn.Module):
+    """Seed 000's `cls_decoder`: Linear -> ReLU -> Dropout -> Linear."""
+
+    def __init__(self, config: ScGeneConfig, input_size: int):
+        super().__init__()
+        self.dense = nn.Linear(input_size, config.classifier_hidden_size)
+        self.act = nn.ReLU()
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.out_proj = nn.Linear(config.classifier_hidden_size, config.num_labels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.act(self.dense(features))))
+
+
+class ScGeneForCellClassification(ScGenePreTrainedModel):
+    """Cell classification over a frozen backbone (seed 000; `freeze_backbone=False` fine-tunes everything).
+
+    `classifier_pooling="cell"` reads the pooled cell embedding (B, d); `"gene_projection"` reproduces seed 000: each
+    gene's output is projected to one number and the MLP reads the (B, num_panel_genes) vector of a fixed panel.
+    """
+
+    def __init__(self, config: ScGeneConfig):
+        super().__init__(config)
+        self.scgene = ScGeneModel(config)
+        if config.classifier_pooling == "gene_projection":
+            self.gene_projection = nn.Linear(config.hidden_size, 1)
+            classifier_input = config.num_panel_genes
+        else:
+            self.gene_projection = None
+            classifier_input = config.hidden_size
+        self.classifier = ScGeneClassificationHead(config, classifier_input)
+        self.post_init()
+        self.set_backbone_trainable(not config.freeze_backbone)
+
+    def set_backbone_trainable(self, trainable: bool) -> None:
+        """Freeze (seed 000's default) or unfreeze the encoder; the head always trains."""
+        self.scgene.requires_grad_(trainable)
+
+    def forward(
+        self,
+        input_ids=None,
+        expression_values=None,
+        expression_bins=None,
+        attention_mask=None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states=None,
+        output_attentions=None,
+        output_regulation: bool = False,
+        return_dict=None,
+        **kwargs,
+    ) -> ScGeneCellClassificationOutput:
+        outputs = self.scgene(
+            input_ids, expression_values, expression_bins, attention_mask,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            output_regulation=output_regulation,
+        )
+        if self.gene_projection is not None:
+            if input_ids.shape[1] != self.config.num_panel_genes:
+                raise ValueError(
+                    f"classifier_pooling='gene_projection' reads a fixed panel of {self.config.num_panel_genes} genes, "
+                    f"got {input_ids.shape[1]} tokens: tokenize with gene_selection='all' and no <cls> token."
+                )
+            features = self.gene_projection(outputs.last_hidden_state).squeeze(-1)  # (B, G)
+        else:
+            features = outputs.pooler_output  # (B, d)
+        logits = self.classifier(features)  # (B, num_labels)
+        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        return ScGeneCellClassificationOutput(
+            loss=loss, logits=logits,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, regulation=outputs.regulation,
+        )
+
+
+__all__ = [
+    "ScGenePreTrainedModel",
+    "ScGeneModel",
+    "ScGeneForMaskedExpression",
+    "ScGeneForCellClassification",
+    "ScGeneModelOutput",
+    "ScGeneMaskedExpressionOutput",
+    "ScGeneCellClassificationOutput",
+]
