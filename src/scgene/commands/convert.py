@@ -1,0 +1,48 @@
+"""`scgene convert`: turn an original ScGene checkpoint into a Hugging Face checkpoint, with a parity check.
+
+The logic is in `scgene.conversion`; this module only parses arguments and prints the parity report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Original checkpoint (.pt/.pth/.ckpt); any of the 3 models.")
+    parser.add_argument(
+        "--gene-embedding",
+        required=True,
+        help="The original's gene embedding, input_dim x feature_dim (.npy, .pt or .safetensors).",
+    )
+    parser.add_argument(
+        "--genes", help="The panel's genes, one per line in the original's column order; writes a tokenizer."
+    )
+    parser.add_argument("--out", required=True, help="Output directory (written atomically).")
+    parser.add_argument(
+        "--num-heads",
+        type=int,
+        help="Attention heads; needed unless the checkpoint stores a config with it (the weights do not tell).",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scgene.conversion import ConversionError, convert, format_parity_report
+
+    try:
+        result = convert(
+            args.checkpoint,
+            args.gene_embedding,
+            args.out,
+            genes=args.genes,
+            num_heads=args.num_heads,
+            overwrite=args.overwrite,
+        )
+    except ConversionError as error:
+        print(f"scgene convert: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Converted {args.checkpoint} ({result.kind}) to {result.out_dir}")
+    print(format_parity_report(result.parity))
+    return 0

@@ -1,0 +1,88 @@
+"""The model card draft written next to a converted checkpoint: what it was converted from, and the measured parity."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_card(
+    original_name: str,
+    class_name: str,
+    sizes,
+    num_heads: int,
+    num_genes: int,
+    sources: dict[str, Path],
+    parity: dict[str, float],
+    tolerance: float,
+    has_tokenizer: bool,
+) -> str:
+    """A model card draft; `sizes` is the `OriginalSizes` read from the checkpoint."""
+    shape = (
+        f"{sizes.num_hidden_layers} layers, feature_dim {sizes.hidden_size}, {num_heads} heads, "
+        f"FFN {sizes.intermediate_size}, panel of {num_genes} genes"
+    )
+    if sizes.kind == "classifier":
+        shape += f", cls_decoder {num_genes} -> {sizes.classifier_hidden_size} -> {sizes.num_labels} classes"
+    source_lines = "\n".join(f"- {name}: `{path.name}` (sha256 `{_sha256(path)}`)" for name, path in sources.items())
+    parity_rows = "\n".join(f"| {name} | {diff:.3e} |" for name, diff in parity.items())
+    ids_line = (
+        "ids = tokenizer.convert_genes_to_ids(panel_genes)  # the panel, in the original's column order"
+        if has_tokenizer
+        else f"ids = list(range(3, {3 + num_genes}))  # no gene list was given: panel gene i has id 3 + i"
+    )
+    tokenizer_lines = (
+        "from scgene import ScGeneTokenizer\ntokenizer = ScGeneTokenizer.from_pretrained(path)\n" if has_tokenizer else ""
+    )
+    return f"""---
+library_name: transformers
+tags:
+- scgene
+- single-cell
+- transcriptomics
+- converted
+---
+
+# {class_name} converted from the original `{original_name}` (draft)
+
+This checkpoint was converted with `scgene convert` from an original ScGene (seed 000) checkpoint.
+Draft: add the license, training data, intended use and evaluation of the original release before publishing.
+
+## Converted from
+
+- original model: `{original_name}` ({shape})
+{source_lines}
+
+The original gene embedding (its forward input `gene_embedding`) is stored as the frozen buffer
+`embeddings.gene_prior.weight`; rows 0-2 (`<pad>`, `<cls>`, `<mask>`) are zero, panel gene `i` is row `3 + i`.
+The special-token embeddings are zero: the original has no special tokens.
+
+## Parity
+
+The converted model, reloaded from disk, against a reference implementation of the original on fixed inputs
+(4 cells, log1p of Poisson counts), fp32, eval mode. Tolerance: {tolerance:g}.
+
+| output | max abs diff |
+|---|---|
+{parity_rows}
+
+## Usage
+
+Inputs are the original's `x`: log1p of counts normalised to 1e4 per cell, one column per panel gene, in the panel
+order, with no `<cls>` token.
+
+```python
+import torch
+from scgene import {class_name}
+{tokenizer_lines}model = {class_name}.from_pretrained(path)
+{ids_line}
+outputs = model(input_ids=torch.tensor([ids] * len(x)), expression_values=x)  # x: (cells, {num_genes}) float32
+```
+"""
