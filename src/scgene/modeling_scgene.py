@@ -29,6 +29,12 @@ from transformers.utils import ModelOutput
 from .configuration_scgene import ScGeneConfig
 
 NUM_SPECIAL_TOKENS = 3  # <pad>, <cls>, <mask> hold ids 0, 1, 2
+HUB_AUTO_MAP = {
+    "AutoConfig": "configuration_scgene.ScGeneConfig",
+    "AutoModel": "modeling_scgene.ScGeneModel",
+    "AutoModelForMaskedLM": "modeling_scgene.ScGeneForMaskedExpression",
+    "AutoModelForSequenceClassification": "modeling_scgene.ScGeneForCellClassification",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -182,70 +188,56 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.view(*x.shape[:-1], -1, head_dim).transpose(1, 2)  # (B, G, H·dh) -> (B, H, G, dh)
 
 
-class ScGeneSelfAttention(nn.Module):
-    """Multi-head attention projections: q, k, v of (B, H, G, dh) from hidden states (B, G, d)."""
-
-    def __init__(self, config: ScGeneConfig):
-        super().__init__()
-        self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-
-    def project_qkv(self, hidden_states: torch.Tensor):
-        return tuple(split_heads(proj(hidden_states), self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-
-
-class ScGeneLatentAttention(nn.Module):
-    """Multi-head latent attention (DeepSeek-V2): K and V come from one low-rank latent `c_kv`, Q optionally from a
-    low-rank latent `c_q`. Genes have no order, so there is no rotary part."""
-
-    def __init__(self, config: ScGeneConfig):
-        super().__init__()
-        self.head_dim = config.head_dim
-        d = config.hidden_size
-        if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, d)
-        else:
-            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
-            self.q_a_layernorm = nn.LayerNorm(config.q_lora_rank, eps=config.layer_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, d)
-        self.kv_a_proj = nn.Linear(d, config.kv_lora_rank, bias=False)
-        self.kv_a_layernorm = nn.LayerNorm(config.kv_lora_rank, eps=config.layer_norm_eps)
-        self.kv_b_proj = nn.Linear(config.kv_lora_rank, 2 * d)
-
-    def expand_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latent (B, G, r_kv) -> keys and values (B, H, G, dh) each."""
-        key, value = self.kv_b_proj(latent).chunk(2, dim=-1)
-        return split_heads(key, self.head_dim), split_heads(value, self.head_dim)
-
-    def project_qkv(self, hidden_states: torch.Tensor):
-        if hasattr(self, "q_proj"):
-            query = self.q_proj(hidden_states)
-        else:
-            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
-        key, value = self.expand_kv(self.kv_a_layernorm(self.kv_a_proj(hidden_states)))
-        return split_heads(query, self.head_dim), key, value
-
-
-def build_projections(config: ScGeneConfig) -> nn.Module:
-    return ScGeneLatentAttention(config) if config.attention_type == "mla" else ScGeneSelfAttention(config)
-
-
 class ScGeneAttention(nn.Module):
-    """Self-attention over the genes of a cell (MHA or MLA projections), dispatched through the attention interface."""
+    """Self-attention over the genes of a cell, dispatched through the transformers attention interface.
+
+    Projections are multi-head ("mha": q_proj, k_proj, v_proj) or multi-head latent ("mla", DeepSeek-V2: K and V from
+    one low-rank latent `c_kv`, Q optionally from a low-rank latent `c_q`). Genes have no order: no rotary part.
+    """
 
     def __init__(self, config: ScGeneConfig):
         super().__init__()
         self.config = config
         self.is_causal = False
+        self.head_dim = config.head_dim
         self.scaling = config.head_dim**-0.5
         self.dropout = config.attention_probs_dropout_prob
-        self.projections = build_projections(config)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.latent = config.attention_type == "mla"
+        d = config.hidden_size
+        if self.latent and config.q_lora_rank is not None:
+            self.q_a_proj = nn.Linear(d, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.LayerNorm(config.q_lora_rank, eps=config.layer_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, d)
+        else:
+            self.q_proj = nn.Linear(d, d)
+        if self.latent:
+            self.kv_a_proj = nn.Linear(d, config.kv_lora_rank, bias=False)
+            self.kv_a_layernorm = nn.LayerNorm(config.kv_lora_rank, eps=config.layer_norm_eps)
+            self.kv_b_proj = nn.Linear(config.kv_lora_rank, 2 * d)
+        else:
+            self.k_proj = nn.Linear(d, d)
+            self.v_proj = nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def expand_kv(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLA: latent (B, G, r_kv) -> keys and values (B, H, G, dh) each."""
+        key, value = self.kv_b_proj(latent).chunk(2, dim=-1)
+        return split_heads(key, self.head_dim), split_heads(value, self.head_dim)
+
+    def project_qkv(self, hidden_states: torch.Tensor):
+        """(B, G, d) -> query, key, value, each (B, H, G, dh)."""
+        if hasattr(self, "q_proj"):
+            query = self.q_proj(hidden_states)
+        else:
+            query = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        if self.latent:
+            key, value = self.expand_kv(self.kv_a_layernorm(self.kv_a_proj(hidden_states)))
+        else:
+            key, value = (split_heads(proj(hidden_states), self.head_dim) for proj in (self.k_proj, self.v_proj))
+        return split_heads(query, self.head_dim), key, value
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
-        query, key, value = self.projections.project_qkv(hidden_states)  # (B, H, G, dh)
+        query, key, value = self.project_qkv(hidden_states)  # (B, H, G, dh)
         attn_output, attn_weights = attention_function(self.config)(
             self, query, key, value, attention_mask,
             dropout=self.dropout if self.training else 0.0, scaling=self.scaling,
@@ -289,7 +281,7 @@ class ScGeneRegulatedAttention(ScGeneAttention):
 
     def forward(self, hidden_states, gene_states, attention_mask, gene_attention_mask=None, output_regulation=False):
         batch_size = hidden_states.shape[0]
-        query, key, value = self.projections.project_qkv(hidden_states)  # (B, H, G, dh)
+        query, key, value = self.project_qkv(hidden_states)  # (B, H, G, dh)
         q_act, k_act, q_rep, k_rep = (
             t.expand(batch_size, -1, -1, -1) for t in self.regulation_queries_keys(gene_states)
         )  # gene branch may hold a single shared cell: (1, H, G, dh) -> (B, H, G, dh)
@@ -497,6 +489,13 @@ class ScGenePreTrainedModel(PreTrainedModel):
                 "with `model.set_gene_prior(matrix)` on a freshly initialised model."
             )
         return (model, info) if wants_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; when the code ships with the weights, `auto_map` names every ScGene Auto
+        class, so a pretraining checkpoint also loads as `AutoModel` or `AutoModelForSequenceClassification`."""
+        if self._auto_class is not None:
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **HUB_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_gene_prior(self) -> torch.Tensor:
         """The frozen prior gene embedding buffer, (vocab_size, hidden_size) fp32."""

@@ -1,0 +1,281 @@
+"""ScGene model: outputs, invariances, save/load, attention backends, gradients and errors."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel
+from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+from modeling_helpers import DESIGN_COMBINATIONS, N_BINS, random_cells, tiny_config, with_prior
+
+
+def design(encoder_type, attention_type, expression_encoding, **overrides):
+    return tiny_config(
+        encoder_type=encoder_type, attention_type=attention_type, expression_encoding=expression_encoding, **overrides
+    )
+
+
+def pad_cells(cells: dict, length: int) -> dict:
+    """Right-pad every input to `length` genes, as the collator does."""
+    extra = length - cells["input_ids"].shape[1]
+    padded = {name: torch.nn.functional.pad(t, (0, extra)) for name, t in cells.items()}
+    padded["expression_values"] = padded["expression_values"].float()
+    return padded
+
+
+@pytest.mark.parametrize("encoder_type,attention_type,expression_encoding", DESIGN_COMBINATIONS)
+def test_save_load_round_trip_keeps_outputs_and_prior(tmp_path, encoder_type, attention_type, expression_encoding):
+    model = with_prior(ScGeneForMaskedExpression(design(encoder_type, attention_type, expression_encoding))).eval()
+    cells = random_cells(3, 9)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+
+    assert type(reloaded) is ScGeneForMaskedExpression
+    assert reloaded.get_gene_prior().abs().sum() > 0
+    assert torch.equal(reloaded.get_gene_prior(), model.get_gene_prior())
+    assert not reloaded.get_gene_prior().requires_grad
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        before, after = model(**cells), reloaded(**cells)
+    # identical weights; safetensors memory-maps them at unaligned addresses, which may change the BLAS kernel's
+    # summation order in the last bit, so outputs are compared at fp32 round-off
+    torch.testing.assert_close(after.predicted_values, before.predicted_values, atol=1e-6, rtol=0)
+    if expression_encoding == "binned":
+        assert before.bin_logits.shape == (3, 10, N_BINS)
+        torch.testing.assert_close(after.bin_logits, before.bin_logits, atol=1e-6, rtol=0)
+
+
+def test_prior_survives_meta_device_and_bf16_loading(tmp_path):
+    model = with_prior(ScGeneModel(tiny_config()))
+    model.save_pretrained(tmp_path)
+    on_cpu_map = ScGeneModel.from_pretrained(tmp_path, device_map="cpu")
+    in_bf16 = ScGeneModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert torch.equal(on_cpu_map.get_gene_prior(), model.get_gene_prior())
+    assert in_bf16.get_gene_prior().dtype == torch.float32  # kept in fp32
+    assert torch.equal(in_bf16.get_gene_prior(), model.get_gene_prior())
+    assert in_bf16.embeddings.special_tokens.weight.dtype == torch.bfloat16
+    assert in_bf16(**random_cells(2, 5)).last_hidden_state.dtype == torch.bfloat16
+
+
+def test_base_model_and_classifier_load_from_a_pretraining_checkpoint(tmp_path):
+    pretrained = with_prior(ScGeneForMaskedExpression(tiny_config())).eval()
+    pretrained.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=3)
+    cells = random_cells(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            base(**cells).last_hidden_state, pretrained.scgene(**cells).last_hidden_state, atol=1e-6, rtol=0
+        )
+    assert isinstance(classifier, ScGeneForCellClassification)
+    assert torch.equal(classifier.get_gene_prior(), pretrained.get_gene_prior())
+
+
+def test_checkpoint_without_prior_fails_loudly(tmp_path):
+    with_prior(ScGeneModel(tiny_config())).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["embeddings.gene_prior.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="no prior gene embedding"):
+        ScGeneModel.from_pretrained(tmp_path)
+
+
+def test_set_gene_prior_checks_shape_and_values():
+    model = ScGeneModel(tiny_config())
+    with pytest.raises(ValueError, match="vocab_size, hidden_size"):
+        model.set_gene_prior(torch.zeros(5, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        model.set_gene_prior(torch.full((40, 32), float("nan")))
+
+
+def test_prior_is_a_buffer_not_a_parameter():
+    model = with_prior(ScGeneForCellClassification(tiny_config(freeze_backbone=False)))
+    names = {name for name, _ in model.named_parameters()}
+    assert not any("gene_prior" in name for name in names)
+    assert "scgene.embeddings.gene_prior.weight" in dict(model.named_buffers())
+    model.requires_grad_(True)
+    assert not model.get_gene_prior().requires_grad
+
+
+@pytest.mark.parametrize("encoder_type,attention_type,expression_encoding", DESIGN_COMBINATIONS)
+def test_eager_equals_sdpa(encoder_type, attention_type, expression_encoding):
+    config = design(encoder_type, attention_type, expression_encoding)
+    model = with_prior(ScGeneModel(config)).eval()
+    cells = pad_cells(random_cells(1, 6, seed=1), 9)
+    cells = {name: torch.cat([t, pad_cells(random_cells(1, 9, seed=2), 9)[name]]) for name, t in cells.items()}
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        sdpa = model(**cells).last_hidden_state
+        model.set_attn_implementation("eager")
+        eager = model(**cells).last_hidden_state
+    real = cells["attention_mask"].bool()
+    torch.testing.assert_close(eager[real], sdpa[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_cell_embedding_ignores_batch_mates_and_padding(encoder_type, pooling):
+    model = with_prior(ScGeneModel(tiny_config(encoder_type=encoder_type, pooling=pooling))).eval()
+    alone = random_cells(1, 7, seed=3)
+    mates = random_cells(3, 12, seed=4)
+    batch = {name: torch.cat([pad_cells(alone, 13)[name], mates[name]]) for name in alone}
+    with torch.no_grad():
+        single = model(**alone).pooler_output[0]
+        in_batch = model(**batch).pooler_output[0]
+        padded_alone = model(**pad_cells(alone, 15)).pooler_output[0]
+    torch.testing.assert_close(in_batch, single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(padded_alone, single, atol=1e-5, rtol=1e-5)
+
+
+def test_gene_branch_runs_once_for_a_shared_panel():
+    model = with_prior(ScGeneModel(tiny_config(encoder_type="dual_branch"))).eval()
+    seen_batch_sizes = []
+    hook = model.encoder.layers[0].gene_block.register_forward_hook(
+        lambda module, args, output: seen_batch_sizes.append(args[0].shape[0])
+    )
+    shared = random_cells(4, 8, seed=5, shared_panel=True)
+    with torch.no_grad():
+        fused = model(**shared).last_hidden_state
+        one_by_one = torch.cat([model(**{k: v[i : i + 1] for k, v in shared.items()}).last_hidden_state for i in range(4)])
+        model(**random_cells(4, 8, seed=6))
+    hook.remove()
+    assert seen_batch_sizes == [1, 1, 1, 1, 1, 4]  # shared batch: once; then 4 single cells; then a mixed batch
+    torch.testing.assert_close(fused, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
+def test_gradient_checkpointing_gives_the_same_gradients(encoder_type):
+    torch.manual_seed(0)
+    model = with_prior(ScGeneForMaskedExpression(tiny_config(encoder_type=encoder_type, expression_encoding="binned")))
+    cells = random_cells(2, 8, seed=7)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    labels[:, 2:4] = cells["expression_values"][:, 2:4]
+
+    def gradients():
+        model.zero_grad()
+        model(**cells, labels=labels).loss.backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.train()
+    plain = gradients()
+    model.gradient_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_frozen_backbone_gets_no_gradients_and_can_be_unfrozen():
+    model = with_prior(ScGeneForCellClassification(tiny_config(num_labels=3)))
+    cells = random_cells(4, 6, seed=8)
+    model(**cells, labels=torch.tensor([0, 1, 2, 1])).loss.backward()
+    assert all(p.grad is None for p in model.scgene.parameters())
+    assert all(p.grad is not None for p in model.classifier.parameters())
+
+    model.zero_grad()
+    model.set_backbone_trainable(True)
+    model(**cells, labels=torch.tensor([0, 1, 2, 1])).loss.backward()
+    assert all(p.grad is not None for p in model.scgene.encoder.parameters())
+
+
+def test_gene_projection_classifier_reads_a_fixed_panel():
+    config = tiny_config(classifier_pooling="gene_projection", num_panel_genes=8, num_labels=2, pooling="mean")
+    model = with_prior(ScGeneForCellClassification(config)).eval()
+    assert model(**random_cells(3, 8, add_cls=False)).logits.shape == (3, 2)
+    assert model.classifier.dense.in_features == 8
+    with pytest.raises(ValueError, match="fixed panel of 8 genes"):
+        model(**random_cells(3, 5, add_cls=False))
+
+
+def test_dual_branch_regulation_is_signed_and_shaped():
+    model = with_prior(ScGeneModel(tiny_config(encoder_type="dual_branch"))).eval()
+    model.set_attn_implementation("eager")
+    cells = pad_cells(random_cells(2, 7, seed=9), 10)
+    with torch.no_grad():
+        out = model(**cells, output_regulation=True, output_attentions=True)
+    assert len(out.regulation) == 2
+    for regulation, attention in zip(out.regulation, out.attentions):
+        assert regulation.shape == (2, 4, 10, 10)
+        assert (regulation < 0).any() and (regulation > 0).any()
+        assert regulation[..., 8:].abs().max() == 0  # padded genes regulate nothing
+        # the effective attention is plain softmax attention plus the signed regulation
+        plain = attention - regulation
+        assert (plain >= -1e-6).all()
+        torch.testing.assert_close(plain.sum(-1), torch.ones(2, 4, 10), atol=1e-5, rtol=0)
+
+
+def test_masked_expression_loss_uses_masked_positions_only():
+    model = with_prior(ScGeneForMaskedExpression(tiny_config())).eval()
+    cells = random_cells(2, 6, seed=10)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    labels[0, 3] = 2.0
+    with torch.no_grad():
+        out = model(**cells, labels=labels)
+    expected = (out.predicted_values[0, 3] - 2.0) ** 2
+    torch.testing.assert_close(out.loss, expected)
+    assert out.predicted_values.shape == (2, 7) and out.bin_logits is None
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"encoder_type": "decoder"}, "encoder_type"),
+        ({"attention_type": "gqa"}, "attention_type"),
+        ({"expression_encoding": "rank"}, "expression_encoding"),
+        ({"hidden_size": 30}, "multiple of num_attention_heads"),
+        ({"classifier_pooling": "gene_projection"}, "num_panel_genes"),
+        ({"expression_encoding": "binned", "n_bins": 1}, "n_bins"),
+        ({"pad_token_id": 5}, "Special token ids"),
+        ({"attention_type": "mla", "kv_lora_rank": 0}, "kv_lora_rank"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+    ],
+)
+def test_bad_configs_raise_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = tiny_config(encoder_type="dual_branch", attention_type="mla", q_lora_rank=8, norm_position="pre")
+    config.save_pretrained(tmp_path)
+    assert ScGeneConfig.from_pretrained(tmp_path).to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.update(input_ids=c["input_ids"].float()), "integer tensor"),
+        (lambda c: c.update(expression_values=c["expression_values"][:, :3]), "expression_values"),
+        (lambda c: c.update(expression_values=c["expression_values"].long()), "floating point"),
+        (lambda c: c.update(attention_mask=c["attention_mask"][:1]), "attention_mask"),
+        (lambda c: c.update(input_ids=c["input_ids"] + 100), r"\[0, 40\)"),
+        (lambda c: c.update(expression_bins=None), "expression_bins"),
+        (lambda c: c.update(expression_bins=c["expression_bins"] + N_BINS), "mask bin"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    model = ScGeneModel(tiny_config(expression_encoding="binned"))
+    cells = random_cells(2, 5)
+    change(cells)
+    with pytest.raises(ValueError, match=message):
+        model(**cells)
+
+
+def test_cls_pooling_without_cls_token_is_an_error():
+    with pytest.raises(ValueError, match="<cls>"):
+        ScGeneModel(tiny_config())(**random_cells(2, 5, add_cls=False))
+
+
+def test_init_covers_every_parameter_and_buffer():
+    config = tiny_config(encoder_type="dual_branch", attention_type="mla", expression_encoding="binned", regulation_init=0.25)
+    model = ScGeneForMaskedExpression(config)
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.isfinite(tensor).all(), name
+    block = model.scgene.encoder.layers[0].expression_block
+    assert torch.equal(block.attention.activation_scale, torch.full((4,), 0.25))
+    assert torch.equal(model.scgene.embeddings.expression.continuous_scale, torch.ones(1))
+    assert model.get_gene_prior().abs().sum() == 0
+    assert torch.equal(block.attention_norm.weight, torch.ones(32))
+    assert model.value_head.weight.std() < 0.1
