@@ -100,8 +100,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except FileNotFoundError:
         raise ConversionError(f"Checkpoint {path} does not exist.") from None
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for refused or corrupt files
+        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), str(error))
         raise ConversionError(
-            f"Cannot read {path} safely with torch.load(weights_only=True): {error}\n"
+            f"Cannot read {path} safely with torch.load(weights_only=True): {reason}\n"
             "Only tensors and plain containers are accepted. If the file pickles a whole nn.Module or an "
             "argparse.Namespace, re-save it from trusted code as torch.save(model.state_dict(), path)."
         ) from None

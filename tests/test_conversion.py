@@ -1,0 +1,239 @@
+"""Conversion of the three original ScGene models (seed 000) to HF checkpoints, with parity and clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from scgene.commands import convert as convert_command
+from scgene.conversion import PARITY_TOLERANCE, ConversionError, convert
+from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
+from scgene.conversion.original_to_hf import infer_sizes, parity_inputs
+
+NUM_GENES, HIDDEN, LAYERS, HEADS, FFN = 12, 16, 2, 4, 32
+CLASSIFIER_HIDDEN, NUM_CLASSES = 8, 5
+GENES = [f"ENSG{index:011d}" for index in range(1, NUM_GENES + 1)]
+HF_CLASSES = {
+    "pretraining": "ScGeneForMaskedExpression",
+    "classifier": "ScGeneForCellClassification",
+    "cluster": "ScGeneModel",
+}
+
+
+def make_original(kind: str) -> torch.nn.Module:
+    """A tiny original model with non-trivial weights (larger than the default init, so errors would show)."""
+    torch.manual_seed({"pretraining": 0, "classifier": 1, "cluster": 2}[kind])
+    common = dict(feature_dim=HIDDEN, num_layers=LAYERS, num_heads=HEADS, dim_feedforward=FFN)
+    if kind == "classifier":
+        model = ScBaseModelClassification(NUM_GENES, num_classes=NUM_CLASSES, hidden_dim=CLASSIFIER_HIDDEN, **common)
+    else:
+        model = (ScBaseModel if kind == "pretraining" else ScBaseModelCluster)(**common)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(std=0.3)
+    return model.eval()
+
+
+def gene_embedding(seed: int = 0) -> torch.Tensor:
+    return torch.randn(NUM_GENES, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def write_inputs(directory, kind: str, layout: str, embedding_format: str):
+    """Save an original checkpoint (in `layout`), its gene embedding and the gene list; return their paths."""
+    model = make_original(kind)
+    state_dict = model.state_dict()
+    if layout == "bare":
+        payload = state_dict
+    elif layout == "nested_with_config":
+        payload = {"state_dict": state_dict, "config": {"nhead": HEADS, "feature_dim": HIDDEN}, "epoch": 3}
+    else:  # saved from DataParallel, under "model_state_dict"
+        payload = {"model_state_dict": {f"module.{key}": value for key, value in state_dict.items()}}
+    checkpoint = directory / f"{kind}.pt"
+    torch.save(payload, checkpoint)
+    embedding = gene_embedding()
+    prior = directory / f"prior.{embedding_format}"
+    if embedding_format == "npy":
+        np.save(prior, embedding.numpy())
+    elif embedding_format == "pt":
+        torch.save(embedding, prior)
+    else:
+        save_file({"gene_embedding": embedding}, prior)
+    genes = directory / "genes.txt"
+    genes.write_text("\n".join(GENES) + "\n")
+    return model, checkpoint, prior, genes
+
+
+# kind -> (checkpoint layout, gene embedding format): every layout and format is exercised once
+CASES = {
+    "pretraining": ("bare", "npy"),
+    "classifier": ("nested_with_config", "pt"),
+    "cluster": ("data_parallel", "safetensors"),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Convert the three original models once; kind -> (original model, result, output dir)."""
+    results = {}
+    for kind, (layout, embedding_format) in CASES.items():
+        directory = tmp_path_factory.mktemp(kind)
+        model, checkpoint, prior, genes = write_inputs(directory, kind, layout, embedding_format)
+        num_heads = None if layout == "nested_with_config" else HEADS
+        result = convert(checkpoint, prior, directory / "hf", genes=genes, num_heads=num_heads)
+        results[kind] = (model, result, directory / "hf")
+    return results
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_reference_models_have_the_original_keys_and_shapes(kind):
+    model = make_original(kind)
+    keys = set(model.state_dict())
+    assert "linear_in.weight" in keys and "transformer_encoder.layers.1.self_attn.in_proj_weight" in keys
+    assert ("linear_out.weight" in keys) == (kind != "cluster")
+    assert ("cls_decoder.3.weight" in keys) == (kind == "classifier")
+    x, embedding = parity_inputs(NUM_GENES), gene_embedding()
+    expected_shape = {"pretraining": (4, NUM_GENES), "classifier": (4, NUM_CLASSES), "cluster": (4, NUM_GENES, HIDDEN)}
+    with torch.no_grad():
+        assert tuple(model(x, embedding).shape) == expected_shape[kind]
+        torch.testing.assert_close(model.layer_outputs(x, embedding)[-1], model.encode(x, embedding))
+    assert infer_sizes(model.state_dict()).kind == kind
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_conversion_reproduces_the_original(converted, kind):
+    _, result, out_dir = converted[kind]
+    assert result.kind == kind
+    final = "logits" if kind == "classifier" else "predictions" if kind == "pretraining" else "hidden states"
+    assert {"embeddings", "layer 1", "layer 2", "hidden states", final} == set(result.parity)
+    assert max(result.parity.values()) <= PARITY_TOLERANCE
+
+    config = json.loads((out_dir / "config.json").read_text())
+    assert config["architectures"] == [HF_CLASSES[kind]]
+    assert config["vocab_size"] == 3 + NUM_GENES and config["num_attention_heads"] == HEADS
+    assert (config["encoder_type"], config["norm_position"], config["hidden_act"]) == ("standard", "post", "relu")
+    if kind == "classifier":
+        assert config["classifier_pooling"] == "gene_projection" and config["num_panel_genes"] == NUM_GENES
+        assert config["num_labels"] == NUM_CLASSES and config["freeze_backbone"] is True
+    assert (out_dir / "model.safetensors").exists()
+
+    card = (out_dir / "README.md").read_text()
+    assert f"`{kind}.pt`" in card and "## Parity" in card and final in card
+    assert not [path for path in out_dir.parent.iterdir() if path.name.startswith(".hf.")]  # no staging left over
+
+
+def test_reload_in_a_fresh_process(converted, tmp_path):
+    """Each converted checkpoint, loaded by a new interpreter with its tokenizer, gives the original's outputs."""
+    x = parity_inputs(NUM_GENES, batch_size=3, seed=7)
+    np.save(tmp_path / "x.npy", x.numpy())
+    dirs = {kind: str(out_dir) for kind, (_, _, out_dir) in converted.items()}
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import numpy as np, torch
+        import scgene
+        from scgene.tokenization_scgene import ScGeneTokenizer
+
+        dirs, genes = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+        x = torch.from_numpy(np.load({str(tmp_path / "x.npy")!r}))
+        for kind, path in dirs.items():
+            model = getattr(scgene, {HF_CLASSES!r}[kind]).from_pretrained(path).eval()
+            ids = ScGeneTokenizer.from_pretrained(path).convert_genes_to_ids(genes)
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids] * len(x)), expression_values=x)
+            value = {{"pretraining": "predicted_values", "classifier": "logits", "cluster": "last_hidden_state"}}[kind]
+            np.save({str(tmp_path)!r} + f"/{{kind}}.npy", getattr(out, value).numpy())
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, json.dumps(dirs), json.dumps(GENES)], check=True, timeout=300
+    )
+    for kind, (original, _, _) in converted.items():
+        with torch.no_grad():
+            expected = original(x, gene_embedding())
+        got = torch.from_numpy(np.load(tmp_path / f"{kind}.npy"))
+        assert (expected - got).abs().max().item() <= PARITY_TOLERANCE, kind
+
+
+def test_wrong_shape_is_named(tmp_path):
+    model, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "bare", "npy")
+    state_dict = model.state_dict()
+    state_dict["transformer_encoder.layers.1.norm1.weight"] = torch.ones(HIDDEN + 1)
+    torch.save(state_dict, checkpoint)
+    with pytest.raises(ConversionError, match=r"(?s)Shape mismatch.*layers\.1\.norm1\.weight.*\(17,\).*\(16,\)"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_gene_embedding_of_the_wrong_size_is_refused(tmp_path):
+    _, checkpoint, _, genes = write_inputs(tmp_path, "classifier", "bare", "npy")
+    np.save(tmp_path / "short.npy", np.zeros((NUM_GENES - 1, HIDDEN), dtype=np.float32))
+    with pytest.raises(ConversionError, match="11 genes but the classifier's cls_decoder.0 reads input_dim=12"):
+        convert(checkpoint, tmp_path / "short.npy", tmp_path / "hf", genes=genes, num_heads=HEADS)
+    (tmp_path / "genes.txt").write_text("\n".join(GENES[:-1]))
+    with pytest.raises(ConversionError, match="gene list has 11 genes but the gene embedding has 12 rows"):
+        convert(checkpoint, tmp_path / "prior.npy", tmp_path / "hf", genes=genes, num_heads=HEADS)
+
+
+def test_unknown_key_is_named(tmp_path):
+    model, checkpoint, prior, genes = write_inputs(tmp_path, "cluster", "bare", "npy")
+    state_dict = model.state_dict()
+    state_dict["transformer_encoder.norm.weight"] = torch.ones(HIDDEN)
+    torch.save(state_dict, checkpoint)
+    with pytest.raises(ConversionError, match=r"Unexpected keys .*scBaseModel_cluster.*transformer_encoder\.norm\.weight"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_num_heads_is_asked_for_only_when_it_cannot_be_inferred(tmp_path):
+    _, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "bare", "npy")
+    with pytest.raises(ConversionError, match="Cannot infer the number of attention heads.*Pass --num-heads"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes)
+    with pytest.raises(ConversionError, match="positive divisor of feature_dim=16"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=3)
+    _, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "nested_with_config", "npy")
+    with pytest.raises(ConversionError, match="contradicts the checkpoint's stored config"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=2)
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path):
+    checkpoint = tmp_path / "module.pt"
+    torch.save(make_original("cluster"), checkpoint)  # a pickled nn.Module, not a state_dict
+    with pytest.raises(ConversionError, match=r"(?s)weights_only=True.*Unsupported global.*re-save it"):
+        convert(checkpoint, tmp_path / "prior.npy", tmp_path / "hf", num_heads=HEADS)
+
+
+def test_failed_parity_writes_nothing_and_existing_output_is_kept(tmp_path):
+    _, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "bare", "npy")
+    with pytest.raises(ConversionError, match="does not reproduce the original"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS, tolerance=-1.0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["genes.txt", "pretraining.pt", "prior.npy"]
+    (tmp_path / "hf").mkdir()
+    with pytest.raises(ConversionError, match="already exists"):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
+
+
+def cli_main(argv: list[str]) -> int:
+    """`scgene convert ...` through its command module (as `scgene.cli` wires it)."""
+    parser = argparse.ArgumentParser(prog="scgene convert")
+    convert_command.add_arguments(parser)
+    return convert_command.run(parser.parse_args(argv))
+
+
+def test_cli_prints_the_parity_report(tmp_path, capsys):
+    _, checkpoint, prior, _ = write_inputs(tmp_path, "cluster", "bare", "npy")
+    args = ["--checkpoint", str(checkpoint), "--gene-embedding", str(prior), "--out", str(tmp_path / "hf")]
+    assert cli_main(args) == 1
+    assert "Pass --num-heads" in capsys.readouterr().err
+    assert cli_main(args + ["--num-heads", str(HEADS)]) == 0
+    report = capsys.readouterr().out
+    assert "max abs diff" in report and "hidden states" in report and "FAIL" not in report
+    assert not [path for path in (tmp_path / "hf").iterdir() if "tokenizer" in path.name]  # no gene list, no tokenizer
+    assert cli_main(args + ["--num-heads", str(HEADS), "--overwrite"]) == 0
