@@ -187,7 +187,8 @@ def test_unknown_key_is_named(tmp_path):
     state_dict = model.state_dict()
     state_dict["transformer_encoder.norm.weight"] = torch.ones(HIDDEN)
     torch.save(state_dict, checkpoint)
-    with pytest.raises(ConversionError, match=r"Unexpected keys .*scBaseModel_cluster.*transformer_encoder\.norm\.weight"):
+    unknown = r"Unexpected keys .*scBaseModel_cluster.*transformer_encoder\.norm\.weight"
+    with pytest.raises(ConversionError, match=unknown):
         convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
     assert not (tmp_path / "hf").exists()
 

@@ -10,7 +10,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Original checkpoint (.pt/.pth/.ckpt); any of the 3 models.")
+    parser.add_argument("--checkpoint", required=True, help="Original checkpoint of any of the three models.")
     parser.add_argument(
         "--gene-embedding",
         required=True,

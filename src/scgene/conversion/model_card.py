@@ -38,9 +38,9 @@ def model_card(
         if has_tokenizer
         else f"ids = list(range(3, {3 + num_genes}))  # no gene list was given: panel gene i has id 3 + i"
     )
-    tokenizer_lines = (
-        "from scgene import ScGeneTokenizer\ntokenizer = ScGeneTokenizer.from_pretrained(path)\n" if has_tokenizer else ""
-    )
+    tokenizer_lines = ""
+    if has_tokenizer:
+        tokenizer_lines = "from scgene import ScGeneTokenizer\ntokenizer = ScGeneTokenizer.from_pretrained(path)\n"
     return f"""---
 library_name: transformers
 tags:

@@ -53,7 +53,8 @@ class ScBaseModel(OriginalBackbone):
 
 
 class ScBaseModelClassification(ScBaseModel):
-    """Classifier (`scBaseModel_classification`): `cls_decoder` over the `(batch, input_dim)` vector that `linear_out` makes; the backbone is frozen."""
+    """Classifier (`scBaseModel_classification`): `cls_decoder` over the `(batch, input_dim)` vector made by
+    `linear_out`; the backbone is frozen."""
 
     def __init__(
         self,

@@ -29,14 +29,15 @@ GENE_EMBEDDING_KEYS = ("gene_embedding", "gene_prior", "embedding", "weight")
 
 # Original key (regex)  ->  HF key, without the `scgene.` prefix the heads put before the backbone.
 # `{proj}` marks `nn.MultiheadAttention.in_proj_*`, split in three along dim 0 into q_proj, k_proj, v_proj.
+LAYER = r"transformer_encoder\.layers\.(\d+)\."
 KEY_TABLE = [
     (r"linear_in\.(weight|bias)", r"embeddings.expression.value_projection.\1"),
-    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.in_proj_(weight|bias)", r"encoder.layers.\1.attention.{proj}.\2"),
-    (r"transformer_encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.attention.o_proj.\2"),
-    (r"transformer_encoder\.layers\.(\d+)\.norm1\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
-    (r"transformer_encoder\.layers\.(\d+)\.linear1\.(weight|bias)", r"encoder.layers.\1.feed_forward.up_proj.\2"),
-    (r"transformer_encoder\.layers\.(\d+)\.linear2\.(weight|bias)", r"encoder.layers.\1.feed_forward.down_proj.\2"),
-    (r"transformer_encoder\.layers\.(\d+)\.norm2\.(weight|bias)", r"encoder.layers.\1.feed_forward_norm.\2"),
+    (LAYER + r"self_attn\.in_proj_(weight|bias)", r"encoder.layers.\1.attention.{proj}.\2"),
+    (LAYER + r"self_attn\.out_proj\.(weight|bias)", r"encoder.layers.\1.attention.o_proj.\2"),
+    (LAYER + r"norm1\.(weight|bias)", r"encoder.layers.\1.attention_norm.\2"),
+    (LAYER + r"linear1\.(weight|bias)", r"encoder.layers.\1.feed_forward.up_proj.\2"),
+    (LAYER + r"linear2\.(weight|bias)", r"encoder.layers.\1.feed_forward.down_proj.\2"),
+    (LAYER + r"norm2\.(weight|bias)", r"encoder.layers.\1.feed_forward_norm.\2"),
 ]
 # Head keys: full HF names (outside the backbone).
 HEAD_TABLES = {
@@ -149,7 +150,8 @@ def read_gene_embedding(path: str | Path) -> torch.Tensor:
         named = [key for key in GENE_EMBEDDING_KEYS if key in tensors]
         if not named:
             raise ConversionError(
-                f"Gene embedding {path} holds tensors {sorted(tensors)}; keep one, or name it one of {GENE_EMBEDDING_KEYS}."
+                f"Gene embedding {path} holds tensors {sorted(tensors)}; "
+                f"keep one, or name it one of {GENE_EMBEDDING_KEYS}."
             )
         tensors = {named[0]: tensors[named[0]]}
     embedding = next(iter(tensors.values()))
@@ -204,7 +206,10 @@ def infer_sizes(state_dict: dict[str, torch.Tensor]) -> OriginalSizes:
     if kind == "classifier":
         for key in ("cls_decoder.0.weight", "cls_decoder.3.weight"):
             if key not in state_dict:
-                raise ConversionError(f"Classifier checkpoint without {key}: expected Sequential(Linear, ReLU, Dropout, Linear).")
+                raise ConversionError(
+                    f"Classifier checkpoint without {key}: "
+                    "cls_decoder must be Sequential(Linear, ReLU, Dropout, Linear)."
+                )
         sizes.classifier_hidden_size, sizes.num_panel_genes = state_dict["cls_decoder.0.weight"].shape
         sizes.num_labels = state_dict["cls_decoder.3.weight"].shape[0]
     return sizes
@@ -254,7 +259,8 @@ def rename_state_dict(state_dict: dict[str, torch.Tensor], kind: str) -> tuple[d
             origin[target] = key
     if unknown:
         raise ConversionError(
-            f"Unexpected keys for an original {ORIGINAL_NAMES[kind]} checkpoint (no mapping in KEY_TABLE): {sorted(unknown)}"
+            f"Unexpected keys for an original {ORIGINAL_NAMES[kind]} checkpoint (no mapping in KEY_TABLE): "
+            f"{sorted(unknown)}"
         )
     return renamed, origin
 
@@ -496,7 +502,9 @@ def panel_tokenizer(gene_list: list[str] | None, num_genes: int):
     tokenizer = ScGeneTokenizer.from_gene_list(gene_list)
     input_ids = list(tokenizer.convert_genes_to_ids(gene_list))
     if input_ids != expected:
-        raise ConversionError(f"The panel tokenizer maps the gene list to {input_ids[:10]}..., expected ids 3.. in order.")
+        raise ConversionError(
+            f"The panel tokenizer maps the gene list to {input_ids[:10]}..., expected ids 3, 4, ... in list order."
+        )
     return tokenizer, input_ids
 
 
