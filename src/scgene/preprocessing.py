@@ -1,0 +1,90 @@
+"""Preprocessing per seed 000: QC metrics with the mitochondrial fraction, optional cell filtering,
+`normalize_total` and `log1p`, on a copy of the user's AnnData.
+
+`ScGeneTokenizer` normalises raw counts itself, chunk by chunk; use `preprocess` when cells must be
+filtered first, or to inspect the QC metrics. Its output is marked (`uns["log1p"]`), so the tokenizer does
+not normalise it a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scanpy as sc
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .tokenization_scgene import check_expression_values, looks_log_normalized
+
+logger = logging.getLogger(__name__)
+
+
+def preprocess(
+    adata: AnnData,
+    *,
+    target_sum: float = 1e4,
+    max_mito_fraction: float | None = None,
+    min_counts: float | None = None,
+    mito_prefix: str = "MT-",
+    gene_column: str | None = None,
+) -> AnnData:
+    """Return a preprocessed copy of `adata` (CSR float32, log1p of counts normalised to `target_sum`).
+
+    - QC: `obs` gets `total_counts`, `n_genes_by_counts` and `pct_counts_mt` (scanpy names); `var["mt"]`
+      marks genes whose symbol starts with `mito_prefix` (any case, so mouse `mt-` too).
+    - Filtering (optional): cells with a mitochondrial fraction above `max_mito_fraction` (0-1), and cells
+      with fewer than `min_counts` total counts (`min_counts=1` drops empty cells).
+    - Input that is already log-normalised is detected and only QC'd (warning), never normalised twice.
+    - NaN, infinite or negative values raise `ValueError`; the input AnnData is never modified.
+    """
+    adata = adata.to_memory() if adata.isbacked else adata.copy()
+    matrix = adata.X
+    adata.X = sp.csr_matrix(matrix, dtype=np.float32) if not sp.issparse(matrix) else matrix.tocsr().astype(np.float32)
+    check_expression_values(adata.X.data)
+    already_log = "log1p" in adata.uns or looks_log_normalized(adata.X.data)
+    if already_log:
+        logger.warning(
+            "The input looks log1p-normalised already (non-integer values below 30, or uns['log1p']): it is "
+            "not normalised again, and QC metrics are computed on the log values."
+        )
+
+    adata.var["mt"] = mito_mask(adata, mito_prefix, gene_column)
+    if not adata.var["mt"].any():
+        logger.warning(f"No gene name starts with {mito_prefix!r}: the mitochondrial fraction is 0 for every cell.")
+    sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+
+    keep = np.ones(adata.n_obs, dtype=bool)
+    if max_mito_fraction is not None:
+        keep &= adata.obs["pct_counts_mt"].to_numpy() <= 100 * max_mito_fraction
+    if min_counts is not None:
+        keep &= adata.obs["total_counts"].to_numpy() >= min_counts
+    if not keep.all():
+        logger.info(f"Filtering removed {int((~keep).sum())} of {adata.n_obs} cells.")
+        adata = adata[keep].copy()
+
+    if not already_log:
+        sc.pp.normalize_total(adata, target_sum=target_sum)
+        sc.pp.log1p(adata)
+    adata.uns["scgene_preprocessing"] = {
+        "target_sum": target_sum,
+        "max_mito_fraction": max_mito_fraction,
+        "min_counts": min_counts,
+        "input_was_log_normalized": bool(already_log),
+    }
+    return adata
+
+
+def mito_mask(adata: AnnData, prefix: str = "MT-", gene_column: str | None = None) -> np.ndarray:
+    """Mitochondrial genes by symbol prefix: from `gene_column`, else var_names, else the first string `var`
+    column with any hit (Ensembl var_names usually come with a symbol column)."""
+    prefix = prefix.lower()
+    candidates = [adata.var[gene_column]] if gene_column is not None else [adata.var_names]
+    if gene_column is None:
+        candidates += [adata.var[c] for c in adata.var.columns if adata.var[c].dtype in (object, "category")]
+    mask = np.zeros(adata.n_vars, dtype=bool)
+    for names in candidates:
+        mask = np.array([str(name).lower().startswith(prefix) for name in names], dtype=bool)
+        if mask.any():
+            break
+    return mask
