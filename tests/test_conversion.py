@@ -121,7 +121,7 @@ def test_conversion_reproduces_the_original(converted, kind):
     assert (config["encoder_type"], config["norm_position"], config["hidden_act"]) == ("standard", "post", "relu")
     if kind == "classifier":
         assert config["classifier_pooling"] == "gene_projection" and config["num_panel_genes"] == NUM_GENES
-        assert config["num_labels"] == NUM_CLASSES and config["freeze_backbone"] is True
+        assert len(config["id2label"]) == NUM_CLASSES and config["freeze_backbone"] is True
     assert (out_dir / "model.safetensors").exists()
 
     card = (out_dir / "README.md").read_text()

@@ -455,15 +455,13 @@ def convert(
     origin[special_key] = "(zeros: the original has no <pad>/<cls>/<mask>)"
     load_strictly(model, renamed, origin)
     original = build_reference(sizes, num_heads, state_dict)
-    tokenizer, input_ids = panel_tokenizer(gene_list, num_genes)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
         model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        input_ids = write_panel_tokenizer(staging, gene_list, num_genes)
         reloaded = model_class.from_pretrained(staging, dtype=torch.float32).eval()
         parity = measure_parity(original, reloaded, embedding, input_ids)
         if any(diff > tolerance for diff in parity.values()):
@@ -482,7 +480,7 @@ def convert(
             sources,
             parity,
             tolerance,
-            has_tokenizer=tokenizer is not None,
+            has_tokenizer=gene_list is not None,
         )
         (staging / "README.md").write_text(card)
         _move_into_place(staging, out_dir)
@@ -492,20 +490,27 @@ def convert(
     return ConversionResult(out_dir, sizes.kind, config.to_dict(), parity)
 
 
-def panel_tokenizer(gene_list: list[str] | None, num_genes: int):
-    """`(tokenizer or None, input_ids)`: the panel's genes must get ids 3.. in the gene-list order."""
+def write_panel_tokenizer(directory: Path, gene_list: list[str] | None, num_genes: int) -> list[int]:
+    """Save the panel's tokenizer (when a gene list is given) and return the ids the reloaded one gives the panel.
+
+    The panel's genes must get ids 3, 4, ... in the gene-list order, the rows of the prior built from the embedding.
+    """
     expected = list(range(NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + num_genes))
     if gene_list is None:
-        return None, expected
+        return expected
     from scgene.tokenization_scgene import ScGeneTokenizer
 
-    tokenizer = ScGeneTokenizer.from_gene_list(gene_list)
-    input_ids = list(tokenizer.convert_genes_to_ids(gene_list))
+    ScGeneTokenizer.from_gene_list(gene_list).save_pretrained(directory)
+    try:
+        input_ids = list(ScGeneTokenizer.from_pretrained(directory).convert_genes_to_ids(gene_list))
+    except KeyError as error:
+        raise ConversionError(f"The saved panel tokenizer does not know the panel's genes: {error}") from None
     if input_ids != expected:
         raise ConversionError(
-            f"The panel tokenizer maps the gene list to {input_ids[:10]}..., expected ids 3, 4, ... in list order."
+            f"The saved panel tokenizer maps the gene list to {input_ids[:10]}..., "
+            "expected ids 3, 4, ... in list order."
         )
-    return tokenizer, input_ids
+    return input_ids
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
