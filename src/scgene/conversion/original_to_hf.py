@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,19 +88,19 @@ class ConversionResult:
     out_dir: Path
     kind: str
     config: dict
-    parity: dict[str, float] = field(default_factory=dict)
+    parity: dict[str, float]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reading inputs
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return `(state_dict, stored_config)` from a bare state_dict or one nested under a common key."""
+def load_safely(path: str | Path):
+    """`torch.load(weights_only=True)` on CPU, with a clear error when the file is missing or refused."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConversionError(f"Checkpoint {path} does not exist.") from None
+        raise ConversionError(f"{path} does not exist.") from None
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for refused or corrupt files
         reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), str(error))
         raise ConversionError(
@@ -107,6 +108,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
             "Only tensors and plain containers are accepted. If the file pickles a whole nn.Module or an "
             "argparse.Namespace, re-save it from trusted code as torch.save(model.state_dict(), path)."
         ) from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return `(state_dict, stored_config)` from a bare state_dict or one nested under a common key."""
+    loaded = load_safely(path)
     if not isinstance(loaded, dict):
         raise ConversionError(f"{path} holds a {type(loaded).__name__}, expected a state_dict (a dict of tensors).")
     stored_config = next((loaded[key] for key in CONFIG_KEYS if isinstance(loaded.get(key), dict)), {})
@@ -137,7 +143,7 @@ def read_gene_embedding(path: str | Path) -> torch.Tensor:
     if suffix == ".npy":
         tensors = {"array": torch.from_numpy(np.load(path, allow_pickle=False))}
     elif suffix in (".pt", ".pth"):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = load_safely(path)
         tensors = loaded if isinstance(loaded, dict) else {"tensor": loaded}
     elif suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -166,8 +172,10 @@ def read_gene_embedding(path: str | Path) -> torch.Tensor:
 
 def read_gene_list(path: str | Path) -> list[str]:
     """One gene per line (Ensembl id or symbol), in the order of the original's input columns."""
+    if not Path(path).exists():
+        raise ConversionError(f"Gene list {path} does not exist.")
     genes = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    duplicates = sorted({gene for gene in genes if genes.count(gene) > 1})
+    duplicates = sorted(gene for gene, count in Counter(genes).items() if count > 1)
     if duplicates:
         raise ConversionError(f"Gene list {path} repeats genes: {duplicates[:10]}.")
     return genes
@@ -196,7 +204,7 @@ def infer_sizes(state_dict: dict[str, torch.Tensor]) -> OriginalSizes:
     linear_in = state_dict["linear_in.weight"]
     if linear_in.dim() != 2 or linear_in.shape[1] != 1:
         raise ConversionError(f"linear_in.weight has shape {tuple(linear_in.shape)}; expected (feature_dim, 1).")
-    layer_ids = {int(m.group(1)) for key in state_dict if (m := re.match(r"transformer_encoder\.layers\.(\d+)\.", key))}
+    layer_ids = {int(match.group(1)) for key in state_dict if (match := re.match(LAYER, key))}
     if layer_ids != set(range(len(layer_ids))):
         raise ConversionError(f"transformer_encoder.layers has gaps: found layer indices {sorted(layer_ids)}.")
     linear1 = state_dict.get("transformer_encoder.layers.0.linear1.weight")
