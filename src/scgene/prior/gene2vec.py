@@ -42,14 +42,16 @@ def train_skipgram(
     sentences: list[list[str]],
     dim: int = 200,
     window: int = 1,
-    epochs: int = 10,
+    epochs: int = 30,
     negative: int = 5,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray]:
     """Train skip-gram word2vec on `sentences`; return genes (most frequent first) and their float32 vectors.
 
-    One worker thread and a fixed hash make the result a function of the inputs and `seed` only.
+    One worker thread and a fixed hash make the result a function of the inputs and `seed` only. Frequent-word
+    downsampling is off (`sample=0`): every sentence is a measured co-expression, and in a corpus of a few
+    thousand edges the default threshold would discard most updates of well-connected genes.
     """
     if not sentences:
         raise ValueError("No sentences to train on: the co-expression network has no edges. Lower --threshold.")
@@ -59,6 +61,7 @@ def train_skipgram(
         min_count=1,
         sg=1,
         negative=negative,
+        sample=0,
         seed=seed,
         workers=1,
         hashfxn=stable_hash,
@@ -84,7 +87,7 @@ def edge_sentences(edges: pd.DataFrame, seed: int = 0) -> list[list[str]]:
 
 
 def gene2vec(
-    edges: pd.DataFrame, dim: int = 200, epochs: int = 10, seed: int = 0, progress: bool = True
+    edges: pd.DataFrame, dim: int = 200, epochs: int = 30, seed: int = 0, progress: bool = True
 ) -> tuple[list[str], np.ndarray]:
     """Seed 000's gene2vec: skip-gram (window 1) on the two-gene sentences of the edge list."""
     return train_skipgram(edge_sentences(edges, seed), dim=dim, window=1, epochs=epochs, seed=seed, progress=progress)
@@ -124,7 +127,7 @@ def node2vec(
     walk_length: int = 20,
     walks_per_node: int = 10,
     window: int = 5,
-    epochs: int = 10,
+    epochs: int = 30,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[str], np.ndarray]:

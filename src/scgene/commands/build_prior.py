@@ -1,0 +1,209 @@
+"""`scgene build-prior`: the whole prior recipe of seed 000 from one command.
+
+    scgene build-prior --adata IN.h5ad [--knowledge TABLE] [--tokenizer PATH] --out DIR
+
+1. preprocess the AnnData (normalize_total + log1p, as the tokenizer does) and compute the co-expression
+   edges blockwise -> `DIR/coexpression_edges.tsv`;
+2. skip-gram gene2vec on the edges (or node2vec walks with `--node2vec`) -> `DIR/gene2vec.txt`;
+3. knowledge table -> binary linear embedding + sentence-transformer text embedding -> PCA to hidden size;
+4. fuse both, aligned to the tokenizer vocabulary -> `DIR/gene_prior.safetensors` (key `gene_prior`);
+5. `DIR/prior_record.json`: sources, parameters, coverage, timings and output checksums.
+
+With `--model CKPT` the prior is also put into that checkpoint's frozen buffer and saved to `DIR/model`.
+With `--gene2vec FILE` (e.g. the published Gene2vec vectors) steps 1-2 are replaced by that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
+from scgene.prior.coexpression import SIGNS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    io = parser.add_argument_group("inputs and outputs")
+    io.add_argument("--adata", type=Path, help="raw-count (or log-normalised) .h5ad for the co-expression network")
+    io.add_argument("--out", type=Path, required=True, help="output directory")
+    io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the shipped human vocabulary)")
+    io.add_argument("--knowledge", type=Path, default=DEFAULT_TABLE, help="knowledge table (.xlsx, .csv, .tsv)")
+    io.add_argument("--no-knowledge", action="store_true", help="fuse gene2vec only")
+    io.add_argument("--gene2vec", type=Path, help="use these word2vec-text gene vectors instead of training them")
+    io.add_argument("--model", help="checkpoint to receive the prior; saved with it to DIR/model")
+    io.add_argument("--gene-column", help="adata.var column with the gene names (default: var_names)")
+    io.add_argument("--hidden-size", type=int, help="prior width (default: --model's, else ScGeneConfig's)")
+    io.add_argument("--seed", type=int, default=0, help="seed for cell subsampling, gene2vec and the knowledge embedding")
+    io.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    coexpression = parser.add_argument_group("co-expression network")
+    coexpression.add_argument("--threshold", type=float, default=0.7, help="keep gene pairs with |r| >= threshold")
+    coexpression.add_argument("--sign", choices=SIGNS, default="both", help="which signs of r to keep (seed: positive)")
+    coexpression.add_argument("--max-cells", type=int, help="use a seeded random subset of this many cells")
+    coexpression.add_argument("--block-size", type=int, default=1024, help="genes per correlation tile")
+
+    embedding = parser.add_argument_group("gene2vec / node2vec")
+    embedding.add_argument("--gene2vec-dim", type=int, default=200, help="skip-gram vector size")
+    embedding.add_argument("--epochs", type=int, default=30, help="skip-gram epochs")
+    embedding.add_argument("--node2vec", action="store_true", help="train on random walks instead of edge pairs")
+    embedding.add_argument("--walk-length", type=int, default=20, help="node2vec: genes per walk")
+    embedding.add_argument("--walks-per-node", type=int, default=10, help="node2vec: walks started at each gene")
+    embedding.add_argument("--window", type=int, default=5, help="node2vec: skip-gram window")
+
+    knowledge = parser.add_argument_group("knowledge embedding")
+    knowledge.add_argument("--knowledge-gene-column", default="gene", help="gene column of the knowledge table")
+    knowledge.add_argument("--text-columns", nargs="+", help="text columns (default: all non-numeric columns)")
+    knowledge.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, help="sentence-transformer path or Hub id")
+    knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_tokenizer(path: str | None):
+    from scgene.tokenization_scgene import ScGeneTokenizer
+
+    return ScGeneTokenizer() if path is None else ScGeneTokenizer.from_pretrained(path)
+
+
+def _load_model(path: str):
+    """Load a ScGene checkpoint with the class it was saved as (base model or a head)."""
+    import scgene
+
+    config = scgene.ScGeneConfig.from_pretrained(path)
+    architecture = (getattr(config, "architectures", None) or ["ScGeneModel"])[0]
+    model_class = getattr(scgene, architecture, None)
+    if model_class is None:
+        raise ValueError(f"{path} holds a {architecture}, which is not a ScGene model class.")
+    return model_class.from_pretrained(path)
+
+
+def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list[str], np.ndarray]:
+    import anndata
+
+    from scgene.preprocessing import preprocess
+    from scgene.prior.coexpression import coexpression_edges, write_edges
+    from scgene.prior.gene2vec import gene2vec, node2vec, save_word2vec_text
+
+    start = time.perf_counter()
+    adata = preprocess(anndata.read_h5ad(args.adata), gene_column=args.gene_column)
+    names = adata.var_names if args.gene_column is None else adata.var[args.gene_column]
+    genes = [str(g) for g in names]
+    record["sources"]["adata"] = {
+        "path": str(args.adata),
+        "cells": adata.n_obs,
+        "genes": adata.n_vars,
+        "provenance": {k: str(v) for k, v in dict(adata.uns.get("provenance", {})).items()},
+        "preprocessing": {k: v for k, v in adata.uns["scgene_preprocessing"].items()},
+    }
+    edges, info = coexpression_edges(
+        adata.X,
+        genes,
+        threshold=args.threshold,
+        sign=args.sign,
+        block_size=args.block_size,
+        max_cells=args.max_cells,
+        seed=args.seed,
+        progress=progress,
+    )
+    del adata
+    write_edges(args.out / "coexpression_edges.tsv", edges)
+    record["coexpression"] = info.to_dict()
+    record["timings_seconds"]["coexpression"] = round(time.perf_counter() - start, 2)
+
+    start = time.perf_counter()
+    if args.node2vec:
+        trained = node2vec(
+            edges,
+            dim=args.gene2vec_dim,
+            walk_length=args.walk_length,
+            walks_per_node=args.walks_per_node,
+            window=args.window,
+            epochs=args.epochs,
+            seed=args.seed,
+            progress=progress,
+        )
+        method = {"method": "node2vec", "walk_length": args.walk_length, "walks_per_node": args.walks_per_node}
+        method["window"] = args.window
+    else:
+        trained = gene2vec(edges, dim=args.gene2vec_dim, epochs=args.epochs, seed=args.seed, progress=progress)
+        method = {"method": "gene2vec (two-gene sentences)", "window": 1}
+    save_word2vec_text(args.out / "gene2vec.txt", *trained)
+    record["gene2vec"] = method | {"dim": args.gene2vec_dim, "epochs": args.epochs, "genes": len(trained[0])}
+    record["timings_seconds"]["gene2vec"] = round(time.perf_counter() - start, 2)
+    return trained
+
+
+def run(args: argparse.Namespace) -> int:
+    from scgene.prior.fusion import fuse_prior, save_prior
+    from scgene.prior.gene2vec import load_word2vec_text
+    from scgene.prior.io import write_json
+    from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
+
+    if args.adata is None and args.gene2vec is None:
+        raise SystemExit("build-prior needs --adata IN.h5ad (or precomputed vectors with --gene2vec FILE).")
+    progress = not args.no_progress
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _load_tokenizer(args.tokenizer)
+    model = _load_model(args.model) if args.model else None
+    if args.hidden_size is None:
+        from scgene import ScGeneConfig
+
+        args.hidden_size = model.config.hidden_size if model is not None else ScGeneConfig().hidden_size
+    record: dict = {
+        "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
+        "sources": {"tokenizer": args.tokenizer or "default human vocabulary", "vocab_size": tokenizer.vocab_size},
+        "timings_seconds": {},
+    }
+
+    if args.gene2vec is not None:
+        vectors = load_word2vec_text(args.gene2vec)
+        record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": _sha256(args.gene2vec)}
+    else:
+        vectors = _coexpression_and_gene2vec(args, progress, record)
+
+    knowledge = None
+    if not args.no_knowledge:
+        start = time.perf_counter()
+        table = read_knowledge_table(args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns)
+        embedded, info = knowledge_embedding(
+            table,
+            hidden_size=args.hidden_size,
+            binary_dim=args.binary_dim,
+            text_model=args.text_model,
+            seed=args.seed,
+            progress=progress,
+        )
+        knowledge = (table.genes, embedded, table.ensembl_ids)
+        record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": _sha256(args.knowledge)}
+        record["knowledge"] = info
+        record["timings_seconds"]["knowledge"] = round(time.perf_counter() - start, 2)
+
+    prior, coverage = fuse_prior(tokenizer, args.hidden_size, gene2vec=vectors, knowledge=knowledge)
+    save_prior(args.out / "gene_prior.safetensors", prior)
+    record["coverage"] = coverage
+    if model is not None:
+        model.set_gene_prior(prior)
+        model.save_pretrained(args.out / "model")
+        tokenizer.save_pretrained(args.out / "model")
+        record["sources"]["model"] = args.model
+    outputs = ["coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors"]
+    record["outputs"] = {name: _sha256(args.out / name) for name in outputs if (args.out / name).exists()}
+    write_json(args.out / "prior_record.json", record)
+    print(
+        f"Prior {prior.shape[0]} x {prior.shape[1]} written to {args.out}: "
+        f"{coverage['vocab_genes_with_any_prior']} of {coverage['vocab_size'] - 3} vocabulary genes have a prior "
+        f"({coverage['vocab_genes_all_zero']} all zero)."
+    )
+    return 0
