@@ -214,7 +214,7 @@ def test_unsafe_checkpoint_is_refused(tmp_path):
 def test_failed_parity_writes_nothing_and_existing_output_is_kept(tmp_path):
     _, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "bare", "npy")
     with pytest.raises(ConversionError, match="does not reproduce the original"):
-        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS, tolerance=-1.0)
+        convert(checkpoint, prior, tmp_path / "hf", num_heads=HEADS, tolerance=-1.0)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["genes.txt", "pretraining.pt", "prior.npy"]
     (tmp_path / "hf").mkdir()
     with pytest.raises(ConversionError, match="already exists"):
