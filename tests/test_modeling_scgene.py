@@ -274,7 +274,7 @@ def test_init_covers_every_parameter_and_buffer():
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         assert torch.isfinite(tensor).all(), name
     block = model.scgene.encoder.layers[0].expression_block
-    assert torch.equal(block.attention.activation_scale, torch.full((4,), 0.25))
+    assert torch.equal(block.attention.regulation_scale, torch.full((4,), 0.25))
     assert torch.equal(model.scgene.embeddings.expression.continuous_scale, torch.ones(1))
     assert model.get_gene_prior().abs().sum() == 0
     assert torch.equal(block.attention_norm.weight, torch.ones(32))

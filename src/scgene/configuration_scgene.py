@@ -68,7 +68,7 @@ class ScGeneConfig(PreTrainedConfig):
     # multi-head latent attention
     kv_lora_rank: int = 64
     q_lora_rank: int | None = None
-    # dual-branch signed regulation: per-head scales of the activating and repressing maps start here
+    # dual-branch signed regulation: the per-head scale λ of the regulation map starts here
     regulation_init: float = 0.1
     # heads
     pooling: str = "cls"

@@ -6,7 +6,7 @@ Forward order of the components below:
                                                                       ScGeneEmbeddings ─────────────┘
     "standard":    x = expression + gene  ──> ScGeneLayer × L                     (seed 000)
     "dual_branch": gene branch   H_g ──> ScGeneLayer                               (seed 001)
-                   expr branch   H_e ──> regulated attention: (A_e + λ⁺A⁺(H_g) − λ⁻A⁻(H_g)) V_e
+                   expr branch   H_e ──> regulated attention: (A_e + λ · A_reg(H_g) · tanh(s(H_g))) V_e
     heads: ScGeneModel (embeddings) | ScGeneForMaskedExpression | ScGeneForCellClassification
 
 This file ships with every checkpoint as Hub code: it imports only torch and transformers, and
@@ -249,64 +249,57 @@ class ScGeneRegulatedAttention(ScGeneAttention):
     """The expression branch's attention with signed regulation from the gene branch (seed 001).
 
     Per head h, with A = softmax(QKᵀ/√dh) over real (unpadded) genes:
-        out_h = (A_expr + λ⁺_h · A⁺(H_gene) − λ⁻_h · A⁻(H_gene)) · V_expr
-    A_expr comes from the expression states; the activating map A⁺ and the repressing map A⁻ come from the gene
-    branch's states, so they do not depend on expression. The effective weights can be negative: gene j raises or
-    lowers gene i's update. The three maps run as one attention call over 3H heads (fused SDPA kernels, no G × G matrix
-    in memory); λ⁺ = λ⁻ = `regulation_init` (small) makes the layer start close to plain attention.
-    The signed gene × gene regulation λ⁺A⁺ − λ⁻A⁻ is materialised only on request (`output_regulation=True`).
+        out_h = (A_expr + R_h) · V_expr,    R_h[i, j] = λ_h · A_reg[i, j] · tanh(s_h[j])
+    A_expr comes from the expression states. The regulation map A_reg (which genes regulate gene i) and the regulator
+    sign s_h[j] (does gene j activate, s > 0, or repress, s < 0) come from the gene branch, so R does not depend on
+    expression. The effective weights A_expr + R can be negative: gene j raises or lowers gene i's update.
+    Because the sign depends only on the regulator j, it folds into the values: R_h · V = λ_h · A_reg · (tanh(s_h) ⊙ V),
+    so both maps run as one attention call over 2H heads (fused SDPA kernels, no G × G matrix in memory), at twice the
+    attention cost of plain MHA. λ_h = `regulation_init` (small) makes the layer start close to plain attention.
+    R itself is materialised only on request (`output_regulation=True`).
     """
 
     def __init__(self, config: ScGeneConfig):
         super().__init__(config)
-        self.regulation_proj = nn.Linear(config.hidden_size, 4 * config.hidden_size)  # q⁺, k⁺, q⁻, k⁻
-        self.activation_scale = nn.Parameter(torch.empty(config.num_attention_heads))  # λ⁺
-        self.repression_scale = nn.Parameter(torch.empty(config.num_attention_heads))  # λ⁻
+        heads, d = config.num_attention_heads, config.hidden_size
+        self.regulation_proj = nn.Linear(d, 2 * d + heads)  # regulation query, key, and one sign logit per head
+        self.regulation_scale = nn.Parameter(torch.empty(heads))  # λ
 
-    def regulation_queries_keys(self, gene_states: torch.Tensor) -> list[torch.Tensor]:
-        """(Bg, G, d) -> [q⁺, k⁺, q⁻, k⁻], each (Bg, H, G, dh)."""
-        return [split_heads(part, self.config.head_dim) for part in self.regulation_proj(gene_states).chunk(4, dim=-1)]
+    def regulation_inputs(self, gene_states: torch.Tensor):
+        """(Bg, G, d) -> query, key (Bg, H, G, dh) and regulator signs tanh(s) (Bg, H, G, 1)."""
+        d = self.config.hidden_size
+        query, key, sign_logits = self.regulation_proj(gene_states).split([d, d, self.config.num_attention_heads], -1)
+        signs = torch.tanh(sign_logits).transpose(1, 2).unsqueeze(-1)
+        return split_heads(query, self.head_dim), split_heads(key, self.head_dim), signs
 
     def signed_regulation(self, gene_states, gene_attention_mask) -> torch.Tensor:
-        """λ⁺A⁺ − λ⁻A⁻: (Bg, H, G, G), the gene × gene regulation of this layer."""
-        q_act, k_act, q_rep, k_rep = self.regulation_queries_keys(gene_states)
-        maps = []
-        for query, key in ((q_act, k_act), (q_rep, k_rep)):
-            scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
-            if gene_attention_mask is not None:
-                scores = scores + gene_attention_mask
-            maps.append(F.softmax(scores, dim=-1, dtype=torch.float32))
-        activation, repression = (scale.view(1, -1, 1, 1) for scale in (self.activation_scale, self.repression_scale))
-        return activation * maps[0] - repression * maps[1]
+        """R = λ · A_reg · tanh(s) over regulators: (Bg, H, G, G), the gene × gene regulation of this layer."""
+        query, key, signs = self.regulation_inputs(gene_states)
+        scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
+        if gene_attention_mask is not None:
+            scores = scores + gene_attention_mask
+        regulation_map = F.softmax(scores, dim=-1, dtype=torch.float32)
+        return self.regulation_scale.view(1, -1, 1, 1) * regulation_map * signs.transpose(2, 3)
 
     def forward(self, hidden_states, gene_states, attention_mask, gene_attention_mask=None, output_regulation=False):
         batch_size = hidden_states.shape[0]
         query, key, value = self.project_qkv(hidden_states)  # (B, H, G, dh)
-        q_act, k_act, q_rep, k_rep = (
-            t.expand(batch_size, -1, -1, -1) for t in self.regulation_queries_keys(gene_states)
-        )  # gene branch may hold a single shared cell: (1, H, G, dh) -> (B, H, G, dh)
+        # the gene branch may hold a single cell shared by the batch: (1, H, G, ·) -> (B, H, G, ·)
+        reg_query, reg_key, signs = (t.expand(batch_size, -1, -1, -1) for t in self.regulation_inputs(gene_states))
         attn_output, attn_weights = attention_function(self.config)(
             self,
-            torch.cat([query, q_act, q_rep], dim=1),  # (B, 3H, G, dh)
-            torch.cat([key, k_act, k_rep], dim=1),
-            value.repeat(1, 3, 1, 1),
+            torch.cat([query, reg_query], dim=1),  # (B, 2H, G, dh)
+            torch.cat([key, reg_key], dim=1),
+            torch.cat([value, signs * value], dim=1),
             attention_mask,
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
-        )  # (B, G, 3H, dh)
-        expression, activation, repression = attn_output.chunk(3, dim=2)  # (B, G, H, dh) each
-        combined = (
-            expression
-            + self.activation_scale.view(1, 1, -1, 1) * activation
-            - self.repression_scale.view(1, 1, -1, 1) * repression
-        )
-        if attn_weights is not None:  # eager: report the effective signed weights
-            weights_expr, weights_act, weights_rep = attn_weights.chunk(3, dim=1)
-            attn_weights = (
-                weights_expr
-                + self.activation_scale.view(1, -1, 1, 1) * weights_act
-                - self.repression_scale.view(1, -1, 1, 1) * weights_rep
-            )
+        )  # (B, G, 2H, dh)
+        expression, regulated = attn_output.chunk(2, dim=2)  # (B, G, H, dh) each
+        combined = expression + self.regulation_scale.view(1, 1, -1, 1) * regulated
+        if attn_weights is not None:  # eager: report the effective signed weights A_expr + R
+            weights_expr, weights_reg = attn_weights.chunk(2, dim=1)
+            attn_weights = weights_expr + self.regulation_scale.view(1, -1, 1, 1) * weights_reg * signs.transpose(2, 3)
         regulation = None
         if output_regulation:
             regulation = self.signed_regulation(gene_states, gene_attention_mask).expand(batch_size, -1, -1, -1)
@@ -472,8 +465,7 @@ class ScGenePreTrainedModel(PreTrainedModel):
             init.normal_(module.continuous_direction, mean=0.0, std=self.config.initializer_range)
             init.ones_(module.continuous_scale)
         elif isinstance(module, ScGeneRegulatedAttention):
-            init.constant_(module.activation_scale, self.config.regulation_init)
-            init.constant_(module.repression_scale, self.config.regulation_init)
+            init.constant_(module.regulation_scale, self.config.regulation_init)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
