@@ -1,11 +1,17 @@
 """scgene: the ScGene single-cell foundation model for Hugging Face Transformers.
 
 Importing the package registers ScGene with the Auto classes (`AutoConfig`, `AutoModel`, `AutoModelForMaskedLM`,
-`AutoModelForSequenceClassification`), and marks the classes so that `save_pretrained` writes the model code and an
+`AutoModelForSequenceClassification`, and `AutoFeatureExtractor` for the tokenizer), and marks the classes so that `save_pretrained` writes the model code and an
 `auto_map` next to the weights: a checkpoint then also loads with `trust_remote_code=True` where scgene is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoFeatureExtractor,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+)
 
 from .configuration_scgene import ScGeneConfig
 from .modeling_scgene import (
@@ -17,6 +23,7 @@ from .modeling_scgene import (
     ScGeneModelOutput,
     ScGenePreTrainedModel,
 )
+from .tokenization_scgene import ScGeneTokenizer
 
 __version__ = "0.1.0"
 
@@ -29,9 +36,13 @@ for auto_class, model_class in (
     auto_class.register(ScGeneConfig, model_class, exist_ok=True)
     model_class.register_for_auto_class(auto_class.__name__)
 ScGeneConfig.register_for_auto_class()
+# the tokenizer turns numbers (an AnnData) into a BatchFeature, the feature-extractor pattern (as for audio)
+AutoFeatureExtractor.register(ScGeneConfig, ScGeneTokenizer, exist_ok=True)
+ScGeneTokenizer.register_for_auto_class("AutoFeatureExtractor")
 
 __all__ = [
     "ScGeneConfig",
+    "ScGeneTokenizer",
     "ScGenePreTrainedModel",
     "ScGeneModel",
     "ScGeneForMaskedExpression",
