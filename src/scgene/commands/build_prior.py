@@ -93,7 +93,7 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
 
     from scgene.preprocessing import preprocess
     from scgene.prior.coexpression import coexpression_edges, write_edges
-    from scgene.prior.gene2vec import gene2vec, node2vec, save_word2vec_text
+    from scgene.prior.gene2vec import corpus_repeats, gene2vec, node2vec, save_word2vec_text
 
     start = time.perf_counter()
     adata = preprocess(anndata.read_h5ad(args.adata), gene_column=args.gene_column)
@@ -134,12 +134,13 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
             progress=progress,
         )
         method = {"method": "node2vec", "walk_length": args.walk_length, "walks_per_node": args.walks_per_node}
-        method["window"] = args.window
+        method |= {"window": args.window, "words": len(trained[0]) * args.walks_per_node * args.walk_length}
     else:
         trained = gene2vec(edges, dim=args.gene2vec_dim, epochs=args.epochs, seed=args.seed, progress=progress)
-        method = {"method": "gene2vec (two-gene sentences)", "window": 1}
+        method = {"method": "gene2vec (two-gene sentences)", "window": 1, "words": 2 * len(edges)}
     save_word2vec_text(args.out / "gene2vec.txt", *trained)
-    record["gene2vec"] = method | {"dim": args.gene2vec_dim, "epochs": args.epochs, "genes": len(trained[0])}
+    epochs = {"epochs": args.epochs, "corpus_repeats": corpus_repeats(method["words"], args.epochs)}
+    record["gene2vec"] = method | epochs | {"dim": args.gene2vec_dim, "genes": len(trained[0])}
     record["timings_seconds"]["gene2vec"] = round(time.perf_counter() - start, 2)
     return trained
 
