@@ -17,6 +17,8 @@ import gzip
 import json
 import os
 import re
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +41,7 @@ GENE_SELECTIONS = ("all", "nonzero", "top_k")
 BINNINGS = ("quantile_per_cell", "global")
 # log1p values are ranked on a fixed grid of 1/4096 (about 0.02% in count ratio), so ranks and ties do
 # not depend on how cells are chunked; values above 16 (unreachable after normalize_total) share the top.
-QUANT_SCALE, QUANT_MAX = 4096.0, 65535
+QUANT_SCALE, QUANT_MAX = 4096.0, 65534
 
 
 def strip_ensembl_version(name: str) -> str:
@@ -56,12 +58,13 @@ def check_expression_values(data: np.ndarray) -> None:
     """Raise a clear error for NaN, infinite or negative expression values (scaled or corrupt input)."""
     if data.size == 0:
         return
-    if not np.isfinite(data).all():
+    low, high = data.min(), data.max()  # NaN propagates through min, inf shows in max
+    if not (np.isfinite(low) and np.isfinite(high)):
         raise ValueError(
             "The expression matrix contains NaN or infinite values. Pass raw counts (or log1p-normalised "
             "counts); remove or impute the broken entries first."
         )
-    if data.min() < 0:
+    if low < 0:
         raise ValueError(
             "The expression matrix contains negative values, so it looks scaled or batch-corrected. Pass raw "
             "counts (e.g. `adata.layers['counts']` or `adata.raw`) or log1p-normalised counts."
@@ -344,29 +347,23 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             )
 
     # ------------------------------------------------------------------ binning
-    def fit_bin_edges(self, adata, max_cells: int = 10000, seed: int = 0, chunk_size: int = 2048) -> list[float]:
-        """Fit the `n_bins - 2` global edges on the expressed log1p values of up to `max_cells` cells; sets them."""
-        rng = np.random.default_rng(seed)
-        n_cells = adata.n_obs
-        keep = np.sort(rng.choice(n_cells, min(max_cells, n_cells), replace=False))
-        mapping = self.map_genes(adata)
-        values = []
-        for start in range(0, len(keep), chunk_size):
-            rows = keep[start : start + chunk_size]
-            chunk = self._normalized_chunk(adata.X[rows] if not adata.isbacked else adata.X[rows, :], mapping, None)
-            values.append(chunk.data)
-        values = np.concatenate(values) if values else np.zeros(0, np.float32)
+    def fit_bin_edges(self, adata, max_cells: int = 10000, seed: int = 0) -> list[float]:
+        """Fit the `n_bins - 2` global edges (quantiles of the expressed log1p values of up to `max_cells`
+        random cells) and switch to `binning="global"`; saved with the tokenizer."""
+        rows = np.sort(np.random.default_rng(seed).choice(adata.n_obs, min(max_cells, adata.n_obs), replace=False))
+        counts = to_csr(adata.X[rows])
+        log_normalized = "log1p" in adata.uns or looks_log_normalized(counts.data)
+        values = self._normalized_chunk(counts, self.map_genes(adata), log_normalized).data
         if values.size == 0:
             raise ValueError("No expressed values to fit bin edges on.")
-        quantiles = np.linspace(0, 1, self.n_bins)[1:-1]
-        self.bin_edges = [float(edge) for edge in np.quantile(values, quantiles)]
+        self.bin_edges = [float(edge) for edge in np.quantile(values, np.linspace(0, 1, self.n_bins)[1:-1])]
         self.binning = "global"
         return self.bin_edges
 
     def _bins_global(self, values: np.ndarray) -> np.ndarray:
         if self.bin_edges is None or len(self.bin_edges) != self.n_bins - 2:
             raise ValueError("binning='global' needs `n_bins - 2` bin_edges; call `fit_bin_edges(adata)` first.")
-        return 1 + np.searchsorted(np.asarray(self.bin_edges, np.float32), values, side="right")
+        return (1 + np.searchsorted(np.asarray(self.bin_edges, np.float32), values, side="right")).astype(np.int16)
 
     # ------------------------------------------------------------------ encoding
     def __call__(
@@ -441,9 +438,15 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         gene_column: str | None = None,
         seed: int | None = None,
         chunk_size: int = 2048,
+        num_threads: int = 2,
         progress: bool = False,
     ):
-        """Yield an `EncodedChunk` (ragged, unpadded) per `chunk_size` cells; reads backed files chunk by chunk."""
+        """Yield an `EncodedChunk` (ragged, unpadded) per `chunk_size` cells, in order.
+
+        Chunks are read in this thread (backed files: one chunk in memory at a time per worker) and encoded
+        by `num_threads` workers; numpy releases the GIL, so two cores are used. Results do not depend on
+        `num_threads`; sampling with `seed` depends on `chunk_size` (one generator per chunk).
+        """
         if sp is None:
             raise ImportError("Tokenizing needs scipy: pip install scipy")
         gene_selection = gene_selection or self.gene_selection
@@ -463,161 +466,189 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         limit = np.iinfo(np.int64).max if max_length is None else max_length - n_special
         if gene_selection == "top_k":
             limit = min(limit, top_k)
-        rng = None if seed is None or gene_selection != "nonzero" else np.random.default_rng(seed)
-        log_normalized = None
-        with tqdm(total=adata.n_obs, unit="cells", desc="Tokenizing", disable=not progress) as bar:
-            for start in range(0, adata.n_obs, chunk_size):
-                stop = min(start + chunk_size, adata.n_obs)
-                counts = to_csr(adata.X[start:stop])
-                if log_normalized is None:
-                    log_normalized = "log1p" in adata.uns or looks_log_normalized(counts.data)
-                    if log_normalized:
-                        logger.warning("The input looks log1p-normalised already; it is not normalised again.")
-                    self._check_coverage(mapping, counts)
-                matrix = self._normalized_chunk(counts, mapping, log_normalized)
-                yield self._encode_chunk(matrix, mapping, gene_selection, limit, rng, start, stop)
-                bar.update(stop - start)
-
-    def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool | None):
-        """Raw (or log1p) chunk -> CSR of log1p(normalize_total) values over the matched genes, no zeros."""
-        counts = to_csr(counts)
-        data = counts.data.astype(np.float32, copy=True)
-        check_expression_values(data)
-        if log_normalized is None:
-            log_normalized = looks_log_normalized(data)
-        indptr = counts.indptr.astype(np.int64)
-        row_lengths = np.diff(indptr)
+        first = to_csr(adata.X[: min(chunk_size, adata.n_obs)])
+        log_normalized = "log1p" in adata.uns or looks_log_normalized(first.data)
         if log_normalized:
-            data = np.expm1(data) if mapping.coverage.n_duplicated else data
-        else:  # normalize_total over all input genes, as scanpy does, then sum duplicates, then log1p
-            cumulative = np.concatenate([[0.0], np.cumsum(data, dtype=np.float64)])
-            totals = cumulative[indptr[1:]] - cumulative[indptr[:-1]]
-            scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-            data *= np.repeat(scale.astype(np.float32), row_lengths)
-        n_matched = len(mapping.vocab_ids)
+            logger.warning("The input looks log1p-normalised already; it is not normalised again.")
+        self._check_coverage(mapping, first)
+
+        def encode(start, counts):
+            matrix = self._normalized_chunk(counts, mapping, log_normalized)
+            sampling = seed is not None and gene_selection == "nonzero"
+            rng = np.random.default_rng([seed, start]) if sampling else None
+            return self._encode_chunk(matrix, mapping, gene_selection, limit, rng, start)
+
+        with ThreadPoolExecutor(max(1, num_threads)) as pool, tqdm(
+            total=adata.n_obs, unit="cells", desc="Tokenizing", disable=not progress
+        ) as bar:
+            pending = deque()
+            for start in range(0, adata.n_obs, chunk_size):
+                counts = first if start == 0 else adata.X[start : start + chunk_size]
+                pending.append(pool.submit(encode, start, counts))
+                if len(pending) > num_threads:
+                    chunk = pending.popleft().result()
+                    bar.update(len(chunk.lengths))
+                    yield chunk
+            while pending:
+                chunk = pending.popleft().result()
+                bar.update(len(chunk.lengths))
+                yield chunk
+
+    def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool):
+        """Raw (or log1p) chunk -> CSR of log1p(normalize_total) values over the matched genes, no zeros.
+
+        normalize_total divides by the total over all input genes, as scanpy does; duplicated genes are
+        summed before the log. log(1 + x) rather than log1p: 3x faster in float32, same to 5e-7 here.
+        """
+        counts = to_csr(counts)
+        data = counts.data.astype(np.float32, copy=False)
+        check_expression_values(data)
+        indptr = counts.indptr.astype(np.int64)
+        scale = None
+        if not log_normalized:
+            totals = sp.csr_matrix((data, counts.indices, indptr), shape=counts.shape) @ np.ones(counts.shape[1], np.float32)
+            scale = np.divide(self.target_sum, totals, out=np.zeros_like(totals), where=totals > 0).astype(np.float32)
         if mapping.coverage.n_duplicated:
+            values = np.expm1(data) if log_normalized else data * np.repeat(scale, np.diff(indptr))
             selector = sp.csr_matrix(
                 (np.ones(len(mapping.columns), np.float32), (mapping.columns, mapping.column_to_matched[mapping.columns])),
-                shape=(counts.shape[1], n_matched),
+                shape=(counts.shape[1], len(mapping.vocab_ids)),
             )
-            summed = sp.csr_matrix((data, counts.indices, indptr), shape=counts.shape) @ selector
-            indptr, indices, data = summed.indptr.astype(np.int64), summed.indices, summed.data
+            summed = sp.csr_matrix((values, counts.indices, indptr), shape=counts.shape) @ selector
+            indptr, indices, values = summed.indptr.astype(np.int64), summed.indices, np.log(summed.data + np.float32(1))
         else:
             indices = mapping.column_to_matched[counts.indices]
-            keep = indices >= 0
-            cumulative_keep = np.concatenate([[0], np.cumsum(keep)])
-            indptr, indices, data = cumulative_keep[indptr], indices[keep], data[keep]
-        if not (log_normalized and not mapping.coverage.n_duplicated):
-            data = np.log1p(data)
-        nonzero = data > 0
-        if not nonzero.all():
-            cumulative_nonzero = np.concatenate([[0], np.cumsum(nonzero)])
-            indptr, indices, data = cumulative_nonzero[indptr], indices[nonzero], data[nonzero]
-        return sp.csr_matrix((data, indices.astype(np.int32), indptr), shape=(counts.shape[0], n_matched))
+            if len(mapping.columns) < counts.shape[1]:
+                indptr, indices, data = drop_entries(indptr, indices, data, indices >= 0)
+            values = data if log_normalized else np.log(data * np.repeat(scale, np.diff(indptr)) + np.float32(1))
+        if not values.all():  # explicit zeros (or underflow) would otherwise count as expressed
+            indptr, indices, values = drop_entries(indptr, indices, values, values != 0)
+        return sp.csr_matrix((values, indices.astype(np.int32), indptr), shape=(counts.shape[0], len(mapping.vocab_ids)))
 
-    def _encode_chunk(self, matrix, mapping, gene_selection, limit, rng, start, stop) -> EncodedChunk:
-        indptr, indices, values = matrix.indptr, matrix.indices, matrix.data
-        row_lengths = np.diff(indptr)
-        quantised = np.minimum(values * np.float32(QUANT_SCALE) + np.float32(0.5), QUANT_MAX).astype(np.uint32)
-        sorted_quantised, positions, valid = sort_rows_descending(indptr, quantised)
-        if self.binning == "global":
-            bins = self._bins_global(values)
-        else:
-            bins = np.zeros(len(values), np.int64)
-            bins[positions[valid]] = quantile_bins(sorted_quantised, valid, row_lengths, self.n_bins)[valid]
+    def _encode_chunk(self, matrix, mapping, gene_selection, limit, rng, start) -> EncodedChunk:
+        indptr, indices, values = matrix.indptr.astype(np.int64), matrix.indices, matrix.data
+        lengths = np.diff(indptr)
+        truncate = gene_selection != "all" and len(lengths) > 0 and lengths.max() > limit
+        ranking = None
+        if self.binning == "quantile_per_cell" or (truncate and rng is None):
+            quantised = (np.minimum(values, np.float32(QUANT_MAX / QUANT_SCALE)) * np.float32(QUANT_SCALE)).astype(np.uint32)
+            ranking = RowRanking(indptr, quantised)
+        bins = self._bins_global(values) if self.binning == "global" else ranking.quantile_bins(self.n_bins)
         if gene_selection == "all":
             n_rows, n_matched = matrix.shape
-            rows = np.repeat(np.arange(n_rows), row_lengths)
             dense_values = np.zeros((n_rows, n_matched), np.float32)
-            dense_bins = np.zeros((n_rows, n_matched), np.int64)
-            dense_values[rows, indices] = values
-            dense_bins[rows, indices] = bins
-            token_ids = np.tile(mapping.vocab_ids, n_rows)
-            values, bins = dense_values.ravel(), dense_bins.ravel()
-            kept_lengths = np.full(n_rows, n_matched, np.int64)
+            dense_bins = np.zeros((n_rows, n_matched), np.int16)
+            flat_index = np.repeat(np.arange(n_rows, dtype=np.int64) * n_matched, lengths) + indices
+            dense_values.ravel()[flat_index] = values
+            dense_bins.ravel()[flat_index] = bins
+            token_ids = np.tile(mapping.vocab_ids.astype(np.int32), n_rows)
+            values, bins, lengths = dense_values.ravel(), dense_bins.ravel(), np.full(n_rows, n_matched, np.int64)
         else:
-            if rng is not None:  # training: a uniform random subset instead of the highest values
-                priorities = rng.integers(0, QUANT_MAX + 1, len(values), dtype=np.uint32)
-                _, positions, valid = sort_rows_descending(indptr, priorities)
-            kept_lengths = np.minimum(row_lengths, limit)
-            keep = valid & (np.arange(positions.shape[1])[None, :] < kept_lengths[:, None])
-            kept = positions[keep]
-            token_ids = mapping.vocab_ids[indices[kept]]
-            values, bins = values[kept], bins[kept]
-        return self._with_cls(token_ids, values, bins, kept_lengths, start, stop)
+            if truncate:
+                if rng is not None:  # training: a uniform random subset instead of the highest values
+                    ranking = RowRanking(indptr, rng.integers(0, QUANT_MAX + 1, len(values), dtype=np.uint32))
+                keep = ranking.top(limit)
+                indices, values, bins, lengths = indices[keep], values[keep], bins[keep], np.minimum(lengths, limit)
+            token_ids = mapping.vocab_ids.astype(np.int32)[indices]
+        return self._with_cls(token_ids, values, bins, lengths, start)
 
-    def _with_cls(self, token_ids, values, bins, lengths, start, stop) -> EncodedChunk:
+    def _with_cls(self, token_ids, values, bins, lengths, start) -> EncodedChunk:
         if self.add_cls_token:
             lengths = lengths + 1
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            genes = np.ones(int(lengths.sum()), bool)
-            genes[starts] = False
-            token_ids = insert_at(genes, token_ids, self.cls_token_id, np.int64)
-            values = insert_at(genes, values, 0.0, np.float32)
-            bins = insert_at(genes, bins, 0, np.int64)
-        return EncodedChunk(start, stop, token_ids.astype(np.int64), values.astype(np.float32), bins.astype(np.int64), lengths.astype(np.int64))
+            is_gene = np.ones(int(lengths.sum()), bool)
+            is_gene[np.cumsum(lengths) - lengths] = False
+            token_ids, values, bins = (
+                insert_at(is_gene, token_ids, self.cls_token_id),
+                insert_at(is_gene, values, 0),
+                insert_at(is_gene, bins, 0),
+            )
+        return EncodedChunk(start, token_ids, values, bins.astype(np.int16, copy=False), lengths.astype(np.int64))
 
 
 @dataclass
 class EncodedChunk:
-    """Cells `start:stop`, concatenated without padding: cell i holds the next `lengths[i]` tokens."""
+    """Cells `start:start + len(lengths)`, concatenated without padding: cell i has the next `lengths[i]` tokens.
+
+    Compact dtypes (int32 ids, float32 values, int16 bins); `pad_ragged` widens ids and bins to int64.
+    """
 
     start: int
-    stop: int
     input_ids: np.ndarray
     expression_values: np.ndarray
     expression_bins: np.ndarray
     lengths: np.ndarray
 
 
-def sort_rows_descending(indptr: np.ndarray, keys: np.ndarray):
-    """Sort each CSR row by descending `keys` (< 2**16), ties by position, with one packed-integer row-wise sort.
+class RowRanking:
+    """The entries of each CSR row ordered by ascending key (< 65535), ties by descending column position.
 
-    Returns (sorted keys, flat positions into the CSR data, valid mask), each (n_rows, longest row).
+    One row-wise sort of a padded table of packed integers `key << 16 | (65535 - position)` (padding key
+    65535 sorts last): numpy sorts uint32 rows with SIMD, far faster than an argsort. The valid part of the
+    sorted table, read row by row, lines up with the CSR data. Rows over 65,535 entries use uint64.
     """
-    row_lengths = np.diff(indptr)
-    width = int(row_lengths.max()) if len(row_lengths) else 0
-    wide = width > 1 << 16
-    dtype, shift = (np.uint64, 32) if wide else (np.uint32, 16)
-    position = np.arange(len(keys), dtype=np.int64) - np.repeat(indptr[:-1], row_lengths)
-    packed = ((QUANT_MAX - keys).astype(dtype) << dtype(shift)) | position.astype(dtype)
-    table = np.full((len(row_lengths), width), np.iinfo(dtype).max, dtype=dtype)
-    table[np.repeat(np.arange(len(row_lengths)), row_lengths), position] = packed
-    table.sort(axis=1)
-    valid = np.arange(width)[None, :] < row_lengths[:, None]
-    positions = (table & dtype((1 << shift) - 1)).astype(np.int64) + indptr[:-1, None]
-    sorted_keys = QUANT_MAX - (table >> dtype(shift)).astype(np.int64)
-    return sorted_keys, positions, valid
+
+    def __init__(self, indptr: np.ndarray, keys: np.ndarray):
+        self.indptr, self.lengths = indptr, np.diff(indptr)
+        n_rows, width = len(self.lengths), int(self.lengths.max()) if len(self.lengths) else 0
+        self.dtype, self.shift = (np.uint64, 32) if width >= 1 << 16 else (np.uint32, 16)
+        low = self.dtype((1 << self.shift) - 1)
+        self.column = np.arange(width, dtype=np.int64)[None, :]
+        self.valid = self.column < self.lengths[:, None]
+        table = np.full((n_rows, width), QUANT_MAX + 1, dtype=self.dtype)
+        table[self.valid] = keys
+        table <<= self.dtype(self.shift)
+        table |= low - self.column.astype(self.dtype)
+        table.sort(axis=1)
+        self.table = table
+        position = low - (table[self.valid] & low)
+        # order[k]: CSR index of the k-th entry in (row, ascending key) order
+        self.order = position.astype(np.int64) + np.repeat(indptr[:-1], self.lengths)
+
+    def quantile_bins(self, n_bins: int) -> np.ndarray:
+        """Per-row quantile bins 1..n_bins-1: 1 + floor((n_bins - 1) * share of the row strictly below).
+
+        Tied keys share the bin of their group (the rank of its first entry), so bins never decrease with
+        the value. Integer quotients below 2**24 are exact in float32, so the floor is exact.
+        """
+        keys = self.table >> self.dtype(self.shift)
+        group_start = np.ones(keys.shape, bool)
+        np.not_equal(keys[:, 1:], keys[:, :-1], out=group_start[:, 1:])
+        starts = np.flatnonzero(group_start)
+        width = max(keys.shape[1], 1)
+        below = np.repeat(starts % width, np.diff(np.append(starts, group_start.size))).reshape(keys.shape)
+        float_type = np.float32 if (n_bins - 1) * width < 1 << 24 else np.float64
+        sorted_bins = below[self.valid].astype(float_type) * float_type(n_bins - 1)
+        sorted_bins /= np.repeat(self.lengths, self.lengths).astype(float_type)
+        bins = np.empty(len(self.order), np.int16)
+        bins[self.order] = sorted_bins
+        bins += 1
+        return bins
+
+    def top(self, limit: int) -> np.ndarray:
+        """Flat mask of the `limit` highest-key entries of each row (all entries of shorter rows)."""
+        chosen = (self.column >= self.lengths[:, None] - limit)[self.valid]
+        keep = np.zeros(len(self.order), bool)
+        keep[self.order[chosen]] = True
+        return keep
 
 
-def quantile_bins(sorted_keys: np.ndarray, valid: np.ndarray, row_lengths: np.ndarray, n_bins: int) -> np.ndarray:
-    """Per-cell quantile bins 1..n_bins-1 from rows sorted descending: 1 + floor((n_bins-1) * share strictly below).
-
-    Tied values share the bin of their group, so bins never decrease with the value.
-    """
-    n_rows, width = sorted_keys.shape
-    column = np.arange(width)
-    next_differs = np.ones((n_rows, width), bool)
-    next_differs[:, :-1] = sorted_keys[:, :-1] != sorted_keys[:, 1:]
-    group_end = valid & (next_differs | (column[None, :] == row_lengths[:, None] - 1))
-    last_of_group = np.where(group_end, column[None, :], width)
-    last_of_group = np.minimum.accumulate(last_of_group[:, ::-1], axis=1)[:, ::-1]
-    lengths = np.maximum(row_lengths, 1)[:, None]
-    strictly_below = lengths - 1 - last_of_group
-    return 1 + (strictly_below * (n_bins - 1)) // lengths
+def drop_entries(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, keep: np.ndarray):
+    """CSR arrays without the entries where `keep` is false."""
+    kept_before = np.concatenate([[0], np.cumsum(keep)])
+    return kept_before[indptr], indices[keep], data[keep]
 
 
-def insert_at(is_data: np.ndarray, data: np.ndarray, fill, dtype) -> np.ndarray:
+def insert_at(is_data: np.ndarray, data: np.ndarray, fill) -> np.ndarray:
     """A flat array with `data` where `is_data` is true and `fill` elsewhere."""
-    out = np.full(len(is_data), fill, dtype=dtype)
+    out = np.full(len(is_data), fill, dtype=data.dtype)
     out[is_data] = data
     return out
 
 
 def pad_ragged(parts: list[np.ndarray], lengths: np.ndarray, width: int, pad_value) -> np.ndarray:
     """Concatenated ragged rows -> (n_rows, width) array padded with `pad_value` (truncating longer rows)."""
-    flat = np.concatenate(parts) if parts else np.zeros(0)
-    dtype = flat.dtype if parts else np.int64
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    dtype = np.float32 if flat.dtype == np.float32 else np.int64
     out = np.full((len(lengths), width), pad_value, dtype=dtype)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     position = np.arange(len(flat)) - np.repeat(starts, lengths)
