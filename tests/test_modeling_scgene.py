@@ -160,7 +160,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(encoder_type):
 
     model.train()
     plain = gradients()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys() and len(plain) > 10
     for name in plain:
