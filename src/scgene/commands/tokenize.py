@@ -1,0 +1,52 @@
+"""`scgene tokenize IN.h5ad OUT_DIR`: tokenize an .h5ad (read backed, chunk by chunk) into a Hugging Face
+`datasets` folder with the tokenizer saved alongside."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X)")
+    parser.add_argument("output", help="the dataset folder to create")
+    parser.add_argument("--tokenizer", help="a saved tokenizer folder or Hub id (default: the human vocabulary)")
+    parser.add_argument("--gene-selection", choices=("all", "nonzero", "top_k"), help="default: the tokenizer's")
+    parser.add_argument("--max-length", type=int, help="tokens per cell including <cls> (default: the tokenizer's)")
+    parser.add_argument("--top-k", type=int, help="genes kept per cell with --gene-selection top_k")
+    parser.add_argument("--no-truncation", action="store_true", help="ignore max-length (e.g. 'all' on a large panel)")
+    parser.add_argument("--obs-columns", nargs="*", default=[], metavar="COL", help="obs columns to keep")
+    parser.add_argument("--gene-column", help="var column with gene names (default: detect)")
+    parser.add_argument("--seed", type=int, help="sample genes beyond max-length with this seed (training data)")
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--format", choices=("arrow", "parquet"), default="arrow")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="cells read and encoded at a time")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.export import export_dataset
+    from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
+
+    tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
+    adata = read_h5ad_backed(args.input)
+    coverage = tokenizer.map_genes(adata, args.gene_column).coverage
+    print(f"{adata.n_obs} cells; {coverage.n_matched_genes}/{coverage.n_input_genes} genes matched by {coverage.id_type}")
+    output = export_dataset(
+        adata,
+        args.output,
+        tokenizer,
+        obs_columns=args.obs_columns,
+        num_shards=args.num_shards,
+        file_format=args.format,
+        overwrite=args.overwrite,
+        gene_selection=args.gene_selection,
+        max_length=args.max_length,
+        top_k=args.top_k,
+        truncation=not args.no_truncation,
+        gene_column=args.gene_column,
+        seed=args.seed,
+        chunk_size=args.chunk_size,
+        progress=True,
+    )
+    print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
+    return 0

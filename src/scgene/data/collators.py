@@ -1,0 +1,99 @@
+"""Data collators: pad tokenized cells into model batches, for masked-expression pretraining and for
+cell classification. They read the ragged columns that `ScGeneTokenizer` / `scgene tokenize` produce."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..tokenization_scgene import ScGeneTokenizer
+
+SEQUENCE_DTYPES = {"input_ids": torch.int64, "expression_values": torch.float32, "expression_bins": torch.int64}
+
+
+def pad_features(features: list[dict], tokenizer: ScGeneTokenizer, pad_to_multiple_of: int | None = None) -> dict:
+    """Pad the ragged `input_ids` / `expression_values` / `expression_bins` of `features` to the longest cell.
+
+    Pads hold `pad_token_id`, value 0 and bin 0; `attention_mask` marks the real tokens.
+    """
+    lengths = np.array([len(feature["input_ids"]) for feature in features])
+    width = int(lengths.max()) if len(lengths) else 0
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    batch = {name: torch.zeros((len(features), width), dtype=dtype) for name, dtype in SEQUENCE_DTYPES.items()}
+    batch["input_ids"].fill_(tokenizer.pad_token_id)
+    for row, feature in enumerate(features):
+        for name, dtype in SEQUENCE_DTYPES.items():
+            batch[name][row, : lengths[row]] = torch.as_tensor(np.asarray(feature[name]), dtype=dtype)
+    batch["attention_mask"] = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+    return batch
+
+
+@dataclass
+class DataCollatorForMaskedExpression:
+    """Masked expression modelling (BERT-style, on values and bins).
+
+    In each cell, `round(mlm_probability * n)` of its n gene tokens (at least one) are chosen, never pad or
+    `<cls>`. Of those, `mask_replace_prob` get `mask_value` and the mask bin `n_bins`,
+    `random_replace_prob` get the value and bin of a random gene token of the batch, the rest stay.
+    `labels` / `bin_labels` hold the original value / bin at chosen positions and -100 elsewhere.
+    `seed` makes the masking reproducible (a private generator); None uses torch's global generator.
+    """
+
+    tokenizer: ScGeneTokenizer
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    mask_value: float = -1.0
+    pad_to_multiple_of: int | None = None
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if not 0 < self.mlm_probability <= 1:
+            raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError("mask_replace_prob + random_replace_prob must not exceed 1.")
+        if self.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of)
+        ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
+        maskable = batch["attention_mask"].bool() & (ids != self.tokenizer.cls_token_id) & (ids != self.tokenizer.pad_token_id)
+        n_maskable = maskable.sum(dim=1)
+        n_masked = torch.clamp(torch.round(n_maskable * self.mlm_probability), min=1).minimum(n_maskable).long()
+        # the n_masked lowest random scores among the maskable tokens of each row
+        scores = torch.rand(ids.shape, generator=self.generator).masked_fill(~maskable, 2.0)
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        masked = maskable & (ranks < n_masked[:, None])
+
+        batch["labels"] = torch.where(masked, values, torch.full_like(values, -100.0))
+        batch["bin_labels"] = torch.where(masked, bins, torch.full_like(bins, -100))
+        draw = torch.rand(ids.shape, generator=self.generator)
+        replace = masked & (draw < self.mask_replace_prob)
+        randomise = masked & ~replace & (draw < self.mask_replace_prob + self.random_replace_prob)
+        if randomise.any():
+            pool = maskable.nonzero(as_tuple=True)
+            source = torch.randint(len(pool[0]), (int(randomise.sum()),), generator=self.generator)
+            values[randomise] = values[pool][source]
+            bins[randomise] = bins[pool][source]
+        values[replace] = self.mask_value
+        bins[replace] = self.tokenizer.n_bins
+        return batch
+
+
+@dataclass
+class DataCollatorForCellClassification:
+    """Padding plus `labels (B,) int64` from the `label_column` of each feature."""
+
+    tokenizer: ScGeneTokenizer
+    label_column: str = "labels"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of)
+        batch["labels"] = torch.tensor([int(f[self.label_column]) for f in features], dtype=torch.int64)
+        return batch
