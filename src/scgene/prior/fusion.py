@@ -3,8 +3,8 @@
     prior[id] = zero_pad(gene2vec[gene], hidden_size) + knowledge_pca[gene]
 
 Rows follow the tokenizer's ids; the special-token rows, and every gene a source does not cover, are zero in
-that source's term. Source genes are matched to the vocabulary by Ensembl id (versioned or not) or symbol first,
-then by the tokenizer's aliases for what is left; the coverage summary counts what matched and what is zero.
+that source's term. Source genes are matched to the vocabulary by Ensembl id (versioned or not; a source's own
+Ensembl id column first) or symbol, then by the tokenizer's aliases for what is left; the coverage summary counts what matched and what is zero.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def align_to_vocab(
     filled = np.zeros(tokenizer.vocab_size, dtype=bool)
     unmatched: list[int] = []
     for row, gene in enumerate(genes):
-        keys = [_unversioned(gene)] + ([_unversioned(ensembl_ids[row])] if ensembl_ids and ensembl_ids[row] else [])
+        keys = ([_unversioned(ensembl_ids[row])] if ensembl_ids and ensembl_ids[row] else []) + [_unversioned(gene)]
         ids = next((by_key[k] for k in keys if k in by_key), None)
         if ids is None:
             unmatched.append(row)

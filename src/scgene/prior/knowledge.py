@@ -68,10 +68,16 @@ def knowledge_from_frame(
     genes = frame[gene_column].astype("string").str.strip()
     if genes.isna().any() or (genes == "").any():
         rows = np.flatnonzero((genes.isna() | (genes == "")).to_numpy())[:5]
-        raise ValueError(f"Knowledge table {source} has empty gene names in data rows {list(rows + 1)}.")
-    duplicated = genes[genes.duplicated()].unique().tolist()
+        raise ValueError(f"Knowledge table {source} has empty gene names in data rows {(rows + 1).tolist()}.")
+    ensembl = frame[ENSEMBL_COLUMN].fillna("").astype(str).str.strip() if ENSEMBL_COLUMN in frame.columns else None
+    # Several Ensembl genes can share a symbol: a row's key is its Ensembl id when it has one, else the gene.
+    row_keys = genes if ensembl is None else ensembl.where(ensembl != "", genes)
+    duplicated = row_keys[row_keys.duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"Knowledge table {source} lists genes more than once: {duplicated[:5]}. Keep one row per gene.")
+        raise ValueError(
+            f"Knowledge table {source} lists genes more than once: {duplicated[:5]}. Keep one row per gene "
+            f"(rows sharing a symbol need distinct values in an {ENSEMBL_COLUMN!r} column)."
+        )
 
     keys = {gene_column} | ({ENSEMBL_COLUMN} if ENSEMBL_COLUMN in frame.columns else set())
     numeric = [c for c in frame.columns if c not in keys and pd.api.types.is_numeric_dtype(frame[c])]
@@ -92,14 +98,13 @@ def knowledge_from_frame(
             row = bad[0]
             raise ValueError(
                 f"Column {column!r} of knowledge table {source} is numeric but not 0/1: gene {genes.iloc[row]!r} "
-                f"has {values[row]!r} ({len(bad)} such rows). Binary columns must be 0/1 membership flags: "
+                f"has {float(values[row])} ({len(bad)} such rows). Binary columns must be 0/1 membership flags: "
                 "fill blanks with 0, binarise the column, or drop it (or list it as a text column)."
             )
     texts = {c: frame[c].fillna("").astype(str).str.strip().tolist() for c in text_columns}
-    ensembl = frame[ENSEMBL_COLUMN].fillna("").astype(str).tolist() if ENSEMBL_COLUMN in frame.columns else None
     return KnowledgeTable(
         genes=genes.tolist(),
-        ensembl_ids=ensembl,
+        ensembl_ids=None if ensembl is None else ensembl.tolist(),
         binary_columns=numeric,
         binary=binary.astype(np.uint8),
         texts=texts,

@@ -1,0 +1,117 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from scgene.prior.knowledge import (
+    DEFAULT_TABLE,
+    binary_embedding,
+    knowledge_embedding,
+    knowledge_from_frame,
+    read_knowledge_table,
+)
+
+
+def small_frame() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "gene": ["TP53", "MYC", "CD3E", "LYZ"],
+            "pathway_a": [1, 0, 1, 0],
+            "is_tf": [0, 1, 0, 0],
+            "description": ["tumour suppressor", "oncogenic transcription factor", "T cell receptor", ""],
+        }
+    )
+
+
+def test_xlsx_and_csv_give_the_same_matrix(knowledge_csv, tmp_path):
+    xlsx = tmp_path / "knowledge.xlsx"
+    pd.read_csv(knowledge_csv).to_excel(xlsx, index=False, engine="openpyxl")
+    from_csv, from_xlsx = read_knowledge_table(knowledge_csv), read_knowledge_table(xlsx)
+    assert from_csv.genes == from_xlsx.genes and from_csv.ensembl_ids == from_xlsx.ensembl_ids
+    assert from_csv.binary_columns == from_xlsx.binary_columns and list(from_csv.texts) == ["description"]
+    np.testing.assert_array_equal(from_csv.binary, from_xlsx.binary)
+    assert from_csv.texts == from_xlsx.texts
+    hidden = 16
+    csv_matrix, info = knowledge_embedding(from_csv, hidden_size=hidden, binary_dim=64, progress=False)
+    xlsx_matrix, _ = knowledge_embedding(from_xlsx, hidden_size=hidden, binary_dim=64, progress=False)
+    np.testing.assert_allclose(csv_matrix, xlsx_matrix, atol=1e-5)
+    assert csv_matrix.shape == (30, hidden) and np.isfinite(csv_matrix).all()
+    assert info["pca_components"] == hidden and info["blocks"]["text:description"]["embedding_dim"] == 384
+    # binary and text features fill every PCA component
+    assert np.linalg.matrix_rank(csv_matrix) == hidden
+
+
+def test_tsv_and_gzip_are_read(tmp_path):
+    path = tmp_path / "k.tsv.gz"
+    small_frame().to_csv(path, sep="\t", index=False)
+    table = read_knowledge_table(path)
+    assert table.genes == ["TP53", "MYC", "CD3E", "LYZ"] and table.binary_columns == ["pathway_a", "is_tf"]
+    assert table.binary.tolist() == [[1, 0], [0, 1], [1, 0], [0, 0]] and table.ensembl_ids is None
+
+
+def test_non_binary_numeric_column_is_a_clear_error():
+    frame = small_frame()
+    frame["expression"] = [0.0, 2.5, 1.0, 0.0]
+    with pytest.raises(ValueError, match=r"Column 'expression' .* not 0/1: gene 'MYC' has 2.5") as error:
+        knowledge_from_frame(frame)
+    assert "binarise the column" in str(error.value)
+
+
+def test_blank_in_binary_column_is_a_clear_error():
+    frame = small_frame()
+    frame["pathway_a"] = [1, None, 0, 1]
+    with pytest.raises(ValueError, match=r"Column 'pathway_a' .* gene 'MYC' has nan .*fill blanks with 0"):
+        knowledge_from_frame(frame)
+
+
+def test_missing_gene_column_is_a_clear_error():
+    frame = small_frame().rename(columns={"gene": "symbol"})
+    with pytest.raises(ValueError, match=r"no gene column 'gene'.*'symbol'.*--knowledge-gene-column"):
+        knowledge_from_frame(frame)
+    assert knowledge_from_frame(frame, gene_column="symbol").genes[0] == "TP53"
+
+
+def test_duplicate_and_empty_genes_are_errors():
+    frame = small_frame()
+    frame.loc[3, "gene"] = "TP53"
+    with pytest.raises(ValueError, match=r"more than once: \['TP53'\]"):
+        knowledge_from_frame(frame)
+    frame["ensembl_id"] = ["ENSG00000141510", "ENSG00000136997", "ENSG00000198851", "ENSG00000000001"]
+    assert knowledge_from_frame(frame).genes.count("TP53") == 2  # a shared symbol is fine with distinct Ensembl ids
+    frame.loc[3, "gene"] = None
+    with pytest.raises(ValueError, match=r"empty gene names in data rows \[4\]"):
+        knowledge_from_frame(frame)
+
+
+def test_unsupported_format_and_unknown_text_column(tmp_path):
+    with pytest.raises(ValueError, match="use .xlsx, .csv or .tsv"):
+        read_knowledge_table(tmp_path / "k.parquet")
+    with pytest.raises(ValueError, match=r"Text column\(s\) \['summary'\]"):
+        knowledge_from_frame(small_frame(), text_columns=["summary"])
+
+
+def test_binary_embedding_is_a_fixed_seeded_linear_map():
+    binary = small_frame()[["pathway_a", "is_tf"]].to_numpy(dtype=np.uint8)
+    first, again, other = binary_embedding(binary, 32, seed=0), binary_embedding(binary, 32, seed=0), binary_embedding(binary, 32, seed=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, other)
+    np.testing.assert_allclose(first[0], first[2])  # same memberships, same vector
+    np.testing.assert_allclose(first[3], 0.0)  # no membership, zero vector
+    np.testing.assert_allclose(binary_embedding(np.ones((1, 2)), 32)[0], first[0] + first[1])  # linear
+
+
+def test_pca_pads_with_zeros_when_the_table_is_small():
+    table = knowledge_from_frame(small_frame(), text_columns=[])
+    matrix, info = knowledge_embedding(table, hidden_size=8, binary_dim=16, progress=False)
+    assert matrix.shape == (4, 8) and info["pca_components"] == 4
+    np.testing.assert_array_equal(matrix[:, 4:], 0.0)
+    np.testing.assert_allclose(matrix[0], matrix[2], atol=1e-6)
+
+
+def test_shipped_table_is_valid():
+    table = read_knowledge_table(DEFAULT_TABLE)
+    assert len(table.genes) > 20000 and len(table.binary_columns) > 500
+    assert list(table.texts) == ["description"] and all(table.texts["description"])
+    assert table.binary.any(axis=0).all()  # every kept column has members
+    assert "transcription_factor" in table.binary_columns and "HALLMARK_HYPOXIA" in table.binary_columns
+    tf = table.binary[:, table.binary_columns.index("transcription_factor")]
+    assert tf[table.genes.index("TP53")] == 1 and tf[table.genes.index("CD3E")] == 0
