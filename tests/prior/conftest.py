@@ -9,6 +9,11 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "prior"
 
 
 @pytest.fixture(scope="session")
+def pbmc_h5ad() -> Path:
+    return DATA / "pbmc3k_200genes_counts.h5ad"
+
+
+@pytest.fixture(scope="session")
 def pbmc():
     """2,638 PBMCs x 200 genes, normalize_total + log1p (the tokenizer's preprocessing)."""
     from scgene.preprocessing import preprocess
