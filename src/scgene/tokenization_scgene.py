@@ -383,6 +383,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         gene_column: str | None = None,
         seed: int | None = None,
         chunk_size: int = 2048,
+        num_threads: int = 2,
         progress: bool = False,
     ) -> BatchFeature:
         """Tokenize every cell of `adata` (in memory, backed, or a path to an `.h5ad`) into a padded batch.
@@ -390,7 +391,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         `padding`: "longest" (or True) pads to the longest cell, "max_length" to `max_length`.
         `truncation=False` ignores `max_length` (e.g. `gene_selection="all"` over a large panel).
         `seed`: sample the genes kept under `max_length` (training); None keeps the highest (inference).
-        `label_column`: adds `labels` from that `obs` column (categories -> codes, or `label2id`).
+        `label_column`: adds `labels` from that `obs` column: its category codes, or `label2id` (pass it to
+        keep codes stable across datasets and subsets, which drop unused categories).
         """
         adata = read_h5ad_backed(adata) if isinstance(adata, (str, os.PathLike)) else adata
         chunks = list(
@@ -403,6 +405,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                 gene_column=gene_column,
                 seed=seed,
                 chunk_size=chunk_size,
+                num_threads=num_threads,
                 progress=progress,
             )
         )
@@ -467,6 +470,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         if gene_selection == "top_k":
             limit = min(limit, top_k)
         first = to_csr(adata.X[: min(chunk_size, adata.n_obs)])
+        check_expression_values(first.data)
         log_normalized = "log1p" in adata.uns or looks_log_normalized(first.data)
         if log_normalized:
             logger.warning("The input looks log1p-normalised already; it is not normalised again.")
@@ -673,10 +677,10 @@ def obs_labels(column, label2id: dict | None = None) -> np.ndarray:
 
 
 def to_csr(matrix):
-    """Any chunk of an AnnData X (dense, CSR, CSC, sparse array) -> scipy CSR with sorted-or-not indices."""
-    if sp.issparse(matrix):
-        return matrix if matrix.format == "csr" else sp.csr_matrix(matrix)
-    return sp.csr_matrix(np.asarray(matrix))
+    """Any chunk of an AnnData X (dense, CSR, CSC, sparse array) -> scipy CSR with sorted column indices,
+    so ties are broken by input column order whatever the storage order."""
+    matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) or matrix.format != "csr" else matrix
+    return matrix if matrix.has_sorted_indices else matrix.sorted_indices()
 
 
 def read_h5ad_backed(path):
