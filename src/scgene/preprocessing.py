@@ -53,6 +53,7 @@ def preprocess(
     if not adata.var["mt"].any():
         logger.warning(f"No gene name starts with {mito_prefix!r}: the mitochondrial fraction is 0 for every cell.")
     sc.pp.calculate_qc_metrics(adata, qc_vars=["mt"], percent_top=None, log1p=False, inplace=True)
+    adata.obs["pct_counts_mt"] = adata.obs["pct_counts_mt"].fillna(0.0)  # empty cells: 0, not NaN
 
     keep = np.ones(adata.n_obs, dtype=bool)
     if max_mito_fraction is not None:

@@ -1,0 +1,86 @@
+"""Collators: padding, masked-expression masking (never pad/cls, requested fraction, 80/10/10), labels."""
+
+import numpy as np
+import pytest
+import torch
+
+from scgene.data import DataCollatorForCellClassification, DataCollatorForMaskedExpression
+from scgene.tokenization_scgene import ScGeneTokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ScGeneTokenizer.from_gene_list([f"G{i}" for i in range(300)])
+
+
+def features(n_cells=64, seed=0):
+    rng = np.random.default_rng(seed)
+    cells = []
+    for _ in range(n_cells):
+        n = int(rng.integers(20, 200))
+        ids = np.concatenate([[1], rng.choice(np.arange(3, 303), n, replace=False)])
+        values = np.concatenate([[0.0], rng.uniform(0.5, 5, n)]).astype(np.float32)
+        bins = np.concatenate([[0], rng.integers(1, 51, n)])
+        cells.append({"input_ids": ids.tolist(), "expression_values": values.tolist(), "expression_bins": bins.tolist(), "cell_type": int(rng.integers(0, 4))})
+    return cells
+
+
+def test_masking_never_touches_pad_or_cls_and_masks_the_fraction(tokenizer):
+    cells = features()
+    batch = DataCollatorForMaskedExpression(tokenizer, mlm_probability=0.25, seed=0)(cells)
+    masked = batch["labels"] != -100
+    ids = batch["input_ids"]
+    assert not masked[ids == tokenizer.pad_token_id].any() and not masked[ids == tokenizer.cls_token_id].any()
+    assert not masked[batch["attention_mask"] == 0].any()
+    n_genes = torch.tensor([len(c["input_ids"]) - 1 for c in cells])
+    assert torch.equal(masked.sum(1), torch.round(n_genes * 0.25).long())
+    assert ((batch["bin_labels"] != -100) == masked).all()
+
+
+def test_replacement_split_and_labels(tokenizer):
+    cells = features(256)
+    collator = DataCollatorForMaskedExpression(tokenizer, mlm_probability=0.3, seed=1)
+    batch = collator(cells)
+    masked = batch["labels"] != -100
+    mask_bin = batch["expression_bins"] == tokenizer.n_bins
+    assert torch.equal(mask_bin & masked, mask_bin)  # the mask bin only where masked
+    assert (batch["expression_values"][mask_bin] == -1.0).all()
+    share_masked = mask_bin.sum().item() / masked.sum().item()
+    assert 0.76 < share_masked < 0.84
+    # labels are the original values and bins
+    for row, cell in enumerate(cells[:20]):
+        n = len(cell["input_ids"])
+        rows_mask = masked[row, :n]
+        np.testing.assert_allclose(batch["labels"][row, :n][rows_mask].numpy(), np.asarray(cell["expression_values"], np.float32)[rows_mask.numpy()])
+        np.testing.assert_array_equal(batch["bin_labels"][row, :n][rows_mask].numpy(), np.asarray(cell["expression_bins"])[rows_mask.numpy()])
+    unchanged_or_random = masked & ~mask_bin
+    assert 0.15 < unchanged_or_random.sum().item() / masked.sum().item() < 0.25
+
+
+def test_masking_is_seeded(tokenizer):
+    cells = features(16)
+    first = DataCollatorForMaskedExpression(tokenizer, seed=7)(cells)
+    second = DataCollatorForMaskedExpression(tokenizer, seed=7)(cells)
+    other = DataCollatorForMaskedExpression(tokenizer, seed=8)(cells)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not torch.equal(first["labels"], other["labels"])
+
+
+def test_padding_dtypes_and_multiple(tokenizer):
+    cells = features(5)
+    batch = DataCollatorForMaskedExpression(tokenizer, pad_to_multiple_of=64, seed=0)(cells)
+    longest = max(len(c["input_ids"]) for c in cells)
+    assert batch["input_ids"].shape[1] == -(-longest // 64) * 64
+    assert batch["input_ids"].dtype == batch["expression_bins"].dtype == batch["bin_labels"].dtype == torch.int64
+    assert batch["expression_values"].dtype == batch["labels"].dtype == torch.float32
+    assert batch["attention_mask"].sum(1).tolist() == [len(c["input_ids"]) for c in cells]
+
+
+def test_classification_collator(tokenizer):
+    cells = features(6)
+    batch = DataCollatorForCellClassification(tokenizer, label_column="cell_type")(cells)
+    assert batch["labels"].tolist() == [c["cell_type"] for c in cells] and batch["labels"].dtype == torch.int64
+    assert batch["input_ids"].shape == (6, max(len(c["input_ids"]) for c in cells))
+    first = cells[0]
+    assert batch["input_ids"][0, : len(first["input_ids"])].tolist() == first["input_ids"]
+    assert (batch["input_ids"][0, len(first["input_ids"]) :] == tokenizer.pad_token_id).all()
