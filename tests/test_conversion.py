@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,7 +229,7 @@ def cli_main(argv: list[str]) -> int:
     return convert_command.run(parser.parse_args(argv))
 
 
-def test_cli_prints_the_parity_report(tmp_path, capsys):
+def test_command_and_script_print_the_parity_report(tmp_path, capsys):
     _, checkpoint, prior, _ = write_inputs(tmp_path, "cluster", "bare", "npy")
     args = ["--checkpoint", str(checkpoint), "--gene-embedding", str(prior), "--out", str(tmp_path / "hf")]
     assert cli_main(args) == 1
@@ -237,4 +238,10 @@ def test_cli_prints_the_parity_report(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "max abs diff" in report and "hidden states" in report and "FAIL" not in report
     assert not [path for path in (tmp_path / "hf").iterdir() if "tokenizer" in path.name]  # no gene list, no tokenizer
-    assert cli_main(args + ["--num-heads", str(HEADS), "--overwrite"]) == 0
+    script = Path(__file__).parents[1] / "conversion" / "convert_scgene_original_to_hf.py"
+    run = subprocess.run(
+        [sys.executable, str(script), *args, "--num-heads", str(HEADS), "--overwrite"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "hidden states" in run.stdout
