@@ -1,0 +1,96 @@
+"""The datasets export and `scgene tokenize`: round trip, obs columns, shards, streaming, atomic writes."""
+
+from pathlib import Path
+
+import anndata as ad
+import datasets
+import numpy as np
+import pytest
+
+from scgene.cli import main
+from scgene.data import DataCollatorForCellClassification, export_dataset
+from scgene.tokenization_scgene import ScGeneTokenizer
+
+DATA = Path(__file__).parent / "data"
+PBMC = DATA / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return ScGeneTokenizer()
+
+
+@pytest.fixture(scope="module")
+def pbmc():
+    return ad.read_h5ad(PBMC)[:300].copy()
+
+
+def test_arrow_export_round_trip(tmp_path, tokenizer, pbmc):
+    out = export_dataset(pbmc, tmp_path / "ds", tokenizer, obs_columns=["cell_type", "nCount_RNA"], num_shards=3, chunk_size=128)
+    dataset = datasets.load_from_disk(str(out))
+    assert dataset.num_rows == pbmc.n_obs and len(list(out.glob("data-*.arrow"))) == 3
+    assert dataset.features["cell_type"].names == list(pbmc.obs["cell_type"].cat.categories)
+    batch = tokenizer(pbmc, return_tensors="np")
+    for row in (0, 150, 299):
+        length = batch["attention_mask"][row].sum()
+        for name in ("input_ids", "expression_values", "expression_bins"):
+            np.testing.assert_array_equal(dataset[row][name], batch[name][row, :length])
+    assert dataset["cell_type"] == pbmc.obs["cell_type"].cat.codes.tolist()
+    np.testing.assert_allclose(dataset["nCount_RNA"], pbmc.obs["nCount_RNA"], rtol=1e-6)
+    # the tokenizer is saved next to the data and reproduces it
+    reloaded = ScGeneTokenizer.from_pretrained(out)
+    np.testing.assert_array_equal(reloaded(pbmc, return_tensors="np")["input_ids"], batch["input_ids"])
+    # and the classification collator takes the rows as they are
+    collated = DataCollatorForCellClassification(tokenizer, label_column="cell_type")([dataset[i] for i in range(4)])
+    np.testing.assert_array_equal(collated["input_ids"].numpy(), batch["input_ids"][:4, : collated["input_ids"].shape[1]])
+
+
+def test_streaming_and_parquet(tmp_path, tokenizer, pbmc):
+    arrow = export_dataset(pbmc[:50], tmp_path / "arrow", tokenizer, obs_columns=["cell_type"])
+    stream = datasets.load_dataset("arrow", data_files=str(arrow / "data-*.arrow"), streaming=True, split="train")
+    first = next(iter(stream))
+    assert first["input_ids"][0] == tokenizer.cls_token_id and "cell_type" in first
+    parquet = export_dataset(pbmc[:50], tmp_path / "parquet", tokenizer, num_shards=2, file_format="parquet")
+    files = sorted(str(p) for p in parquet.glob("data-*.parquet"))
+    assert len(files) == 2
+    table = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    assert table.num_rows == 50 and table[0]["input_ids"] == first["input_ids"]
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, tokenizer, pbmc, monkeypatch):
+    original = ScGeneTokenizer.iter_encoded
+
+    def failing(self, adata, **kwargs):
+        for index, chunk in enumerate(original(self, adata, **kwargs)):
+            if index == 1:
+                raise KeyboardInterrupt
+            yield chunk
+
+    monkeypatch.setattr(ScGeneTokenizer, "iter_encoded", failing)
+    with pytest.raises(KeyboardInterrupt):
+        export_dataset(pbmc, tmp_path / "ds", tokenizer, chunk_size=64)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path, tokenizer, pbmc):
+    out = tmp_path / "ds"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_dataset(pbmc[:10], out, tokenizer)
+    export_dataset(pbmc[:10], out, tokenizer, overwrite=True)
+    assert datasets.load_from_disk(str(out)).num_rows == 10
+
+
+def test_cli_tokenize(tmp_path, pbmc):
+    source = tmp_path / "cells.h5ad"
+    pbmc[:40].write_h5ad(source)
+    saved = tmp_path / "tokenizer"
+    ScGeneTokenizer(n_bins=11).save_pretrained(saved)
+    code = main(["tokenize", str(source), str(tmp_path / "out"), "--tokenizer", str(saved), "--gene-selection", "top_k",
+                 "--top-k", "20", "--obs-columns", "cell_type", "--num-shards", "2", "--chunk-size", "16"])
+    assert code == 0
+    dataset = datasets.load_from_disk(str(tmp_path / "out"))
+    assert dataset.num_rows == 40 and set(dataset.column_names) == {"input_ids", "expression_values", "expression_bins", "cell_type"}
+    assert max(len(ids) for ids in dataset["input_ids"]) == 21
+    assert max(max(bins) for bins in dataset["expression_bins"]) <= 10
+    assert ScGeneTokenizer.from_pretrained(tmp_path / "out").n_bins == 11
