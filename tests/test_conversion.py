@@ -130,6 +130,25 @@ def test_conversion_reproduces_the_original(converted, kind):
     assert not [path for path in out_dir.parent.iterdir() if path.name.startswith(".hf.")]  # no staging left over
 
 
+def test_saved_tokenizer_makes_the_original_inputs(converted):
+    """The user path of the model card: raw counts -> saved tokenizer -> converted model == original on log1p x."""
+    import anndata
+
+    from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
+
+    original, _, out_dir = converted["pretraining"]
+    counts = np.random.default_rng(0).poisson(2.0, size=(3, NUM_GENES)).astype(np.float32)
+    adata = anndata.AnnData(counts)
+    adata.var_names = GENES
+    batch = ScGeneTokenizer.from_pretrained(out_dir)(adata, return_tensors="pt")
+    assert batch["input_ids"].tolist() == [list(range(3, 3 + NUM_GENES))] * 3
+    model = ScGeneForMaskedExpression.from_pretrained(out_dir).eval()
+    x = torch.from_numpy(np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4))
+    with torch.no_grad():
+        got, expected = model(**batch).predicted_values, original(x, gene_embedding())
+    assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
+
+
 def test_reload_in_a_fresh_process(converted, tmp_path):
     """Each converted checkpoint, loaded by a new interpreter with its tokenizer, gives the original's outputs."""
     x = parity_inputs(NUM_GENES, batch_size=3, seed=7)

@@ -33,14 +33,13 @@ def model_card(
         shape += f", cls_decoder {num_genes} -> {sizes.classifier_hidden_size} -> {sizes.num_labels} classes"
     source_lines = "\n".join(f"- {name}: `{path.name}` (sha256 `{_sha256(path)}`)" for name, path in sources.items())
     parity_rows = "\n".join(f"| {name} | {diff:.3e} |" for name, diff in parity.items())
-    ids_line = (
-        "ids = tokenizer.convert_genes_to_ids(panel_genes)  # the panel, in the original's column order"
+    from_tokenizer = (
+        "tokenizer = ScGeneTokenizer.from_pretrained(path)  # every panel gene, in panel order, no <cls> token\n"
+        "batch = tokenizer(adata, return_tensors=\"pt\")  # raw counts; adata must hold every panel gene\n"
+        "outputs = model(**batch)\n\n"
         if has_tokenizer
-        else f"ids = list(range(3, {3 + num_genes}))  # no gene list was given: panel gene i has id 3 + i"
+        else ""
     )
-    tokenizer_lines = ""
-    if has_tokenizer:
-        tokenizer_lines = "from scgene import ScGeneTokenizer\ntokenizer = ScGeneTokenizer.from_pretrained(path)\n"
     return f"""---
 library_name: transformers
 tags:
@@ -75,14 +74,16 @@ The converted model, reloaded from disk, against a reference implementation of t
 
 ## Usage
 
-Inputs are the original's `x`: log1p of counts normalised to 1e4 per cell, one column per panel gene, in the panel
-order, with no `<cls>` token.
+The original's input `x` is log1p of counts normalised to 1e4 per cell, one column per panel gene in panel order;
+panel gene `i` has id `3 + i`, and there is no `<cls>` token.
 
 ```python
 import torch
-from scgene import {class_name}
-{tokenizer_lines}model = {class_name}.from_pretrained(path)
-{ids_line}
-outputs = model(input_ids=torch.tensor([ids] * len(x)), expression_values=x)  # x: (cells, {num_genes}) float32
+from scgene import {"ScGeneTokenizer, " if has_tokenizer else ""}{class_name}
+
+model = {class_name}.from_pretrained(path)
+{from_tokenizer}# or from the original's x, (cells, {num_genes}) float32:
+ids = torch.arange(3, {3 + num_genes}).expand(len(x), -1)
+outputs = model(input_ids=ids, expression_values=x)
 ```
 """

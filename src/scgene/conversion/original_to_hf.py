@@ -502,13 +502,15 @@ def write_panel_tokenizer(directory: Path, gene_list: list[str] | None, num_gene
     """Save the panel's tokenizer (when a gene list is given) and return the ids the reloaded one gives the panel.
 
     The panel's genes must get ids 3, 4, ... in the gene-list order, the rows of the prior built from the embedding.
+    The tokenizer makes the original's inputs: every panel gene in panel order, zeros included, no `<cls>` token.
     """
     expected = list(range(NUM_SPECIAL_TOKENS, NUM_SPECIAL_TOKENS + num_genes))
     if gene_list is None:
         return expected
     from scgene.tokenization_scgene import ScGeneTokenizer
 
-    ScGeneTokenizer.from_gene_list(gene_list).save_pretrained(directory)
+    tokenizer = ScGeneTokenizer.from_gene_list(gene_list, gene_selection="all", add_cls_token=False, max_length=None)
+    tokenizer.save_pretrained(directory)
     try:
         input_ids = list(ScGeneTokenizer.from_pretrained(directory).convert_genes_to_ids(gene_list))
     except KeyError as error:
