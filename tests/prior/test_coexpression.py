@@ -6,13 +6,22 @@ from scgene.prior.coexpression import BlockwisePearson, coexpression_edges, read
 
 
 def full_from_tiles(pearson: BlockwisePearson) -> np.ndarray:
-    n = len(pearson.kept)
-    full = np.full((n, n), np.nan)
+    """The kept genes' correlation matrix, in input order, assembled from the tiles."""
+    full = np.full((pearson.n_genes, pearson.n_genes), np.nan)
     for a, b in pearson.block_pairs:
         tile = pearson.tile(a, b)
-        full[a, b] = tile
-        full[b, a] = tile.T
-    return full
+        full[np.ix_(pearson.blocks[a], pearson.blocks[b])] = tile
+        full[np.ix_(pearson.blocks[b], pearson.blocks[a])] = tile.T
+    return full[np.ix_(pearson.kept, pearson.kept)]
+
+
+def mixed_density_counts(n_cells=300, seed=1) -> sp.csr_matrix:
+    """30 rarely detected genes (2%) and 30 often detected ones (60%), shuffled, so both tile kernels run."""
+    rng = np.random.default_rng(seed)
+    density = rng.permutation(np.r_[np.full(30, 0.02), np.full(30, 0.6)])
+    counts = (rng.random((n_cells, 60)) < density) * rng.poisson(3, (n_cells, 60)) + 0.0
+    counts[:, density == 0.6] += (rng.random((n_cells, 1)) < 0.3) * 4.0  # shared signal: real correlations
+    return sp.csr_matrix(np.log1p(counts))
 
 
 def correlated_matrix(n_cells=400, seed=0) -> np.ndarray:
@@ -27,14 +36,18 @@ def correlated_matrix(n_cells=400, seed=0) -> np.ndarray:
 
 @pytest.mark.parametrize("block_size", [1, 7, 64, 1000])
 def test_blockwise_equals_numpy_corrcoef(block_size):
-    X = sp.random(300, 60, density=0.2, format="csr", random_state=3, data_rvs=lambda k: np.random.default_rng(1).poisson(3, k) + 1.0)
+    X = mixed_density_counts()
     pearson = BlockwisePearson(X, block_size=block_size)
-    assert len(pearson.kept) == 60
-    np.testing.assert_allclose(full_from_tiles(pearson), np.corrcoef(X.toarray().T), atol=1e-5)
+    kept = pearson.kept
+    np.testing.assert_allclose(full_from_tiles(pearson), np.corrcoef(X.toarray()[:, kept].T), atol=1e-5)
+    if block_size == 7:
+        kernels = {pearson.uses_sparse_product(a, b) for a, b in pearson.block_pairs}
+        assert kernels == {True, False}
 
 
 def test_blockwise_equals_corrcoef_on_real_pbmc(pbmc):
     pearson = BlockwisePearson(pbmc.X, block_size=64)
+    assert len({pearson.uses_sparse_product(a, b) for a, b in pearson.block_pairs}) == 2
     dense = pbmc.X.toarray()[:, pearson.kept]
     np.testing.assert_allclose(full_from_tiles(pearson), np.corrcoef(dense.T), atol=1e-5)
 
