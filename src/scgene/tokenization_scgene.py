@@ -382,7 +382,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         label2id: dict | None = None,
         gene_column: str | None = None,
         seed: int | None = None,
-        chunk_size: int = 2048,
+        chunk_size: int = 512,
         num_threads: int = 2,
         progress: bool = False,
     ) -> BatchFeature:
@@ -440,7 +440,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         truncation: bool = True,
         gene_column: str | None = None,
         seed: int | None = None,
-        chunk_size: int = 2048,
+        chunk_size: int = 512,
         num_threads: int = 2,
         progress: bool = False,
     ):
@@ -619,20 +619,22 @@ class RowRanking:
         np.not_equal(keys[:, 1:], keys[:, :-1], out=group_start[:, 1:])
         starts = np.flatnonzero(group_start)
         width = max(keys.shape[1], 1)
-        below = np.repeat(starts % width, np.diff(np.append(starts, group_start.size))).reshape(keys.shape)
         float_type = np.float32 if (n_bins - 1) * width < 1 << 24 else np.float64
-        sorted_bins = below[self.valid].astype(float_type) * float_type(n_bins - 1)
-        sorted_bins /= np.repeat(self.lengths, self.lengths).astype(float_type)
+        below = (starts % width).astype(float_type) * float_type(n_bins - 1)
+        table_bins = np.repeat(below, np.diff(np.append(starts, group_start.size))).reshape(keys.shape)
+        table_bins /= np.maximum(self.lengths, 1)[:, None].astype(float_type)
         bins = np.empty(len(self.order), np.int16)
-        bins[self.order] = sorted_bins
+        bins[self.order] = table_bins[self.valid]
         bins += 1
         return bins
 
     def top(self, limit: int) -> np.ndarray:
         """Flat mask of the `limit` highest-key entries of each row (all entries of shorter rows)."""
-        chosen = (self.column >= self.lengths[:, None] - limit)[self.valid]
-        keep = np.zeros(len(self.order), bool)
-        keep[self.order[chosen]] = True
+        keep = np.ones(len(self.order), bool)
+        long_rows = np.flatnonzero(self.lengths > limit)
+        n_dropped = self.lengths[long_rows] - limit  # the lowest entries, first in each sorted row
+        first = np.repeat(self.indptr[long_rows] - np.cumsum(n_dropped) + n_dropped, n_dropped)
+        keep[self.order[first + np.arange(n_dropped.sum())]] = False
         return keep
 
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="sample genes beyond max-length with this seed (training data)")
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--format", choices=("arrow", "parquet"), default="arrow")
-    parser.add_argument("--chunk-size", type=int, default=2048, help="cells read and encoded at a time")
+    parser.add_argument("--chunk-size", type=int, default=512, help="cells read and encoded at a time")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
 

@@ -1,0 +1,136 @@
+"""Tokenizer benchmark: cells/s and peak memory per gene-selection mode, in memory and backed, plus the
+`datasets` export (issue 3). Not a test; prints a Markdown table.
+
+The data: with a fixed seed, raw UMI counts for N cells x 20,000 real human genes (the first 20,000
+protein-coding Ensembl ids of ../shared/data/genes), 2,000-5,000 UMIs per cell drawn from a log-normal
+gene popularity, so about 90% of the entries are zero. Each measurement runs in a fresh process, so the
+peak resident memory (ru_maxrss) is that configuration's own.
+
+    python bench/tokenize.py [--n-cells 100000] [--workdir /tmp/scgene-bench]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# This file is named like the standard library's `tokenize`; keep its folder off the import path.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import gzip  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np
+
+GENES_TABLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "genes" / "genes_homo_sapiens.csv.gz"
+N_GENES = 20_000
+CONFIGS = {  # name -> tokenizer keyword arguments
+    "nonzero": {"gene_selection": "nonzero", "max_length": 2048},
+    "top_k": {"gene_selection": "top_k", "top_k": 1024, "max_length": 2048},
+    "all": {"gene_selection": "all", "truncation": False, "chunk_size": 256},
+}
+
+
+def human_gene_ids(n_genes: int) -> list[str]:
+    with gzip.open(GENES_TABLE, "rt", newline="") as handle:
+        ids = [row[0] for row in csv.reader(handle) if row[4] == "protein_coding"]
+    return ids[:n_genes]
+
+
+def make_counts(n_cells: int, n_genes: int, seed: int = 0, block: int = 10_000):
+    """CSR raw counts: per cell a total of 2,000-5,000 UMIs, each UMI a gene drawn by popularity."""
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    popularity = np.cumsum(rng.lognormal(0.0, 2.0, n_genes))
+    blocks = []
+    for start in range(0, n_cells, block):
+        rows = min(block, n_cells - start)
+        totals = rng.integers(2000, 5001, rows)
+        genes = np.searchsorted(popularity, rng.random(totals.sum()) * popularity[-1])
+        keys = np.repeat(np.arange(rows, dtype=np.int64), totals) * n_genes + genes
+        keys.sort()
+        first = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+        counts = np.diff(np.append(first, len(keys))).astype(np.float32)
+        unique = keys[first]
+        indptr = np.searchsorted(unique // n_genes, np.arange(rows + 1))
+        blocks.append(sp.csr_matrix((counts, (unique % n_genes).astype(np.int32), indptr), shape=(rows, n_genes)))
+    return sp.vstack(blocks, format="csr")
+
+
+def write_dataset(path: Path, n_cells: int) -> None:
+    import anndata as ad
+    import pandas as pd
+
+    counts = make_counts(n_cells, N_GENES)
+    obs = pd.DataFrame({"batch": pd.Categorical(np.arange(n_cells) % 4)}, index=[f"cell{i}" for i in range(n_cells)])
+    ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=human_gene_ids(N_GENES))).write_h5ad(path)
+
+
+def measure(path: str, config: str, backed: bool, export_to: str | None) -> dict:
+    """One configuration, in this (fresh) process."""
+    import anndata as ad
+
+    from scgene.data import export_dataset
+    from scgene.tokenization_scgene import ScGeneTokenizer
+
+    adata = ad.read_h5ad(path, backed="r" if backed else None)
+    tokenizer = ScGeneTokenizer()
+    kwargs = dict(CONFIGS[config])
+    tokens = 0
+    start = time.perf_counter()
+    if export_to:
+        export_dataset(adata, export_to, tokenizer, obs_columns=["batch"], num_shards=4, overwrite=True, **kwargs)
+    else:
+        for chunk in tokenizer.iter_encoded(adata, **kwargs):
+            tokens += int(chunk.lengths.sum())
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"cells_per_s": adata.n_obs / seconds, "seconds": seconds, "peak_mb": peak_mb, "tokens_per_cell": tokens / adata.n_obs}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-cells", type=int, default=100_000)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/scgene-bench"))
+    parser.add_argument("--measure", nargs=4, metavar=("PATH", "CONFIG", "BACKED", "EXPORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        path, config, backed, export_to = args.measure
+        print(json.dumps(measure(path, config, backed == "backed", None if export_to == "-" else export_to)))
+        return
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = args.workdir / f"counts_{args.n_cells}x{N_GENES}.h5ad"
+    if not path.exists():
+        start = time.perf_counter()
+        write_dataset(path, args.n_cells)
+        print(f"made {path} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    runs = [(config, storage, "-") for config in CONFIGS for storage in ("in memory", "backed")]
+    runs.append(("nonzero", "backed", str(args.workdir / "export")))
+    print(f"{args.n_cells:,} cells x {N_GENES:,} genes, raw counts; 2 worker threads, chunks of 2048 cells (256 for 'all')\n")
+    print("| mode | storage | cells/s | seconds | tokens/cell | peak memory |")
+    print("|---|---|---:|---:|---:|---:|")
+    for config, storage, export_to in runs:
+        flag = "backed" if storage == "backed" else "memory"
+        command = [sys.executable, __file__, "--measure", str(path), config, flag, export_to]
+        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        label = f"{config} (max_length {CONFIGS[config].get('max_length', 'none')})"
+        if export_to != "-":
+            label = f"datasets export, {label}"
+        tokens = f"{result['tokens_per_cell']:.0f}" if result["tokens_per_cell"] else "-"
+        print(
+            f"| {label} | {storage} | {result['cells_per_s']:,.0f} | {result['seconds']:.1f} | {tokens} | "
+            f"{result['peak_mb'] / 1024:.2f} GB |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
