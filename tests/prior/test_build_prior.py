@@ -62,7 +62,8 @@ def test_build_prior_end_to_end(checkpoint, pbmc_h5ad, knowledge_csv, tmp_path):
 
 def test_build_prior_node2vec_is_seeded(checkpoint, pbmc_h5ad, tmp_path):
     def build(folder, seed):
-        args = ["build-prior", "--adata", str(pbmc_h5ad), "--tokenizer", str(checkpoint), "--no-knowledge", "--node2vec",
+        args = ["build-prior", "--adata", str(pbmc_h5ad), "--tokenizer", str(checkpoint), "--no-knowledge",
+                "--node2vec",
                 "--walk-length", "6", "--walks-per-node", "3", "--hidden-size", "16", "--gene2vec-dim", "8",
                 "--threshold", "0.3", "--sign", "positive", "--seed", str(seed), "--out", str(folder), "--no-progress"]
         assert main(args) == 0
@@ -79,3 +80,11 @@ def test_build_prior_node2vec_is_seeded(checkpoint, pbmc_h5ad, tmp_path):
 def test_build_prior_needs_an_input(tmp_path):
     with pytest.raises(SystemExit, match="needs --adata"):
         main(["build-prior", "--out", str(tmp_path)])
+
+
+def test_build_prior_checks_shapes_before_computing(checkpoint, pbmc_h5ad, tmp_path):
+    with pytest.raises(SystemExit, match="--gene2vec-dim 200 exceeds the hidden size 16"):
+        main(["build-prior", "--adata", str(pbmc_h5ad), "--hidden-size", "16", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="but the prior would be 26067 x 16"):
+        main(["build-prior", "--adata", str(pbmc_h5ad), "--model", str(checkpoint), "--out", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []

@@ -77,7 +77,9 @@ def test_zero_variance_genes_are_skipped_and_reported():
 
 
 def test_cell_subsampling_is_seeded(pbmc):
-    run = lambda seed: coexpression_edges(pbmc.X, pbmc.var_names, 0.3, max_cells=500, seed=seed, progress=False)  # noqa: E731
+    def run(seed):
+        return coexpression_edges(pbmc.X, pbmc.var_names, 0.3, max_cells=500, seed=seed, progress=False)
+
     (first, info), (again, _), (other, _) = run(0), run(0), run(1)
     assert info.n_cells_used == 500 and info.n_cells == pbmc.n_obs
     assert first.equals(again) and not first.equals(other)
@@ -113,7 +115,11 @@ def test_failed_write_leaves_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"threshold": 0.0}, "threshold must be in"), ({"threshold": 1.5}, "threshold must be in"), ({"sign": "up"}, "sign must be one of")],
+    [
+        ({"threshold": 0.0}, "threshold must be in"),
+        ({"threshold": 1.5}, "threshold must be in"),
+        ({"sign": "up"}, "sign must be one of"),
+    ],
 )
 def test_bad_options_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

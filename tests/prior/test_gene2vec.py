@@ -48,7 +48,8 @@ def test_gene2vec_is_reproducible_across_hash_seeds(tmp_path):
     )
     child = tmp_path / "child.txt"
     hash_seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
-    subprocess.run([sys.executable, "-c", script, str(child)], check=True, env=os.environ | {"PYTHONHASHSEED": hash_seed})
+    env = os.environ | {"PYTHONHASHSEED": hash_seed}
+    subprocess.run([sys.executable, "-c", script, str(child)], check=True, env=env)
     here = tmp_path / "here.txt"
     save_word2vec_text(here, *gene2vec(TOY, dim=8, epochs=3, seed=0, progress=False))
     assert child.read_text() == here.read_text()

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
 from scgene.prior.coexpression import SIGNS
+from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--model", help="checkpoint to receive the prior; saved with it to DIR/model")
     io.add_argument("--gene-column", help="adata.var column with the gene names (default: var_names)")
     io.add_argument("--hidden-size", type=int, help="prior width (default: --model's, else ScGeneConfig's)")
-    io.add_argument("--seed", type=int, default=0, help="seed for cell subsampling, gene2vec and the knowledge embedding")
+    io.add_argument("--seed", type=int, default=0, help="seed of cell subsampling, gene2vec and knowledge embedding")
     io.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     coexpression = parser.add_argument_group("co-expression network")
@@ -88,6 +88,21 @@ def _load_model(path: str):
     return model_class.from_pretrained(path)
 
 
+def _check_shapes(args, tokenizer, model) -> None:
+    """Fail before any computation when the prior could not fit the model or the hidden size."""
+    if model is not None and (model.config.vocab_size, model.config.hidden_size) != (
+        tokenizer.vocab_size,
+        args.hidden_size,
+    ):
+        raise SystemExit(
+            f"--model {args.model} has vocab_size x hidden_size = {model.config.vocab_size} x "
+            f"{model.config.hidden_size}, but the prior would be {tokenizer.vocab_size} x {args.hidden_size}: "
+            "pass the tokenizer saved with that model (--tokenizer) and leave --hidden-size unset."
+        )
+    if args.gene2vec is None and args.gene2vec_dim > args.hidden_size:
+        raise SystemExit(f"--gene2vec-dim {args.gene2vec_dim} exceeds the hidden size {args.hidden_size}.")
+
+
 def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list[str], np.ndarray]:
     import anndata
 
@@ -104,7 +119,7 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
         "cells": adata.n_obs,
         "genes": adata.n_vars,
         "provenance": {k: str(v) for k, v in dict(adata.uns.get("provenance", {})).items()},
-        "preprocessing": {k: v for k, v in adata.uns["scgene_preprocessing"].items()},
+        "preprocessing": dict(adata.uns["scgene_preprocessing"]),
     }
     edges, info = coexpression_edges(
         adata.X,
@@ -161,9 +176,10 @@ def run(args: argparse.Namespace) -> int:
         from scgene import ScGeneConfig
 
         args.hidden_size = model.config.hidden_size if model is not None else ScGeneConfig().hidden_size
+    _check_shapes(args, tokenizer, model)
     record: dict = {
         "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
-        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")},
+        "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k[0] != "_"},
         "sources": {"tokenizer": args.tokenizer or "default human vocabulary", "vocab_size": tokenizer.vocab_size},
         "timings_seconds": {},
     }
@@ -177,7 +193,9 @@ def run(args: argparse.Namespace) -> int:
     knowledge = None
     if not args.no_knowledge:
         start = time.perf_counter()
-        table = read_knowledge_table(args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns)
+        table = read_knowledge_table(
+            args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
+        )
         embedded, info = knowledge_embedding(
             table,
             hidden_size=args.hidden_size,

@@ -4,7 +4,8 @@
 
 Rows follow the tokenizer's ids; the special-token rows, and every gene a source does not cover, are zero in
 that source's term. Source genes are matched to the vocabulary by Ensembl id (versioned or not; a source's own
-Ensembl id column first) or symbol, then by the tokenizer's aliases for what is left; the coverage summary counts what matched and what is zero.
+Ensembl id column first) or symbol, then by the tokenizer's aliases for what is left; the coverage summary
+counts what matched and what is zero.
 """
 
 from __future__ import annotations
