@@ -1,6 +1,8 @@
 """ScGeneTokenizer: vocabulary, gene matching, normalisation, binning, selection, serialisation."""
 
 import logging
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,6 +95,15 @@ def test_save_load_round_trip_json_only(tmp_path, tokenizer, pbmc):
     assert loaded.to_json_string() == custom.to_json_string()
     assert loaded.ensembl_ids == custom.ensembl_ids and loaded.symbols == custom.symbols
     assert_same_batch(custom(pbmc), loaded(pbmc))
+
+
+def test_custom_vocabulary_survives_save_and_load(tmp_path, pbmc):
+    genes = list(pbmc.var_names[:500])
+    custom = ScGeneTokenizer.from_gene_list(genes, n_bins=9, min_coverage=0.1)
+    custom.save_pretrained(tmp_path)
+    loaded = ScGeneTokenizer.from_pretrained(tmp_path)
+    assert loaded.vocab_size == 503 and loaded.symbols == custom.symbols and loaded.ensembl_ids == custom.ensembl_ids
+    assert_same_batch(custom(pbmc[:50]), loaded(pbmc[:50]))
 
 
 def test_auto_feature_extractor_after_import(tmp_path, tokenizer, pbmc):
@@ -322,3 +333,26 @@ def test_real_h5ad_end_to_end(tokenizer):
     nonzero_genes = np.asarray((adata.X[:, tokenizer.map_genes(adata).columns] > 0).sum(1)).ravel()
     np.testing.assert_array_equal(lengths.numpy(), nonzero_genes + 1)
     assert batch["expression_bins"].max() == tokenizer.n_bins - 1
+
+
+def test_remote_code_load_without_the_package(tmp_path, tokenizer, pbmc):
+    """A saved tokenizer carries its code: AutoFeatureExtractor loads it with trust_remote_code alone."""
+    import scgene  # noqa: F401  (marks the class for auto_map on save)
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    assert (tmp_path / "tok" / "tokenization_scgene.py").exists()
+    pbmc[:30].write_h5ad(tmp_path / "cells.h5ad")
+    np.save(tmp_path / "expected.npy", tokenizer(pbmc[:30], return_tensors="np")["input_ids"])
+    script = f"""
+import sys
+sys.modules["scgene"] = None  # the package is not importable here
+import anndata, numpy as np
+from transformers import AutoFeatureExtractor
+tok = AutoFeatureExtractor.from_pretrained({str(tmp_path / "tok")!r}, trust_remote_code=True)
+assert type(tok).__module__.startswith("transformers_modules"), type(tok).__module__
+ids = tok(anndata.read_h5ad({str(tmp_path / "cells.h5ad")!r}), return_tensors="np")["input_ids"]
+np.testing.assert_array_equal(ids, np.load({str(tmp_path / "expected.npy")!r}))
+"""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -112,7 +112,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
     """Turns the cells of an AnnData into `input_ids`, `expression_values`, `expression_bins`, `attention_mask`.
 
     Gene selection: `"all"` (every vocabulary gene present in the input, vocabulary order, zeros included),
-    `"nonzero"` (expressed genes, highest first) or `"top_k"` (the `top_k` highest). When a cell has more
+    `"nonzero"` (expressed genes) or `"top_k"` (the `top_k` highest), in input column order. When a cell has more
     than `max_length` candidates, inference keeps the highest (ties: input column order) and training
     (`seed` given) samples them uniformly. Bins: 0 is zero expression, 1..n_bins-1 the expressed values by
     per-cell quantile or by global edges fitted with `fit_bin_edges`; `n_bins` itself is the mask bin.
@@ -273,6 +273,11 @@ class ScGeneTokenizer(FeatureExtractionMixin):
     def to_dict(self) -> dict:
         output = {key: value for key, value in super().to_dict().items() if not key.startswith("_")}
         output.pop("vocab_file", None)
+        auto_map = output.get("auto_map", {})
+        if isinstance(auto_map.get("AutoFeatureExtractor"), (list, tuple)):
+            # transformers saves a (slow, fast) text-tokenizer pair for any class named "*Tokenizer";
+            # AutoFeatureExtractor needs the plain "module.Class" reference to load the Hub code.
+            output["auto_map"] = {**auto_map, "AutoFeatureExtractor": auto_map["AutoFeatureExtractor"][0]}
         return output
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -296,6 +301,13 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         else:
             vocab_file = cached_file(pretrained_model_name_or_path, VOCAB_FILE, **hub_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, vocab_file=vocab_file, **kwargs)
+
+    @classmethod
+    def from_dict(cls, feature_extractor_dict: dict, **kwargs):
+        # the base class only passes on keys already in the config, and the vocabulary file is not one
+        if "vocab_file" in kwargs:
+            feature_extractor_dict = {**feature_extractor_dict, "vocab_file": kwargs.pop("vocab_file")}
+        return super().from_dict(feature_extractor_dict, **kwargs)
 
     # ------------------------------------------------------------------ gene matching
     def map_genes(self, adata, gene_column: str | None = None) -> GeneMapping:
@@ -370,47 +382,26 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         self,
         adata,
         *,
-        gene_selection: str | None = None,
-        max_length: int | None = None,
-        top_k: int | None = None,
-        truncation: bool = True,
         padding: bool | str = "longest",
         pad_to_multiple_of: int | None = None,
         return_tensors: str | None = None,
         return_attention_mask: bool = True,
         label_column: str | None = None,
         label2id: dict | None = None,
-        gene_column: str | None = None,
-        seed: int | None = None,
-        chunk_size: int = 512,
-        num_threads: int = 2,
-        progress: bool = False,
+        **encode_kwargs,
     ) -> BatchFeature:
         """Tokenize every cell of `adata` (in memory, backed, or a path to an `.h5ad`) into a padded batch.
 
+        `encode_kwargs` go to `iter_encoded`: gene_selection, max_length, top_k, truncation, gene_column,
+        seed, chunk_size, num_threads, progress.
         `padding`: "longest" (or True) pads to the longest cell, "max_length" to `max_length`.
-        `truncation=False` ignores `max_length` (e.g. `gene_selection="all"` over a large panel).
-        `seed`: sample the genes kept under `max_length` (training); None keeps the highest (inference).
         `label_column`: adds `labels` from that `obs` column: its category codes, or `label2id` (pass it to
         keep codes stable across datasets and subsets, which drop unused categories).
         """
         adata = read_h5ad_backed(adata) if isinstance(adata, (str, os.PathLike)) else adata
-        chunks = list(
-            self.iter_encoded(
-                adata,
-                gene_selection=gene_selection,
-                max_length=max_length,
-                top_k=top_k,
-                truncation=truncation,
-                gene_column=gene_column,
-                seed=seed,
-                chunk_size=chunk_size,
-                num_threads=num_threads,
-                progress=progress,
-            )
-        )
+        chunks = list(self.iter_encoded(adata, **encode_kwargs))
+        max_length = encode_kwargs.get("max_length") or self.max_length
         lengths = np.concatenate([chunk.lengths for chunk in chunks]) if chunks else np.zeros(0, np.int64)
-        max_length = self.max_length if max_length is None else max_length
         if padding == "max_length":
             if max_length is None:
                 raise ValueError("padding='max_length' needs a max_length.")
@@ -445,6 +436,9 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         progress: bool = False,
     ):
         """Yield an `EncodedChunk` (ragged, unpadded) per `chunk_size` cells, in order.
+
+        `truncation=False` ignores `max_length` (e.g. `gene_selection="all"` over a large panel); `seed`
+        samples the genes kept under `max_length` (training), None keeps the highest (inference).
 
         Chunks are read in this thread (backed files: one chunk in memory at a time per worker) and encoded
         by `num_threads` workers; numpy releases the GIL, so two cores are used. Results do not depend on
