@@ -332,7 +332,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         matched = ids >= 0
         vocab_ids, column_to_matched = np.unique(ids[matched], return_inverse=True)
         columns = np.flatnonzero(matched)
-        mapping = np.full(len(names), -1, dtype=np.int64)
+        mapping = np.full(len(names), -1, dtype=np.int32)
         mapping[columns] = column_to_matched
         coverage = GeneCoverage(id_type, source, len(names), len(vocab_ids), int(matched.sum() - len(vocab_ids)), 0.0)
         if coverage.n_duplicated:
@@ -590,7 +590,7 @@ class RowRanking:
         n_rows, width = len(self.lengths), int(self.lengths.max()) if len(self.lengths) else 0
         self.dtype, self.shift = (np.uint64, 32) if width >= 1 << 16 else (np.uint32, 16)
         low = self.dtype((1 << self.shift) - 1)
-        self.column = np.arange(width, dtype=np.int64)[None, :]
+        self.column = np.arange(width, dtype=np.int32)[None, :]
         self.valid = self.column < self.lengths[:, None]
         table = np.full((n_rows, width), QUANT_MAX + 1, dtype=self.dtype)
         table[self.valid] = keys
@@ -598,9 +598,12 @@ class RowRanking:
         table |= low - self.column.astype(self.dtype)
         table.sort(axis=1)
         self.table = table
-        position = low - (table[self.valid] & low)
-        # order[k]: CSR index of the k-th entry in (row, ascending key) order
-        self.order = position.astype(np.int64) + np.repeat(indptr[:-1], self.lengths)
+        position = table[self.valid]
+        position &= low
+        np.subtract(low, position, out=position)
+        # order[k]: CSR index of the k-th entry in (row, ascending key) order (chunks stay below 2**31 entries)
+        self.order = position.view(np.int32 if self.dtype == np.uint32 else np.int64)
+        self.order += np.repeat(indptr[:-1].astype(self.order.dtype), self.lengths)
 
     def quantile_bins(self, n_bins: int) -> np.ndarray:
         """Per-row quantile bins 1..n_bins-1: 1 + floor((n_bins - 1) * share of the row strictly below).
