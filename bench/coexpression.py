@@ -123,15 +123,15 @@ def main() -> int:
     rows = [
         ("cells x genes", f"{args.cells:,} x {args.genes:,}"),
         ("density / median genes per cell", f"{density:.1%} / {genes_per_cell:,.0f}"),
-        ("input matrix loaded (RSS)", f"{r['input_gb']:.2f} GB"),
+        ("RSS after imports + loading the input", f"{r['input_gb']:.2f} GB"),
         (f"correlation |r| >= {args.threshold} (block {args.block_size})", f"{r['correlation_s']:.1f} s"),
         ("correlation peak RSS", f"{r['correlation_peak_gb']:.2f} GB"),
         ("edges (genes with variance)", f"{r['edges']:,} ({r['genes_used']:,})"),
         ("gene2vec 200-d skip-gram, 30 epochs", f"{r['gene2vec_s']:.1f} s on {r['gene2vec_genes']:,} genes"),
-        ("process peak RSS", f"{r['process_peak_gb']:.2f} GB"),
     ]
     if "scaling_s" in r:
         rows.append((f"gene2vec on {r['scaling_edges']:,} random edges", f"{r['scaling_s']:.1f} s"))
+    rows.append(("process peak RSS", f"{r['process_peak_gb']:.2f} GB"))
     width = max(len(name) for name, _ in rows)
     print(f"{'step'.ljust(width)} | value")
     print(f"{'-' * width}-|------")
