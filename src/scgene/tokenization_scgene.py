@@ -177,15 +177,6 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             by_symbol[token] = token_id
         self._by_ensembl, self._by_symbol = by_ensembl, by_symbol
 
-    def _vocab_dict(self) -> dict:
-        return {
-            "species": self._species,
-            "source": self._source,
-            "ensembl_ids": self._gene_ensembl_ids,
-            "symbols": self._gene_symbols,
-            "aliases": self._aliases,
-        }
-
     @classmethod
     def from_gene_list(cls, genes, **kwargs) -> ScGeneTokenizer:
         """A vocabulary of exactly the special tokens plus `genes` (Ensembl ids, symbols or (id, symbol) pairs).
@@ -264,10 +255,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         """Ids -> symbols (`id_type="symbol"`, falling back to the Ensembl id) or Ensembl ids."""
         if id_type not in ("symbol", "ensembl"):
             raise ValueError(f"id_type must be 'symbol' or 'ensembl', got {id_type!r}")
-        ensembl_ids, symbols = self.ensembl_ids, self.symbols
-        if id_type == "ensembl":
-            return [ensembl_ids[int(i)] or symbols[int(i)] for i in ids]
-        return [symbols[int(i)] or ensembl_ids[int(i)] for i in ids]
+        first, fallback = (self.symbols, self.ensembl_ids) if id_type == "symbol" else (self.ensembl_ids, self.symbols)
+        return [first[int(i)] or fallback[int(i)] for i in ids]
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
@@ -285,17 +274,15 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         os.makedirs(save_directory, exist_ok=True)
         vocab_path = os.path.join(save_directory, VOCAB_FILE)
         with open(vocab_path, "w", encoding="utf-8") as handle:
-            json.dump(self._vocab_dict(), handle, separators=(",", ":"))
+            vocab = {"species": self._species, "source": self._source, "aliases": self._aliases}
+            json.dump(vocab | {"ensembl_ids": self._gene_ensembl_ids, "symbols": self._gene_symbols}, handle)
         return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs) + [vocab_path]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Load the config and its `vocab.json` from a directory or a Hub repository."""
-        hub_kwargs = {
-            key: kwargs[key]
-            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-            if key in kwargs
-        }
+        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+        hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
         if os.path.isdir(pretrained_model_name_or_path):
             vocab_file = os.path.join(pretrained_model_name_or_path, hub_kwargs.get("subfolder", ""), VOCAB_FILE)
         else:
@@ -349,7 +336,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         coverage = mapping.coverage
         coverage.count_fraction = matched / total if total > 0 else 0.0
         logger.info(f"Gene coverage: {coverage}")
-        if coverage.count_fraction < self.min_coverage:
+        if total > 0 and coverage.count_fraction < self.min_coverage:  # (empty chunk: nothing to judge)
             other = "symbols" if coverage.id_type == "Ensembl id" else "Ensembl ids"
             raise ValueError(
                 f"Only {coverage}, below min_coverage={self.min_coverage}. The input genes look like "
