@@ -133,3 +133,4 @@ def test_gene_count_mismatch_and_nan_are_rejected():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         coexpression_edges(sp.csr_matrix(bad), list("abcdef"), progress=False)
+

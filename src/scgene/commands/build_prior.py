@@ -163,7 +163,7 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
 def run(args: argparse.Namespace) -> int:
     from scgene.prior.fusion import fuse_prior, save_prior
     from scgene.prior.gene2vec import load_word2vec_text
-    from scgene.prior.io import write_json
+    from scgene.prior.io import atomic_directory, write_json
     from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
 
     if args.adata is None and args.gene2vec is None:
@@ -214,8 +214,9 @@ def run(args: argparse.Namespace) -> int:
     record["coverage"] = coverage
     if model is not None:
         model.set_gene_prior(prior)
-        model.save_pretrained(args.out / "model")
-        tokenizer.save_pretrained(args.out / "model")
+        with atomic_directory(args.out / "model") as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
         record["sources"]["model"] = args.model
     outputs = ["coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors"]
     record["outputs"] = {name: _sha256(args.out / name) for name in outputs if (args.out / name).exists()}
