@@ -29,8 +29,9 @@ def test_build_prior_end_to_end(checkpoint, pbmc_h5ad, knowledge_csv, tmp_path):
     out = tmp_path / "prior"
     args = ["build-prior", "--adata", str(pbmc_h5ad), "--knowledge", str(knowledge_csv), "--tokenizer", str(checkpoint),
             "--model", str(checkpoint), "--out", str(out), "--threshold", "0.3", "--gene2vec-dim", "12",
-            "--no-progress"]
+            "--text-cache", str(tmp_path / "cache"), "--no-progress"]
     assert main(args) == 0
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
     assert sorted(p.name for p in out.iterdir()) == [
         "coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors", "model", "prior_record.json"
     ]

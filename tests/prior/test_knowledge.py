@@ -8,6 +8,7 @@ from scgene.prior.knowledge import (
     knowledge_embedding,
     knowledge_from_frame,
     read_knowledge_table,
+    text_embedding,
 )
 
 
@@ -116,3 +117,21 @@ def test_shipped_table_is_valid():
     assert "transcription_factor" in table.binary_columns and "HALLMARK_HYPOXIA" in table.binary_columns
     tf = table.binary[:, table.binary_columns.index("transcription_factor")]
     assert tf[table.genes.index("TP53")] == 1 and tf[table.genes.index("CD3E")] == 0
+
+
+def test_text_embeddings_are_cached_per_model_and_texts(tmp_path, monkeypatch):
+    import sentence_transformers
+
+    texts = ["T cell receptor complex", "", "platelet alpha granule"]
+    first = text_embedding(texts, cache_dir=tmp_path, progress=False)
+    assert first.shape == (3, 384) and not first[1].any()
+    np.testing.assert_allclose(np.linalg.norm(first[[0, 2]], axis=1), 1.0, rtol=1e-5)
+    assert len(list(tmp_path.glob("*.npy"))) == 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", no_model)
+    np.testing.assert_array_equal(text_embedding(texts, cache_dir=tmp_path, progress=False), first)
+    with pytest.raises(AssertionError, match="cache should have been used"):
+        text_embedding(texts[:2], cache_dir=tmp_path, progress=False)  # other texts: a new entry

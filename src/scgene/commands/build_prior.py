@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
+
+DEFAULT_TEXT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scgene" / "text_embeddings"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knowledge.add_argument("--knowledge-gene-column", default="gene", help="gene column of the knowledge table")
     knowledge.add_argument("--text-columns", nargs="+", help="text columns (default: all non-numeric columns)")
     knowledge.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, help="sentence-transformer path or Hub id")
+    knowledge.add_argument("--text-cache", type=Path, default=DEFAULT_TEXT_CACHE, help="text embedding cache")
+    knowledge.add_argument("--no-text-cache", action="store_true", help="always recompute the text embeddings")
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
 
 
@@ -203,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
             text_model=args.text_model,
             seed=args.seed,
             progress=progress,
+            cache_dir=None if args.no_text_cache else args.text_cache,
         )
         knowledge = (table.genes, embedded, table.ensembl_ids)
         record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": _sha256(args.knowledge)}

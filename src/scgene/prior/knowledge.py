@@ -12,11 +12,14 @@ and scaled to a root-mean-square row norm of 1, so each modality contributes the
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .io import atomic_path
 
 DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "resources" / "knowledge" / "human_gene_knowledge.csv.gz"
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
@@ -132,13 +135,35 @@ def resolve_text_model(name: str) -> str:
     return name
 
 
+def _cache_file(cache_dir, location: str, texts: list[str]) -> Path:
+    """Cache file named by a fingerprint of the model (path, and its files' sizes and times) and the texts."""
+    digest = hashlib.sha256(location.encode())
+    if Path(location).is_dir():
+        for item in sorted(Path(location).iterdir()):
+            digest.update(f"{item.name}:{item.stat().st_size}:{item.stat().st_mtime_ns}".encode())
+    for text in texts:
+        digest.update(text.encode() + b"\0")
+    return Path(cache_dir) / f"{digest.hexdigest()[:32]}.npy"
+
+
 def text_embedding(
-    texts: list[str], model: str = DEFAULT_TEXT_MODEL, batch_size: int = 64, progress: bool = True
+    texts: list[str],
+    model: str = DEFAULT_TEXT_MODEL,
+    batch_size: int = 64,
+    progress: bool = True,
+    cache_dir=None,
 ) -> np.ndarray:
-    """Unit-norm sentence-transformer embeddings of `texts` on CPU; empty texts get zero vectors."""
+    """Unit-norm sentence-transformer embeddings of `texts` on CPU; empty texts get zero vectors.
+
+    Embedding the ~26,000 descriptions of the shipped table takes tens of minutes on 2 CPU cores, so with
+    `cache_dir` the result is stored under a fingerprint of the model and the texts, and reused.
+    """
+    location = resolve_text_model(model)
+    cached = _cache_file(cache_dir, location, texts) if cache_dir is not None else None
+    if cached is not None and cached.exists():
+        return np.load(cached)
     from sentence_transformers import SentenceTransformer
 
-    location = resolve_text_model(model)
     try:
         encoder = SentenceTransformer(location, device="cpu")
     except OSError as error:
@@ -158,6 +183,9 @@ def text_embedding(
             convert_to_numpy=True,
         )
         out[present] = encoded
+    if cached is not None:
+        with atomic_path(cached) as tmp, open(tmp, "wb") as handle:
+            np.save(handle, out)
     return out
 
 
@@ -176,11 +204,13 @@ def knowledge_embedding(
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 64,
+    cache_dir=None,
 ) -> tuple[np.ndarray, dict]:
     """One `hidden_size` vector per table gene: balanced binary and text embeddings, concatenated, then PCA.
 
     If there are fewer genes or features than `hidden_size`, the PCA keeps what it can and the remaining
-    columns are zero. Returns the float32 matrix and a JSON-ready summary.
+    columns are zero. `cache_dir` caches the text embeddings (see `text_embedding`). Returns the float32
+    matrix and a JSON-ready summary.
     """
     from sklearn.decomposition import PCA
 
@@ -189,7 +219,7 @@ def knowledge_embedding(
         blocks.append(_balanced(binary_embedding(table.binary, dim=binary_dim, seed=seed)))
         parts["binary"] = {"columns": table.binary.shape[1], "embedding_dim": binary_dim}
     for column, texts in table.texts.items():
-        embedded = text_embedding(texts, model=text_model, batch_size=batch_size, progress=progress)
+        embedded = text_embedding(texts, text_model, batch_size=batch_size, progress=progress, cache_dir=cache_dir)
         blocks.append(_balanced(embedded.astype(np.float64)))
         parts[f"text:{column}"] = {"embedding_dim": embedded.shape[1], "empty_texts": texts.count("")}
     features = np.concatenate(blocks, axis=1)
