@@ -29,8 +29,17 @@ from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
 DEFAULT_TEXT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scgene" / "text_embeddings"
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show `(default: ...)` only for options that have a real default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    parser.formatter_class = _DefaultsFormatter
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--adata", type=Path, help="raw-count (or log-normalised) .h5ad for the co-expression network")
     io.add_argument("--out", type=Path, required=True, help="output directory")
