@@ -64,7 +64,8 @@ class BlockwisePearson:
 
     Genes with zero variance have no defined correlation and are skipped (`kept` lists the others). With
     `max_cells`, a seeded random subset of cells (rows) is used. The matrix is held once, as float32 CSC, so a
-    gene block is a cheap column selection; sums and sparse products are taken in float64.
+    gene block is a cheap column selection; sums and sparse products are taken in float64, dense tiles in
+    float32 after centring (so no cancellation between large means).
     """
 
     def __init__(self, X, block_size: int = 1024, max_cells: int | None = None, seed: int = 0):
