@@ -100,8 +100,8 @@ def test_reference_models_have_the_original_keys_and_shapes(kind):
     assert "linear_in.weight" in keys and "transformer_encoder.layers.1.self_attn.in_proj_weight" in keys
     assert ("linear_out.weight" in keys) == (kind != "cluster")
     assert ("cls_decoder.3.weight" in keys) == (kind == "classifier")
-    x, embedding = parity_inputs(NUM_GENES), gene_embedding()
-    expected_shape = {"pretraining": (4, NUM_GENES), "classifier": (4, NUM_CLASSES), "cluster": (4, NUM_GENES, HIDDEN)}
+    x, embedding = parity_inputs(NUM_GENES, batch_size=3), gene_embedding()
+    expected_shape = {"pretraining": (3, NUM_GENES), "classifier": (3, NUM_CLASSES), "cluster": (3, NUM_GENES, HIDDEN)}
     with torch.no_grad():
         assert tuple(model(x, embedding).shape) == expected_shape[kind]
         torch.testing.assert_close(model.layer_outputs(x, embedding)[-1], model.encode(x, embedding))

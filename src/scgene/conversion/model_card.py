@@ -23,6 +23,7 @@ def model_card(
     parity: dict[str, float],
     tolerance: float,
     has_tokenizer: bool,
+    parity_cells: int,
 ) -> str:
     """A model card draft; `sizes` is the `OriginalSizes` read from the checkpoint."""
     shape = (
@@ -66,7 +67,7 @@ The special-token embeddings are zero: the original has no special tokens.
 ## Parity
 
 The converted model, reloaded from disk, against a reference implementation of the original on fixed inputs
-(4 cells, log1p of Poisson counts), fp32, eval mode. Tolerance: {tolerance:g}.
+({parity_cells} cells, log1p of Poisson counts), fp32, eval mode. Tolerance: {tolerance:g}.
 
 | output | max abs diff |
 |---|---|

@@ -22,6 +22,7 @@ from scgene.conversion.model_card import model_card
 from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
 
 PARITY_TOLERANCE = 1e-5
+PARITY_CELLS = 2  # full-panel attention is (cells, heads, genes, genes): keep it small for panels of ~20k genes
 NUM_SPECIAL_TOKENS = 3  # ids 0, 1, 2 are <pad>, <cls>, <mask>; panel genes follow in gene-list order
 NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 CONFIG_KEYS = ("config", "args", "hparams", "hyper_parameters", "model_config")
@@ -383,7 +384,7 @@ def check_gene_embedding(embedding: torch.Tensor, sizes: OriginalSizes, genes: l
 # Parity
 
 
-def parity_inputs(num_genes: int, batch_size: int = 4, seed: int = 0) -> torch.Tensor:
+def parity_inputs(num_genes: int, batch_size: int = PARITY_CELLS, seed: int = 0) -> torch.Tensor:
     """Fixed log1p-like expression `(batch, num_genes)`: log1p of Poisson counts, many of them zero."""
     generator = torch.Generator().manual_seed(seed)
     rates = torch.rand(batch_size, num_genes, generator=generator) * 3.0
@@ -489,6 +490,7 @@ def convert(
             parity,
             tolerance,
             has_tokenizer=gene_list is not None,
+            parity_cells=PARITY_CELLS,
         )
         (staging / "README.md").write_text(card)
         _move_into_place(staging, out_dir)
