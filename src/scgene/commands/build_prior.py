@@ -71,6 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knowledge.add_argument("--knowledge-gene-column", default="gene", help="gene column of the knowledge table")
     knowledge.add_argument("--text-columns", nargs="+", help="text columns (default: all non-numeric columns)")
     knowledge.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, help="sentence-transformer path or Hub id")
+    knowledge.add_argument("--text-max-tokens", type=int, default=128, help="truncate texts to this many word pieces")
     knowledge.add_argument("--text-cache", type=Path, default=DEFAULT_TEXT_CACHE, help="text embedding cache")
     knowledge.add_argument("--no-text-cache", action="store_true", help="always recompute the text embeddings")
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
@@ -218,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             progress=progress,
             cache_dir=None if args.no_text_cache else args.text_cache,
+            max_tokens=args.text_max_tokens,
         )
         knowledge = (table.genes, embedded, table.ensembl_ids)
         record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": _sha256(args.knowledge)}
