@@ -505,7 +505,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             indices = mapping.column_to_matched[counts.indices]
             if len(mapping.columns) < counts.shape[1]:
                 indptr, indices, data = drop_entries(indptr, indices, data, indices >= 0)
-            values = data if log_normalized else np.log(data * np.repeat(scale, np.diff(indptr)) + np.float32(1))
+            values = data if log_normalized else log1p_scaled(data, np.repeat(scale, np.diff(indptr)))
         if not values.all():  # explicit zeros (or underflow) would otherwise count as expressed
             indptr, indices, values = drop_entries(indptr, indices, values, values != 0)
         return sp.csr_matrix((values, indices.astype(np.int32), indptr), shape=(counts.shape[0], len(mapping.vocab_ids)))
@@ -516,8 +516,9 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         truncate = gene_selection != "all" and len(lengths) > 0 and lengths.max() > limit
         ranking = None
         if self.binning == "quantile_per_cell" or (truncate and rng is None):
-            quantised = (np.minimum(values, np.float32(QUANT_MAX / QUANT_SCALE)) * np.float32(QUANT_SCALE)).astype(np.uint32)
-            ranking = RowRanking(indptr, quantised)
+            quantised = np.minimum(values, np.float32(QUANT_MAX / QUANT_SCALE))
+            quantised *= np.float32(QUANT_SCALE)
+            ranking = RowRanking(indptr, quantised.astype(np.uint32))
         bins = self._bins_global(values) if self.binning == "global" else ranking.quantile_bins(self.n_bins)
         if gene_selection == "all":
             n_rows, n_matched = matrix.shape
@@ -620,6 +621,13 @@ class RowRanking:
         first = np.repeat(self.indptr[long_rows] - np.cumsum(n_dropped) + n_dropped, n_dropped)
         keep[self.order[first + np.arange(n_dropped.sum())]] = False
         return keep
+
+
+def log1p_scaled(data: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """log(1 + data * scale) in place on the scale buffer; float32 log is SIMD, 3x faster than log1p."""
+    scale *= data
+    scale += np.float32(1)
+    return np.log(scale, out=scale)
 
 
 def drop_entries(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, keep: np.ndarray):
