@@ -335,7 +335,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         matched = float(counts[:, mapping.columns].sum()) if len(mapping.columns) else 0.0
         coverage = mapping.coverage
         coverage.count_fraction = matched / total if total > 0 else 0.0
-        logger.info(f"Gene coverage: {coverage}")
+        # every call reports coverage: as a warning when a tenth or more of the counts is lost, else as info
+        (logger.warning if coverage.count_fraction < 0.9 else logger.info)(f"Gene coverage: {coverage}")
         if total > 0 and coverage.count_fraction < self.min_coverage:  # (empty chunk: nothing to judge)
             other = "symbols" if coverage.id_type == "Ensembl id" else "Ensembl ids"
             raise ValueError(
