@@ -105,8 +105,8 @@ def main() -> int:
     args = parser.parse_args()
     table = build(args.data, args.min_size, args.max_size)
     with atomic_path(args.output) as tmp:
-        # mtime=0 keeps the gzip bytes reproducible.
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
+        # No file name and mtime=0 in the gzip header keep the bytes reproducible.
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
             table.to_csv(handle, index=False)
     binary = table.shape[1] - 3
     print(f"{args.output}: {len(table)} genes, {binary} binary columns, 1 text column")
