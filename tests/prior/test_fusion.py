@@ -71,3 +71,11 @@ def test_fused_prior_round_trips_through_a_saved_model(tokenizer, tmp_path):
         buffer = back.get_gene_prior()
         assert not buffer.requires_grad
         torch.testing.assert_close(buffer, torch.from_numpy(prior))
+
+
+def test_report_compares_the_scales_of_the_two_terms(tokenizer):
+    g2v = np.array([[3.0, 4.0], [0.0, 1.0]], dtype=np.float32)
+    know = np.ones((1, 4), dtype=np.float32)
+    _, report = fuse_prior(tokenizer, 4, gene2vec=(["TP53", "MYC"], g2v), knowledge=(["LYZ"], know, None))
+    assert report["gene2vec"]["mean_row_norm"] == pytest.approx(3.0)
+    assert report["knowledge"]["mean_row_norm"] == pytest.approx(2.0)

@@ -26,6 +26,11 @@ def _unversioned(gene: str) -> str:
     return match.group(1) if match else gene
 
 
+def _mean_norm(rows: np.ndarray) -> float:
+    """Mean L2 norm of the covered rows, so the record shows how the two summed terms compare in scale."""
+    return float(np.linalg.norm(rows, axis=1).mean()) if len(rows) else 0.0
+
+
 def _special_ids(tokenizer) -> set[int]:
     return {tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.mask_token_id}
 
@@ -117,6 +122,7 @@ def fuse_prior(
         prior[:, : vectors.shape[1]] += aligned
         covered |= filled
         report["gene2vec"] = coverage | {"dim": int(vectors.shape[1]), "zero_padded_to": hidden_size}
+        report["gene2vec"]["mean_row_norm"] = _mean_norm(aligned[filled])
     if knowledge is not None:
         genes, vectors, ensembl_ids = knowledge
         if vectors.shape[1] != hidden_size:
@@ -124,7 +130,7 @@ def fuse_prior(
         aligned, filled, coverage = align_to_vocab(tokenizer, genes, vectors, ensembl_ids)
         prior += aligned
         covered |= filled
-        report["knowledge"] = coverage
+        report["knowledge"] = coverage | {"mean_row_norm": _mean_norm(aligned[filled])}
     special = len(_special_ids(tokenizer))
     report["vocab_genes_with_any_prior"] = int(covered.sum())
     report["vocab_genes_all_zero"] = int(tokenizer.vocab_size - special - covered.sum())
