@@ -81,6 +81,13 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, pbmc):
     assert datasets.load_from_disk(str(out)).num_rows == 10
 
 
+def test_more_shards_than_cells(tmp_path, tokenizer, pbmc):
+    out = export_dataset(pbmc[:3], tmp_path / "ds", tokenizer, num_shards=5, chunk_size=2)
+    assert len(list(out.glob("data-*.arrow"))) == 5
+    dataset = datasets.load_from_disk(str(out))
+    assert dataset.num_rows == 3 and dataset[2]["input_ids"][0] == tokenizer.cls_token_id
+
+
 def test_cli_tokenize(tmp_path, pbmc):
     source = tmp_path / "cells.h5ad"
     pbmc[:40].write_h5ad(source)

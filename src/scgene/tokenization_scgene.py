@@ -501,6 +501,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                 shape=(counts.shape[1], len(mapping.vocab_ids)),
             )
             summed = sp.csr_matrix((values, counts.indices, indptr), shape=counts.shape) @ selector
+            summed.sort_indices()  # vocabulary order, so ties stay deterministic
             indptr, indices, values = summed.indptr.astype(np.int64), summed.indices, np.log(summed.data + np.float32(1))
         else:
             indices = mapping.column_to_matched[counts.indices]

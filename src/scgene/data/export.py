@@ -1,13 +1,14 @@
 """Write tokenized cells as a Hugging Face `datasets` dataset, atomically.
 
-Cells are encoded chunk by chunk and streamed into one Arrow file in a temporary folder next to the
-output, which `datasets` then memory-maps and writes as `--num-shards` Arrow (`save_to_disk`) or Parquet
-shards. The tokenizer is saved into the same folder. Only a complete result is renamed into place, so an
+Cells are encoded chunk by chunk and streamed straight into `--num-shards` Arrow shards (the layout of
+`save_to_disk`, so `load_from_disk` reads it) or Parquet shards, in a temporary folder next to the output;
+the tokenizer is saved into the same folder. Only a complete result is renamed into place, so an
 interrupted run leaves no half-written output.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ import datasets
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
 from ..tokenization_scgene import ScGeneTokenizer
 
@@ -77,20 +80,15 @@ def export_dataset(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        stream_path = workspace / "cells.arrow"
-        with pa.OSFile(str(stream_path), "wb") as sink, pa.ipc.new_stream(sink, features.arrow_schema) as writer:
-            for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
-                writer.write_batch(chunk_record_batch(chunk, adata.obs.iloc[chunk.start : chunk.start + len(chunk.lengths)], features))
-        dataset = datasets.Dataset.from_file(str(stream_path))
         staged = workspace / "dataset"
+        staged.mkdir()
+        names = [f"data-{index:05d}-of-{num_shards:05d}.{file_format}" for index in range(num_shards)]
+        with ShardWriter(staged, names, shard_sizes(adata.n_obs, num_shards), features.arrow_schema, file_format) as shards:
+            for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
+                obs = adata.obs.iloc[chunk.start : chunk.start + len(chunk.lengths)]
+                shards.write(chunk_record_batch(chunk, obs, features))
         if file_format == "arrow":
-            dataset.save_to_disk(str(staged), num_shards=num_shards)
-        else:
-            staged.mkdir()
-            for index in range(num_shards):
-                shard = dataset.shard(num_shards, index, contiguous=True)
-                shard.to_parquet(str(staged / f"data-{index:05d}-of-{num_shards:05d}.parquet"))
-        del dataset
+            write_dataset_state(staged, names, features, workspace)
         tokenizer.save_pretrained(staged)
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -98,6 +96,73 @@ def export_dataset(
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
     return output_dir
+
+
+def shard_sizes(n_rows: int, num_shards: int) -> list[int]:
+    """Contiguous shard sizes, as `Dataset.shard(contiguous=True)` splits rows."""
+    return [n_rows // num_shards + (index < n_rows % num_shards) for index in range(num_shards)]
+
+
+class ShardWriter:
+    """Streams record batches into consecutive shard files (Arrow IPC streams, as `save_to_disk` writes, or
+    Parquet), splitting batches at shard boundaries; nothing is read back, so memory stays one chunk."""
+
+    def __init__(self, folder: Path, names: list[str], sizes: list[int], schema: pa.Schema, file_format: str):
+        self.folder, self.names, self.sizes, self.schema, self.file_format = folder, names, sizes, schema, file_format
+        self.index, self.room, self.writer, self.sink = -1, 0, None, None
+
+    def _next_shard(self) -> None:
+        self.close()
+        self.index += 1
+        path = str(self.folder / self.names[self.index])
+        if self.file_format == "parquet":
+            self.writer = pq.ParquetWriter(path, self.schema)
+        else:
+            self.sink = pa.OSFile(path, "wb")
+            self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.room = self.sizes[self.index]
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        while batch.num_rows:
+            if self.room == 0:
+                self._next_shard()
+            part = batch.slice(0, self.room)
+            self.writer.write_batch(part)
+            self.room -= part.num_rows
+            batch = batch.slice(part.num_rows)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.sink is not None:
+            self.sink.close()
+        self.writer, self.sink = None, None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        while exc_info[0] is None and self.index < len(self.names) - 1:  # empty trailing shards still get a file
+            self._next_shard()
+        self.close()
+
+
+def write_dataset_state(folder: Path, names: list[str], features: datasets.Features, workspace: Path) -> None:
+    """`state.json` and `dataset_info.json` for `load_from_disk`: written by `save_to_disk` for an empty
+    dataset with the same features, then pointed at our shards (the files are exactly what it expects)."""
+    empty = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    template = workspace / "template"
+    bars_were_disabled = are_progress_bars_disabled()
+    disable_progress_bars()  # the empty template's "Saving the dataset" bar would only confuse
+    try:
+        empty.save_to_disk(str(template))
+    finally:
+        if not bars_were_disabled:
+            enable_progress_bars()
+    state = json.loads((template / "state.json").read_text())
+    state["_data_files"] = [{"filename": name} for name in names]
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    shutil.copy(template / "dataset_info.json", folder / "dataset_info.json")
 
 
 def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features) -> pa.RecordBatch:
