@@ -89,3 +89,19 @@ def test_build_prior_checks_shapes_before_computing(checkpoint, pbmc_h5ad, tmp_p
     with pytest.raises(SystemExit, match="but the prior would be 26067 x 16"):
         main(["build-prior", "--adata", str(pbmc_h5ad), "--model", str(checkpoint), "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_prior_from_published_style_vectors(checkpoint, tmp_path):
+    vectors = tmp_path / "gene2vec_dim_4.txt"  # headerless, tab after the gene, as the published Gene2vec files
+    vectors.write_text("LYZ\t1 2 3 4\nS100A9\t0 0 1 0\nNOT_A_GENE\t9 9 9 9\n")
+    out = tmp_path / "prior"
+    assert main(["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
+                 "--hidden-size", "8", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
+    prior = load_prior(out / "gene_prior.safetensors")
+    lyz, s100a9 = ScGeneTokenizer.from_pretrained(checkpoint).convert_genes_to_ids(["LYZ", "S100A9"])
+    np.testing.assert_array_equal(prior[lyz], [1, 2, 3, 4, 0, 0, 0, 0])
+    assert np.count_nonzero(prior.any(axis=1)) == 2
+    record = json.loads((out / "prior_record.json").read_text())
+    assert record["coverage"]["gene2vec"]["examples_not_in_vocab"] == ["NOT_A_GENE"]
+    assert len(record["sources"]["gene2vec"]["sha256"]) == 64
