@@ -88,7 +88,7 @@ def test_more_shards_than_cells(tmp_path, tokenizer, pbmc):
     assert dataset.num_rows == 3 and dataset[2]["input_ids"][0] == tokenizer.cls_token_id
 
 
-def test_cli_tokenize(tmp_path, pbmc):
+def test_cli_tokenize(tmp_path, pbmc, capsys):
     source = tmp_path / "cells.h5ad"
     pbmc[:40].write_h5ad(source)
     saved = tmp_path / "tokenizer"
@@ -101,3 +101,5 @@ def test_cli_tokenize(tmp_path, pbmc):
     assert max(len(ids) for ids in dataset["input_ids"]) == 21
     assert max(max(bins) for bins in dataset["expression_bins"]) <= 10
     assert ScGeneTokenizer.from_pretrained(tmp_path / "out").n_bins == 11
+    assert main(["tokenize", str(source), str(tmp_path / "out")]) == 1  # exists: a clear error, no traceback
+    assert "--overwrite" in capsys.readouterr().err

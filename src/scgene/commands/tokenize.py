@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,26 +29,33 @@ def run(args: argparse.Namespace) -> int:
     from ..data.export import export_dataset
     from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
 
+    scgene_logger = logging.getLogger("scgene")  # show the gene coverage report, not only warnings
+    scgene_logger.setLevel(logging.INFO)
+    if not scgene_logger.handlers:
+        scgene_logger.addHandler(logging.StreamHandler())
     tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
     adata = read_h5ad_backed(args.input)
-    coverage = tokenizer.map_genes(adata, args.gene_column).coverage
-    print(f"{adata.n_obs} cells; {coverage.n_matched_genes}/{coverage.n_input_genes} genes matched by {coverage.id_type}")
-    output = export_dataset(
-        adata,
-        args.output,
-        tokenizer,
-        obs_columns=args.obs_columns,
-        num_shards=args.num_shards,
-        file_format=args.format,
-        overwrite=args.overwrite,
-        gene_selection=args.gene_selection,
-        max_length=args.max_length,
-        top_k=args.top_k,
-        truncation=not args.no_truncation,
-        gene_column=args.gene_column,
-        seed=args.seed,
-        chunk_size=args.chunk_size,
-        progress=True,
-    )
+    print(f"{adata.n_obs} cells x {adata.n_vars} genes")
+    try:
+        output = export_dataset(
+            adata,
+            args.output,
+            tokenizer,
+            obs_columns=args.obs_columns,
+            num_shards=args.num_shards,
+            file_format=args.format,
+            overwrite=args.overwrite,
+            gene_selection=args.gene_selection,
+            max_length=args.max_length,
+            top_k=args.top_k,
+            truncation=not args.no_truncation,
+            gene_column=args.gene_column,
+            seed=args.seed,
+            chunk_size=args.chunk_size,
+            progress=True,
+        )
+    except (FileExistsError, KeyError, ValueError) as error:  # user errors: the message says what to do
+        print(f"scgene tokenize: error: {error}", file=sys.stderr)
+        return 1
     print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
     return 0
