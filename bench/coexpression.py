@@ -14,18 +14,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The script's folder comes first on sys.path, and bench/tokenize.py would shadow the standard library module.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import argparse
+import json
+import resource
+import subprocess
+import tempfile
+import time
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -118,6 +118,23 @@ def _check_shapes(args, tokenizer, model) -> None:
         raise SystemExit(f"--gene2vec-dim {args.gene2vec_dim} exceeds the hidden size {args.hidden_size}.")
 
 
+def _vocabulary_rows(table, tokenizer):
+    """The knowledge-table rows whose gene (symbol, alias or Ensembl id) is in the tokenizer's vocabulary."""
+
+    def known(name) -> bool:
+        try:
+            tokenizer.convert_genes_to_ids([name])
+        except KeyError:
+            return False
+        return True
+
+    ensembl_ids = table.ensembl_ids or [""] * len(table.genes)
+    keep = np.array([known(gene) or (bool(e) and known(e)) for gene, e in zip(table.genes, ensembl_ids)])
+    if not keep.any():
+        raise SystemExit("No gene of the knowledge table is in the tokenizer's vocabulary: check the gene column.")
+    return table.subset(keep)
+
+
 def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list[str], np.ndarray]:
     import anndata
 
@@ -211,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         table = read_knowledge_table(
             args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
         )
+        table = _vocabulary_rows(table, tokenizer)  # embed only what the prior can hold: text embedding is slow
         embedded, info = knowledge_embedding(
             table,
             hidden_size=args.hidden_size,

@@ -37,6 +37,18 @@ class KnowledgeTable:
     texts: dict[str, list[str]]
     source: str
 
+    def subset(self, keep: np.ndarray) -> "KnowledgeTable":
+        """The rows where the boolean `keep` is true, e.g. the genes of a tokenizer's vocabulary."""
+        rows = np.flatnonzero(keep)
+        return KnowledgeTable(
+            genes=[self.genes[i] for i in rows],
+            ensembl_ids=None if self.ensembl_ids is None else [self.ensembl_ids[i] for i in rows],
+            binary_columns=self.binary_columns,
+            binary=self.binary[rows],
+            texts={column: [texts[i] for i in rows] for column, texts in self.texts.items()},
+            source=self.source,
+        )
+
 
 def read_knowledge_table(
     path, gene_column: str = "gene", text_columns: list[str] | None = None, sheet: str | int = 0

@@ -7,24 +7,23 @@ gene popularity, so about 90% of the entries are zero. "cells per CPU-second" di
 CPU time (all threads), a figure that other load on the machine does not distort. Each measurement runs in a fresh process, so the
 peak resident memory (VmHWM) is that configuration's own, including the ~1 GB of imported libraries.
 
-    python bench/tokenize.py [--n-cells 100000] [--workdir /tmp/scgene-bench]
+(Named `tokenizer.py`, not `tokenize.py`: a script's folder comes first on sys.path, and a `tokenize.py` there
+shadows the standard library module that `inspect` and `linecache` import.)
+
+    python bench/tokenizer.py [--n-cells 100000] [--workdir /tmp/scgene-bench]
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
-# This file is named like the standard library's `tokenize`; keep its folder off the import path.
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import gzip  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import csv
+import gzip
+import json
+import subprocess
+import time
+from pathlib import Path
 
 import numpy as np
 
