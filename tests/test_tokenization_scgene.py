@@ -22,15 +22,6 @@ CELLBENCH = DATA / "cellbench_120cells_ensembl_subset.h5ad"
 INPUT_NAMES = ("input_ids", "expression_values", "expression_bins", "attention_mask")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return ScGeneTokenizer()
-
-
-@pytest.fixture(scope="module")
-def pbmc():
-    return ad.read_h5ad(PBMC)[:300].copy()
-
 
 @pytest.fixture(scope="module")
 def cellbench():

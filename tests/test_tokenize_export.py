@@ -1,8 +1,5 @@
 """The datasets export and `scgene tokenize`: round trip, obs columns, shards, streaming, atomic writes."""
 
-from pathlib import Path
-
-import anndata as ad
 import datasets
 import numpy as np
 import pytest
@@ -10,19 +7,6 @@ import pytest
 from scgene.cli import main
 from scgene.data import DataCollatorForCellClassification, export_dataset
 from scgene.tokenization_scgene import ScGeneTokenizer
-
-DATA = Path(__file__).parent / "data"
-PBMC = DATA / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return ScGeneTokenizer()
-
-
-@pytest.fixture(scope="module")
-def pbmc():
-    return ad.read_h5ad(PBMC)[:300].copy()
 
 
 def test_arrow_export_round_trip(tmp_path, tokenizer, pbmc):

@@ -16,12 +16,13 @@ With `--gene2vec FILE` (e.g. the published Gene2vec vectors) steps 1-2 are repla
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+
+from scgene.fileio import sha256_file
 
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
@@ -75,14 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knowledge.add_argument("--text-cache", type=Path, default=DEFAULT_TEXT_CACHE, help="text embedding cache")
     knowledge.add_argument("--no-text-cache", action="store_true", help="always recompute the text embeddings")
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_tokenizer(path: str | None):
@@ -218,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.gene2vec is not None:
         vectors = load_word2vec_text(args.gene2vec)
-        record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": _sha256(args.gene2vec)}
+        record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": sha256_file(args.gene2vec)}
     else:
         vectors = _coexpression_and_gene2vec(args, progress, record)
 
@@ -240,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.text_max_tokens,
         )
         knowledge = (table.genes, embedded, table.ensembl_ids)
-        record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": _sha256(args.knowledge)}
+        record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": sha256_file(args.knowledge)}
         record["knowledge"] = info
         record["timings_seconds"]["knowledge"] = round(time.perf_counter() - start, 2)
 
@@ -254,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
             tokenizer.save_pretrained(folder)
         record["sources"]["model"] = args.model
     outputs = ["coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors"]
-    record["outputs"] = {name: _sha256(args.out / name) for name in outputs if (args.out / name).exists()}
+    record["outputs"] = {name: sha256_file(args.out / name) for name in outputs if (args.out / name).exists()}
     write_json(args.out / "prior_record.json", record)
     print(
         f"Prior {prior.shape[0]} x {prior.shape[1]} written to {args.out}: "

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from ..fileio import sha256_file
 
 
 def model_card(
@@ -32,7 +26,7 @@ def model_card(
     )
     if sizes.kind == "classifier":
         shape += f", cls_decoder {num_genes} -> {sizes.classifier_hidden_size} -> {sizes.num_labels} classes"
-    source_lines = "\n".join(f"- {name}: `{path.name}` (sha256 `{_sha256(path)}`)" for name, path in sources.items())
+    source_lines = "\n".join(f"- {name}: `{path.name}` (sha256 `{sha256_file(path)}`)" for name, path in sources.items())
     parity_rows = "\n".join(f"| {name} | {diff:.3e} |" for name, diff in parity.items())
     from_tokenizer = (
         "tokenizer = ScGeneTokenizer.from_pretrained(path)  # every panel gene, in panel order, no <cls> token\n"
