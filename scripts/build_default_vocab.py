@@ -18,6 +18,8 @@ import argparse
 import csv
 import gzip
 import json
+import os
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -78,11 +80,27 @@ def main() -> None:
     parser.add_argument("--include-unnamed-lncrna", action="store_true")
     args = parser.parse_args()
     vocab = build_vocab(args.genes_dir, args.include_unnamed_lncrna)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    # mtime=0 keeps the gzip bytes identical between runs.
-    with open(args.output, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as handle:
-        handle.write(json.dumps(vocab, separators=(",", ":")).encode())
+    write_vocab(vocab, args.output)
     print(f"{len(vocab['ensembl_ids'])} genes, {len(vocab['aliases'])} aliases -> {args.output}")
+
+
+def write_vocab(vocab: dict, output: Path) -> None:
+    """Gzipped compact JSON, written atomically (a temporary file in the same folder, then a rename).
+
+    The gzip header holds no file name and no time stamp, so the bytes depend only on the vocabulary,
+    not on when or under which name the file was written.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(handle, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as stream:
+            stream.write(json.dumps(vocab, separators=(",", ":")).encode())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, output)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 if __name__ == "__main__":

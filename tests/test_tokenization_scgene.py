@@ -347,3 +347,55 @@ np.testing.assert_array_equal(ids, np.load({str(tmp_path / "expected.npy")!r}))
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the default vocabulary's build script
+def write_gene_tables(folder: Path) -> None:
+    """A miniature ../shared/data/genes/ in the real formats."""
+    import gzip
+
+    folder.mkdir()
+    gencode = [
+        ("ENSG00000000003", "TSPAN6", "protein_coding"), ("ENSG00000000001", "GENEB", "protein_coding"),
+        ("ENSG00000000010", "MALAT1", "lncRNA"), ("ENSG00000000011", "ENSG00000000011", "lncRNA"),
+        ("ENSG00000000020", "MT-RNR2", "Mt_rRNA"), ("ENSG00000000030", "PSEUDO1", "processed_pseudogene"),
+    ]
+    with gzip.open(folder / "genes_homo_sapiens.csv.gz", "wt") as handle:
+        handle.writelines(f"{e},{s},1,100,{b}\n" for e, s, b in gencode)
+    org = [("1", "TSPAN6", "ENSG00000000003", "T245|OLD1|SHARED"), ("2", "GENEB", "ENSG00000000001", "SHARED|MALAT1")]
+    with gzip.open(folder / "org_Hs_eg_gene_table.tsv.gz", "wt") as handle:
+        handle.write("entrez_id\tsymbol\tname\tgene_type\tchromosome\tcytoband\tensembl_ids\tuniprot_ids\taliases\n")
+        handle.writelines(f"{i}\t{s}\tname\tprotein-coding\t1\t1p1\t{e}\t\t{a}\n" for i, s, e, a in org)
+    with gzip.open(folder / "GENCODEv44_Gene_id2name.csv.gz", "wt") as handle:
+        handle.write("ENSG00000000010,LINC-OLD\nENSG00000000030,PSEUDO1\n")
+
+
+def test_build_default_vocab_script_is_reproducible(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_default_vocab", Path(__file__).parents[1] / "scripts" / "build_default_vocab.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    write_gene_tables(tmp_path / "genes")
+    vocab = script.build_vocab(tmp_path / "genes")
+    # protein-coding, then named lncRNAs, then mitochondrial non-coding; Ensembl id order within each group
+    assert vocab["ensembl_ids"] == ["ENSG00000000001", "ENSG00000000003", "ENSG00000000010", "ENSG00000000020"]
+    assert vocab["symbols"] == ["GENEB", "TSPAN6", "MALAT1", "MT-RNR2"]
+    # unambiguous aliases only, never a name that is already a symbol; pseudogenes are not in the vocabulary
+    assert vocab["aliases"] == {"LINC-OLD": "ENSG00000000010", "OLD1": "ENSG00000000003", "T245": "ENSG00000000003"}
+    unnamed = script.build_vocab(tmp_path / "genes", include_unnamed_lncrna=True)
+    assert "ENSG00000000011" in unnamed["ensembl_ids"]
+    # byte-identical files whatever their name, and a tokenizer reads them
+    script.write_vocab(vocab, tmp_path / "a.json.gz")
+    script.write_vocab(vocab, tmp_path / "other_name.json.gz")
+    assert (tmp_path / "a.json.gz").read_bytes() == (tmp_path / "other_name.json.gz").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json.gz", "genes", "other_name.json.gz"]  # no temporary left
+    tokenizer = ScGeneTokenizer(vocab_file=str(tmp_path / "a.json.gz"))
+    assert tokenizer.convert_genes_to_ids(["TSPAN6", "OLD1", "ENSG00000000010.4", "LINC-OLD"]) == [4, 4, 5, 5]
+
+
+def test_shipped_vocabulary_has_a_reproducible_gzip_header():
+    from scgene.tokenization_scgene import DEFAULT_VOCAB
+
+    header = Path(DEFAULT_VOCAB).read_bytes()[:10]
+    assert header[3] & 0x08 == 0 and header[4:8] == b"\0\0\0\0"  # no FNAME flag, mtime 0
