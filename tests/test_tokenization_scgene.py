@@ -68,12 +68,17 @@ def test_from_gene_list_keeps_order_and_fills_the_other_id():
         ScGeneTokenizer.from_gene_list(["ENSG00000141510", "ENSG00000141510.2"])
 
 
-def test_hub_file_imports_only_allowed_modules():
+def test_hub_files_import_only_allowed_modules():
     import scgene.tokenization_scgene as module
+    from transformers.dynamic_module_utils import get_relative_import_files
 
-    # transformers' check_imports skips imports inside try/except, so scipy/anndata stay optional
-    third_party = set(get_imports(module.__file__)) - set(sys.stdlib_module_names)
-    assert third_party <= {"numpy", "torch", "transformers"}
+    # the tokenizer and every file it imports relatively (copied with it by save_pretrained)
+    files = [module.__file__, *get_relative_import_files(module.__file__)]
+    assert {Path(f).name for f in files} == {"tokenization_scgene.py", "encoding_scgene.py"}
+    for file in files:
+        # transformers' check_imports skips imports inside try/except, so scipy/anndata stay optional
+        third_party = set(get_imports(file)) - set(sys.stdlib_module_names)
+        assert third_party <= {"numpy", "torch", "transformers"}, (file, third_party)
 
 
 # ---------------------------------------------------------------- serialisation
@@ -331,7 +336,7 @@ def test_remote_code_load_without_the_package(tmp_path, tokenizer, pbmc):
     import scgene  # noqa: F401  (marks the class for auto_map on save)
 
     tokenizer.save_pretrained(tmp_path / "tok")
-    assert (tmp_path / "tok" / "tokenization_scgene.py").exists()
+    assert (tmp_path / "tok" / "tokenization_scgene.py").exists() and (tmp_path / "tok" / "encoding_scgene.py").exists()
     pbmc[:30].write_h5ad(tmp_path / "cells.h5ad")
     np.save(tmp_path / "expected.npy", tokenizer(pbmc[:30], return_tensors="np")["input_ids"])
     script = f"""
