@@ -134,3 +134,40 @@ def test_gene_count_mismatch_and_nan_are_rejected():
     with pytest.raises(ValueError, match="NaN"):
         coexpression_edges(sp.csr_matrix(bad), list("abcdef"), progress=False)
 
+
+
+def test_duplicate_gene_names_and_no_variable_genes_are_clear_errors():
+    with pytest.raises(ValueError, match=r"must be unique .* e.g. \['a'\].*Ensembl ids"):
+        coexpression_edges(sp.csr_matrix(correlated_matrix()), list("abcdea"), progress=False)
+    constant = sp.csr_matrix(np.column_stack([np.full(50, 2.0), np.zeros(50), np.r_[1.0, np.zeros(49)]]))
+    with pytest.raises(ValueError, match="Only 1 of 3 genes vary across the 50 cells"):
+        coexpression_edges(constant, list("abc"), progress=False)
+
+
+def test_memory_stays_blockwise():
+    """Peak traced memory of the whole computation (numpy and scipy arrays are traced) stays far below one dense
+    cells x genes float32 matrix or one genes x genes float64 matrix: only the sparse input's float32 copy and
+    a few cells x block / block x block arrays per thread are alive at once."""
+    import tracemalloc
+
+    n_cells, n_genes, block = 3000, 4000, 100
+    rare = sp.random(n_cells, n_genes // 2, density=0.01, format="csc", random_state=1, dtype=np.float32)
+    common = sp.random(n_cells, n_genes // 2, density=0.1, format="csc", random_state=2, dtype=np.float32)
+    X = sp.hstack([rare, common], format="csr")
+    X.data = np.log1p(100 * X.data)
+    sparse_copy = X.data.nbytes + X.indices.nbytes + X.indptr.nbytes
+    dense_cells_by_genes, dense_genes_by_genes = n_cells * n_genes * 4, n_genes * n_genes * 8
+    genes = [f"g{i}" for i in range(n_genes)]
+
+    tracemalloc.start()
+    try:
+        edges, info = coexpression_edges(X, genes, threshold=0.7, block_size=block, progress=False, n_jobs=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.n_genes_used == n_genes
+    working = peak - sparse_copy
+    assert peak < dense_cells_by_genes / 2 and peak < dense_genes_by_genes / 4, peak
+    assert working < dense_cells_by_genes / 4, (working, dense_cells_by_genes)
+    pearson = BlockwisePearson(X, block_size=block)
+    assert {pearson.uses_sparse_product(a, b) for a, b in pearson.block_pairs} == {True, False}

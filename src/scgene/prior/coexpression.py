@@ -204,11 +204,24 @@ def coexpression_edges(
     `sign="both"` keeps `|r| >= threshold` with the sign of r; `"positive"` (seed 000) keeps `r >= threshold`;
     `"negative"` keeps `r <= -threshold`.
     """
-    genes = np.asarray(list(genes), dtype=object)
+    genes = np.asarray([str(g) for g in genes], dtype=object)
     if X.shape[1] != len(genes):
         raise ValueError(f"The matrix has {X.shape[1]} gene columns but {len(genes)} gene names were given.")
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(
+            f"Gene names must be unique to name the edges; {len(duplicated)} are duplicated, e.g. {duplicated[:5]}. "
+            "Use unique ids (e.g. Ensembl ids in var_names instead of a symbol column), or aggregate or drop "
+            "the duplicated genes first."
+        )
     check_threshold(threshold, sign)
     pearson = BlockwisePearson(X, block_size=block_size, max_cells=max_cells, seed=seed)
+    if len(pearson.kept) < 2:
+        raise ValueError(
+            f"Only {len(pearson.kept)} of {len(genes)} genes vary across the {pearson.n_cells} cells used, so there "
+            "is no correlation to compute: check that the matrix holds expression values (not all zeros), or use "
+            "more cells (--max-cells)."
+        )
     i, j, r = pearson.edges(threshold, sign=sign, progress=progress, n_jobs=n_jobs)
     edges = pd.DataFrame({"gene_a": genes[i], "gene_b": genes[j], "r": r})
     zero_variance = np.setdiff1d(np.arange(len(genes)), pearson.kept)
