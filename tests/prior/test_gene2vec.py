@@ -110,6 +110,11 @@ def test_word2vec_text_round_trip_and_published_variants(tmp_path):
     back_genes, back = load_word2vec_text(path)
     assert back_genes == genes
     np.testing.assert_allclose(back, vectors, rtol=1e-6)
+    from gensim.models import KeyedVectors  # the standard reader of the format accepts the file as is
+
+    standard = KeyedVectors.load_word2vec_format(str(path), binary=False)
+    assert list(standard.index_to_key) == genes
+    np.testing.assert_allclose(standard["MYC"], vectors[1], rtol=1e-6)
     headerless = tmp_path / "gene2vec_dim_3.txt"  # published Gene2vec: no header, tab-separated
     headerless.write_text("TP53\t0.5 -1.25 3e-05\nMYC\t1 2 3\n")
     np.testing.assert_allclose(load_word2vec_text(headerless)[1], vectors, rtol=1e-6)
