@@ -279,3 +279,22 @@ def test_init_covers_every_parameter_and_buffer():
     assert model.get_gene_prior().abs().sum() == 0
     assert torch.equal(block.attention_norm.weight, torch.ones(32))
     assert model.value_head.weight.std() < 0.1
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_hidden_states_on_request_and_mean_pooling(encoder_type, norm_position):
+    config = tiny_config(encoder_type=encoder_type, norm_position=norm_position, pooling="mean")
+    model = with_prior(ScGeneModel(config)).eval()
+    cells = pad_cells(random_cells(2, 6, seed=14), 9)
+    with torch.no_grad():
+        out = model(**cells, output_hidden_states=True)
+        plain = model(**cells)
+    assert plain.hidden_states is None
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert all(h.shape == (2, 9, 32) for h in out.hidden_states)
+    torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+    torch.testing.assert_close(plain.last_hidden_state, out.last_hidden_state)
+    # mean pooling: the mean over real gene tokens (not <cls>, not padding)
+    expected = out.last_hidden_state[:, 1:7].mean(1)
+    torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)

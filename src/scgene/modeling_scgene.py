@@ -142,9 +142,9 @@ class ScGeneEmbeddings(nn.Module):
 
     def gene_identity(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, G) ids -> (B, G, d): what each token is, independent of expression."""
-        is_special = (input_ids < NUM_SPECIAL_TOKENS).unsqueeze(-1)
-        identity = self.gene_prior(input_ids).to(dtype)
-        identity = identity + self.special_tokens(input_ids.clamp(max=NUM_SPECIAL_TOKENS - 1)) * is_special
+        identity = self.gene_prior(input_ids).to(dtype)  # a fresh tensor, so the special rows are added in place
+        is_special = input_ids < NUM_SPECIAL_TOKENS  # (B, G): a handful of <cls>/<pad>/<mask> positions
+        identity[is_special] = identity[is_special] + self.special_tokens(input_ids[is_special])
         if self.gene_embeddings is not None:
             identity = identity + self.gene_embeddings(input_ids)
         return identity
@@ -392,14 +392,17 @@ class ScGeneEncoder(nn.Module):
     def forward(self, identity, expression, attention_mask, gene_attention_mask, output_hidden_states,
                 output_regulation):
         hidden_states = expression + identity  # (B, G, d)
-        all_hidden, all_attn = [hidden_states], []
+        # keep per-layer states only when asked: holding them costs L × (B, G, d) of memory
+        all_hidden, all_attn = ([hidden_states] if output_hidden_states else []), []
         for layer in self.layers:
             hidden_states, attn_weights = layer(hidden_states, attention_mask)
-            all_hidden.append(hidden_states)
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
             all_attn.append(attn_weights)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
-            all_hidden[-1] = hidden_states
+            if output_hidden_states:
+                all_hidden[-1] = hidden_states
         return hidden_states, all_hidden, all_attn, []
 
 
@@ -563,8 +566,9 @@ class ScGeneModel(ScGenePreTrainedModel):
         keep = input_ids != self.config.cls_token_id
         if attention_mask is not None:
             keep = keep & attention_mask.bool()
-        keep = keep.unsqueeze(-1).to(hidden_states.dtype)  # (B, G, 1)
-        return (hidden_states * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+        keep = keep.unsqueeze(1).to(hidden_states.dtype)  # (B, 1, G)
+        # (B, 1, G) @ (B, G, d): the masked sum without a (B, G, d) temporary
+        return torch.bmm(keep, hidden_states).squeeze(1) / keep.sum(-1).clamp(min=1.0)
 
     def forward(
         self,
