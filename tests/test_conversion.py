@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from scgene.commands import convert as convert_command
 from scgene.conversion import PARITY_TOLERANCE, ConversionError, convert
 from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
-from scgene.conversion.original_to_hf import infer_sizes, parity_inputs
+from scgene.conversion.original_to_hf import infer_sizes, load_checkpoint, parity_inputs
 
 NUM_GENES, HIDDEN, LAYERS, HEADS, FFN = 12, 16, 2, 4, 32
 CLASSIFIER_HIDDEN, NUM_CLASSES = 8, 5
@@ -190,6 +190,25 @@ def test_wrong_shape_is_named(tmp_path):
     with pytest.raises(ConversionError, match=r"(?s)Shape mismatch.*layers\.1\.norm1\.weight.*\(17,\).*\(16,\)"):
         convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
     assert not (tmp_path / "hf").exists()
+
+
+def test_missing_key_is_named_as_in_the_checkpoint(tmp_path):
+    model, checkpoint, prior, genes = write_inputs(tmp_path, "classifier", "bare", "npy")
+    state_dict = model.state_dict()
+    del state_dict["cls_decoder.3.bias"], state_dict["transformer_encoder.layers.1.linear2.bias"]
+    torch.save(state_dict, checkpoint)
+    missing = r"Missing keys .*scBaseModel_classification.*\['cls_decoder\.3\.bias', 'transformer_encoder\.layers\.1\."
+    with pytest.raises(ConversionError, match=missing):
+        convert(checkpoint, prior, tmp_path / "hf", genes=genes, num_heads=HEADS)
+
+
+def test_checkpoint_prefixes_are_stripped(tmp_path):
+    """`module.` (DataParallel), `model.` (a Lightning module attribute) or both, in front of every key."""
+    state_dict = make_original("cluster").state_dict()
+    for prefix in ("module.", "model.", "model.module."):
+        torch.save({"state_dict": {prefix + key: value for key, value in state_dict.items()}}, tmp_path / "c.pt")
+        loaded, _ = load_checkpoint(tmp_path / "c.pt")
+        assert sorted(loaded) == sorted(state_dict), prefix
 
 
 def test_gene_embedding_of_the_wrong_size_is_refused(tmp_path):

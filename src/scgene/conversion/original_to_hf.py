@@ -126,9 +126,20 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                 f"its top-level keys are {sorted(map(str, loaded))[:20]}."
             )
         state_dict = loaded[nested[0]]
-    if state_dict and all(key.startswith("module.") for key in state_dict):  # saved from DataParallel
-        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    return dict(state_dict), stored_config
+    return strip_common_prefix(dict(state_dict)), stored_config
+
+
+def strip_common_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a prefix shared by every key in front of `linear_in.weight`: `module.` (DataParallel / DDP), `model.`
+    (a Lightning module's attribute), or both."""
+    if "linear_in.weight" in state_dict:
+        return state_dict
+    prefixes = {key.removesuffix("linear_in.weight") for key in state_dict if key.endswith(".linear_in.weight")}
+    if len(prefixes) == 1:
+        (prefix,) = prefixes
+        if all(key.startswith(prefix) for key in state_dict):
+            return {key.removeprefix(prefix): value for key, value in state_dict.items()}
+    return state_dict
 
 
 def _is_state_dict(mapping: dict) -> bool:
@@ -317,8 +328,36 @@ def build_reference(sizes: OriginalSizes, num_heads: int, state_dict: dict[str, 
         )
     else:
         model = (ScBaseModel if sizes.kind == "pretraining" else ScBaseModelCluster)(**common)
+    check_original_keys(state_dict, model.state_dict(), ORIGINAL_NAMES[sizes.kind])
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
+
+
+def check_original_keys(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], original_name: str
+) -> None:
+    """The checkpoint's keys and shapes against the reference original's, named as in the checkpoint."""
+    unexpected = sorted(set(state_dict) - set(expected))
+    missing = sorted(set(expected) - set(state_dict))
+    if unexpected or missing:
+        lines = [f"The checkpoint does not match an original {original_name} with the sizes read from its keys."]
+        if unexpected:
+            lines.append(
+                f"  Unexpected keys for an original {original_name} checkpoint (no mapping in KEY_TABLE): {unexpected}"
+            )
+        if missing:
+            lines.append(f"  Missing keys (an original {original_name} has them, the checkpoint does not): {missing}")
+        raise ConversionError("\n".join(lines))
+    wrong = [
+        f"{key}: got {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+        for key, tensor in state_dict.items()
+        if tensor.shape != expected[key].shape
+    ]
+    if wrong:
+        raise ConversionError(
+            f"Shape mismatch against an original {original_name} with the sizes read from linear_in, "
+            "transformer_encoder.layers.0.linear1 and cls_decoder:\n  " + "\n  ".join(wrong)
+        )
 
 
 def build_hf_config(sizes: OriginalSizes, num_heads: int, num_panel_genes: int):
@@ -450,6 +489,7 @@ def convert(
     state_dict, stored_config = load_checkpoint(checkpoint)
     sizes = infer_sizes(state_dict)
     num_heads = infer_num_heads(stored_config, num_heads, sizes.hidden_size)
+    original = build_reference(sizes, num_heads, state_dict)  # checks the keys and shapes in the checkpoint's names
     embedding = read_gene_embedding(gene_embedding)
     gene_list = read_gene_list(genes) if genes is not None else None
     num_genes = check_gene_embedding(embedding, sizes, gene_list)
@@ -463,7 +503,6 @@ def convert(
     renamed[special_key] = torch.zeros(NUM_SPECIAL_TOKENS, sizes.hidden_size)  # the original has no special tokens
     origin[special_key] = "(zeros: the original has no <pad>/<cls>/<mask>)"
     load_strictly(model, renamed, origin)
-    original = build_reference(sizes, num_heads, state_dict)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
