@@ -12,7 +12,6 @@ from scgene.prior.gene2vec import load_word2vec_text
 from scgene.tokenization_scgene import ScGeneTokenizer
 
 
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, pbmc_h5ad):
     """A tiny model and tokenizer over the 200 PBMC genes."""
@@ -105,3 +104,103 @@ def test_build_prior_from_published_style_vectors(checkpoint, tmp_path):
     record = json.loads((out / "prior_record.json").read_text())
     assert record["coverage"]["gene2vec"]["examples_not_in_vocab"] == ["NOT_A_GENE"]
     assert len(record["sources"]["gene2vec"]["sha256"]) == 64
+
+
+def gene2vec_only(adata, out, *extra):
+    return ["build-prior", "--adata", str(adata), "--no-knowledge", "--hidden-size", "8", "--gene2vec-dim", "4",
+            "--epochs", "2", "--threshold", "0.3", "--out", str(out), *extra]
+
+
+def test_build_prior_shows_progress_bars(pbmc_h5ad, tmp_path, capfd):
+    assert main(gene2vec_only(pbmc_h5ad, tmp_path / "prior")) == 0
+    err = capfd.readouterr().err
+    assert "co-expression" in err and "skip-gram epochs" in err and "100%" in err
+
+
+def test_dense_on_disk_matrix_is_read_chunkwise(tmp_path):
+    import tracemalloc
+
+    import scipy.sparse as sp
+
+    from scgene.commands.build_prior import _read_sparse_adata
+
+    counts = sp.random(2000, 1000, density=0.03, format="csr", random_state=0, dtype=np.float32)
+    counts.data = np.ceil(counts.data * 5)
+    dense = anndata.AnnData(X=counts.toarray())
+    dense_path = tmp_path / "dense.h5ad"
+    dense.write_h5ad(dense_path)
+    dense_bytes = dense.X.nbytes
+    del dense
+    tracemalloc.start()
+    try:
+        read = _read_sparse_adata(dense_path, dense_chunk_values=100 * 1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sp.isspmatrix_csr(read.X) and (read.X != counts).nnz == 0
+    assert peak < dense_bytes / 4, (peak, dense_bytes)  # the cells x genes array never existed whole
+
+
+def test_dense_and_sparse_h5ad_give_the_same_prior(pbmc_h5ad, tmp_path):
+    sparse = anndata.read_h5ad(pbmc_h5ad)
+    sparse.X = sparse.X.toarray()
+    sparse.write_h5ad(tmp_path / "dense.h5ad")
+    assert main(gene2vec_only(pbmc_h5ad, tmp_path / "from_sparse", "--no-progress")) == 0
+    assert main(gene2vec_only(tmp_path / "dense.h5ad", tmp_path / "from_dense", "--no-progress")) == 0
+    for name in ("coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors"):
+        assert (tmp_path / "from_sparse" / name).read_bytes() == (tmp_path / "from_dense" / name).read_bytes()
+
+
+def test_record_lists_only_this_runs_outputs(checkpoint, pbmc_h5ad, tmp_path):
+    out = tmp_path / "prior"
+    assert main(gene2vec_only(pbmc_h5ad, out, "--no-progress")) == 0
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("LYZ\t1 2 3 4\n")
+    before = (out / "coexpression_edges.tsv").read_bytes()
+    assert main(["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
+                 "--hidden-size", "8", "--out", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "prior_record.json").read_text())
+    assert set(record["outputs"]) == {"gene_prior.safetensors"}  # the older edge list is not claimed
+    assert (out / "coexpression_edges.tsv").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threshold", "1.5"], r"--threshold/--sign: threshold must be in \(0, 1\]"),
+        (["--max-cells", "1"], "--max-cells must be at least 2, got 1"),
+        (["--walk-length", "1"], "--walk-length must be at least 2"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--gene2vec", "VECTORS"], "--adata and --gene2vec are alternatives"),
+    ],
+)
+def test_bad_options_fail_before_any_work(pbmc_h5ad, tmp_path, extra, message):
+    (tmp_path / "vectors.txt").write_text("LYZ 1 2\n")
+    extra = [str(tmp_path / "vectors.txt") if e == "VECTORS" else e for e in extra]
+    with pytest.raises(SystemExit, match=message):
+        main(gene2vec_only(pbmc_h5ad, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_inputs_and_unknown_gene_column_are_named(pbmc_h5ad, tmp_path):
+    with pytest.raises(SystemExit, match="--adata .*nope.h5ad: no such file"):
+        main(gene2vec_only(tmp_path / "nope.h5ad", tmp_path / "out"))
+    missing_table = ["build-prior", "--adata", str(pbmc_h5ad), "--knowledge", str(tmp_path / "k.xlsx"), "--out",
+                     str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match="--knowledge .*k.xlsx: no such file"):
+        main(missing_table)
+    with pytest.raises(SystemExit, match=r"error: --gene-column 'symbol' is not a column .* Leave --gene-column unset"):
+        main(gene2vec_only(pbmc_h5ad, tmp_path / "out", "--gene-column", "symbol"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_knowledge_table_fails_before_the_coexpression_step(pbmc_h5ad, knowledge_csv, tmp_path):
+    bad = tmp_path / "knowledge.csv"
+    bad.write_text(knowledge_csv.read_text().replace(",0,", ",2,", 1))
+    before = bad.read_bytes()
+    out = tmp_path / "out"
+    args = ["build-prior", "--adata", str(pbmc_h5ad), "--knowledge", str(bad), "--hidden-size", "8",
+            "--gene2vec-dim", "4", "--out", str(out), "--no-progress"]
+    with pytest.raises(SystemExit, match=r"scgene build-prior: error: Column .* is numeric but not 0/1"):
+        main(args)
+    assert not out.exists() and bad.read_bytes() == before  # nothing computed or written; input untouched

@@ -2,8 +2,8 @@
 
     scgene build-prior --adata IN.h5ad [--knowledge TABLE] [--tokenizer PATH] --out DIR
 
-1. preprocess the AnnData (normalize_total + log1p, as the tokenizer does) and compute the co-expression
-   edges blockwise -> `DIR/coexpression_edges.tsv`;
+1. read the AnnData with X sparse (a dense on-disk X chunk by chunk), preprocess it (normalize_total + log1p,
+   as the tokenizer does) and compute the co-expression edges blockwise -> `DIR/coexpression_edges.tsv`;
 2. skip-gram gene2vec on the edges (or node2vec walks with `--node2vec`) -> `DIR/gene2vec.txt`;
 3. knowledge table -> binary linear embedding + sentence-transformer text embedding -> PCA to hidden size;
 4. fuse both, aligned to the tokenizer vocabulary -> `DIR/gene_prior.safetensors` (key `gene_prior`);
@@ -11,6 +11,9 @@
 
 With `--model CKPT` the prior is also put into that checkpoint's frozen buffer and saved to `DIR/model`.
 With `--gene2vec FILE` (e.g. the published Gene2vec vectors) steps 1-2 are replaced by that file.
+Options and input files are checked, and the knowledge table read, before the long steps; input problems end
+with a one-line message naming the fix. Every output is written atomically; the record lists (with checksums)
+only the files written by this run.
 """
 
 from __future__ import annotations
@@ -128,15 +131,46 @@ def _vocabulary_rows(table, tokenizer):
     return table.subset(keep)
 
 
-def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list[str], np.ndarray]:
-    import anndata
+DENSE_CHUNK_VALUES = 1 << 24  # cells x genes values read at a time from a dense on-disk X (64 MB of float32)
 
+
+def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES):
+    """The AnnData at `path` in memory with X as CSR, without layers or obsm. The file is opened backed, so a
+    dense on-disk X is read a chunk of cells at a time and made sparse chunk by chunk: the dense cells x genes
+    matrix never exists in memory."""
+    import anndata
+    import h5py
+    import scipy.sparse as sp
+
+    backed = anndata.read_h5ad(path, backed="r")
+    try:
+        stored = backed.X
+        if stored is None:
+            raise ValueError(f"{path} has no expression matrix X; store the (raw or log-normalised) counts in X.")
+        if isinstance(stored, h5py.Dataset):
+            rows = max(1, dense_chunk_values // max(backed.n_vars, 1))
+            parts = [sp.csr_matrix(stored[s : s + rows]) for s in range(0, backed.n_obs, rows)]
+            matrix = sp.vstack(parts, format="csr") if parts else sp.csr_matrix(stored.shape, dtype=stored.dtype)
+        else:
+            matrix = sp.csr_matrix(stored[:])  # a backed sparse dataset reads as scipy sparse
+        return anndata.AnnData(X=matrix, obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
+    finally:
+        backed.file.close()
+
+
+def _coexpression_and_gene2vec(args, progress: bool, record: dict, written: list[str]) -> tuple[list[str], np.ndarray]:
     from scgene.preprocessing import preprocess
     from scgene.prior.coexpression import coexpression_edges, write_edges
     from scgene.prior.gene2vec import corpus_repeats, gene2vec, node2vec, save_word2vec_text
 
     start = time.perf_counter()
-    adata = preprocess(anndata.read_h5ad(args.adata), gene_column=args.gene_column)
+    adata = _read_sparse_adata(args.adata)
+    if args.gene_column is not None and args.gene_column not in adata.var.columns:
+        raise ValueError(
+            f"--gene-column {args.gene_column!r} is not a column of {args.adata}'s var; its columns are "
+            f"{list(adata.var.columns)[:10]}. Leave --gene-column unset to use var_names."
+        )
+    adata = preprocess(adata, gene_column=args.gene_column)
     names = adata.var_names if args.gene_column is None else adata.var[args.gene_column]
     genes = [str(g) for g in names]
     record["sources"]["adata"] = {
@@ -158,6 +192,7 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
     )
     del adata
     write_edges(args.out / "coexpression_edges.tsv", edges)
+    written.append("coexpression_edges.tsv")
     record["coexpression"] = info.to_dict()
     record["timings_seconds"]["coexpression"] = round(time.perf_counter() - start, 2)
 
@@ -179,22 +214,69 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict) -> tuple[list
         trained = gene2vec(edges, dim=args.gene2vec_dim, epochs=args.epochs, seed=args.seed, progress=progress)
         method = {"method": "gene2vec (two-gene sentences)", "window": 1, "words": 2 * len(edges)}
     save_word2vec_text(args.out / "gene2vec.txt", *trained)
+    written.append("gene2vec.txt")
     epochs = {"epochs": args.epochs, "corpus_repeats": corpus_repeats(method["words"], args.epochs)}
     record["gene2vec"] = method | epochs | {"dim": args.gene2vec_dim, "genes": len(trained[0])}
     record["timings_seconds"]["gene2vec"] = round(time.perf_counter() - start, 2)
     return trained
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Reject contradictory or out-of-range options and missing input files before any computation."""
+    from scgene.prior.coexpression import check_threshold
+
+    if args.adata is None and args.gene2vec is None:
+        raise SystemExit("build-prior needs --adata IN.h5ad (or precomputed vectors with --gene2vec FILE).")
+    if args.adata is not None and args.gene2vec is not None:
+        raise SystemExit(
+            "--adata and --gene2vec are alternatives: --adata trains gene2vec on its co-expression network, "
+            "--gene2vec uses precomputed vectors. Give one of them."
+        )
+    knowledge = None if args.no_knowledge else args.knowledge
+    inputs = {"--adata": args.adata, "--gene2vec": args.gene2vec, "--knowledge": knowledge}
+    for flag, path in inputs.items():
+        if path is not None and not path.is_file():
+            raise SystemExit(f"{flag} {path}: no such file. Check the path.")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"--out {args.out} is a file; give a directory for the prior's outputs.")
+    try:
+        check_threshold(args.threshold, args.sign)
+    except ValueError as error:
+        raise SystemExit(f"--threshold/--sign: {error}") from None
+    minimums = {
+        "--hidden-size": (args.hidden_size, 1),
+        "--block-size": (args.block_size, 1),
+        "--max-cells": (args.max_cells, 2),
+        "--gene2vec-dim": (args.gene2vec_dim, 1),
+        "--epochs": (args.epochs, 1),
+        "--walk-length": (args.walk_length, 2),
+        "--walks-per-node": (args.walks_per_node, 1),
+        "--window": (args.window, 1),
+        "--binary-dim": (args.binary_dim, 1),
+        "--text-max-tokens": (args.text_max_tokens, 1),
+    }
+    for flag, (value, minimum) in minimums.items():
+        if value is not None and value < minimum:
+            raise SystemExit(f"{flag} must be at least {minimum}, got {value}.")
+
+
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments, then run the recipe; input problems end with a one-line message naming the fix."""
+    _check_arguments(args)
+    try:
+        return _run(args)
+    except (ValueError, KeyError, OSError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        raise SystemExit(f"scgene build-prior: error: {message}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
     from scgene.prior.fusion import fuse_prior, save_prior
     from scgene.prior.gene2vec import load_word2vec_text
     from scgene.prior.io import atomic_directory, write_json
     from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
 
-    if args.adata is None and args.gene2vec is None:
-        raise SystemExit("build-prior needs --adata IN.h5ad (or precomputed vectors with --gene2vec FILE).")
     progress = not args.no_progress
-    args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = _load_tokenizer(args.tokenizer)
     model = _load_model(args.model) if args.model else None
     if args.hidden_size is None:
@@ -202,26 +284,29 @@ def run(args: argparse.Namespace) -> int:
 
         args.hidden_size = model.config.hidden_size if model is not None else ScGeneConfig().hidden_size
     _check_shapes(args, tokenizer, model)
+    table = None
+    if not args.no_knowledge:  # read and check the table before the long co-expression step
+        table = read_knowledge_table(
+            args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
+        )
+        table = _vocabulary_rows(table, tokenizer)  # embed only what the prior can hold: text embedding is slow
     record: dict = {
         "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
         "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k[0] != "_"},
         "sources": {"tokenizer": args.tokenizer or "default human vocabulary", "vocab_size": tokenizer.vocab_size},
         "timings_seconds": {},
     }
+    written: list[str] = []  # outputs of this run (older files in DIR are not vouched for by the record)
 
     if args.gene2vec is not None:
         vectors = load_word2vec_text(args.gene2vec)
         record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": sha256_file(args.gene2vec)}
     else:
-        vectors = _coexpression_and_gene2vec(args, progress, record)
+        vectors = _coexpression_and_gene2vec(args, progress, record, written)
 
     knowledge = None
-    if not args.no_knowledge:
+    if table is not None:
         start = time.perf_counter()
-        table = read_knowledge_table(
-            args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
-        )
-        table = _vocabulary_rows(table, tokenizer)  # embed only what the prior can hold: text embedding is slow
         embedded, info = knowledge_embedding(
             table,
             hidden_size=args.hidden_size,
@@ -239,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
 
     prior, coverage = fuse_prior(tokenizer, args.hidden_size, gene2vec=vectors, knowledge=knowledge)
     save_prior(args.out / "gene_prior.safetensors", prior)
+    written.append("gene_prior.safetensors")
     record["coverage"] = coverage
     if model is not None:
         model.set_gene_prior(prior)
@@ -246,8 +332,7 @@ def run(args: argparse.Namespace) -> int:
             model.save_pretrained(folder)
             tokenizer.save_pretrained(folder)
         record["sources"]["model"] = args.model
-    outputs = ["coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors"]
-    record["outputs"] = {name: sha256_file(args.out / name) for name in outputs if (args.out / name).exists()}
+    record["outputs"] = {name: sha256_file(args.out / name) for name in written}
     write_json(args.out / "prior_record.json", record)
     print(
         f"Prior {prior.shape[0]} x {prior.shape[1]} written to {args.out}: "
