@@ -14,10 +14,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from scgene.cli import main as scgene_main
 from scgene.commands import convert as convert_command
-from scgene.conversion import PARITY_TOLERANCE, ConversionError, convert
+from scgene.conversion import PARITY_CELLS, PARITY_TOLERANCE, ConversionError, convert
 from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
-from scgene.conversion.original_to_hf import infer_sizes, load_checkpoint, parity_inputs
+from scgene.conversion.original_to_hf import (
+    infer_sizes,
+    load_checkpoint,
+    memory_efficient_reference,
+    parity_inputs,
+    reference_outputs,
+)
 
 NUM_GENES, HIDDEN, LAYERS, HEADS, FFN = 12, 16, 2, 4, 32
 CLASSIFIER_HIDDEN, NUM_CLASSES = 8, 5
@@ -100,12 +107,69 @@ def test_reference_models_have_the_original_keys_and_shapes(kind):
     assert "linear_in.weight" in keys and "transformer_encoder.layers.1.self_attn.in_proj_weight" in keys
     assert ("linear_out.weight" in keys) == (kind != "cluster")
     assert ("cls_decoder.3.weight" in keys) == (kind == "classifier")
-    x, embedding = parity_inputs(NUM_GENES, batch_size=3), gene_embedding()
+    x, embedding = parity_inputs(NUM_GENES, num_cells=3), gene_embedding()
     expected_shape = {"pretraining": (3, NUM_GENES), "classifier": (3, NUM_CLASSES), "cluster": (3, NUM_GENES, HIDDEN)}
     with torch.no_grad():
         assert tuple(model(x, embedding).shape) == expected_shape[kind]
         torch.testing.assert_close(model.layer_outputs(x, embedding)[-1], model.encode(x, embedding))
     assert infer_sizes(model.state_dict()).kind == kind
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_reference_models_are_pytorch_defaults_as_seed_000_describes(kind):
+    """Batch-first post-LN ReLU encoder layers, no final norm; the classifier's MLP over a frozen backbone."""
+    model = make_original(kind)
+    encoder = model.transformer_encoder
+    assert isinstance(encoder, torch.nn.TransformerEncoder) and encoder.norm is None and len(encoder.layers) == LAYERS
+    for layer in encoder.layers:
+        assert isinstance(layer, torch.nn.TransformerEncoderLayer)
+        assert layer.self_attn.batch_first and not layer.norm_first
+        assert layer.activation is torch.nn.functional.relu and layer.norm1.eps == 1e-5
+    assert (model.linear_in.in_features, model.linear_in.out_features) == (1, HIDDEN)
+    if kind != "cluster":
+        assert (model.linear_out.in_features, model.linear_out.out_features) == (HIDDEN, 1)
+    if kind == "classifier":
+        assert [type(module) for module in model.cls_decoder] == [
+            torch.nn.Linear, torch.nn.ReLU, torch.nn.Dropout, torch.nn.Linear
+        ]
+        assert model.cls_decoder[0].in_features == NUM_GENES and model.cls_decoder[3].out_features == NUM_CLASSES
+        trainable = {name.split(".")[0] for name, parameter in model.named_parameters() if parameter.requires_grad}
+        assert trainable == {"cls_decoder"}
+    # the encoder adds the gene embedding to linear_in(x.unsqueeze(-1)), like a positional encoding
+    x, embedding = parity_inputs(NUM_GENES, num_cells=2), gene_embedding()
+    with torch.no_grad():
+        outputs = reference_outputs(model, x, embedding)
+        torch.testing.assert_close(outputs["embeddings"], model.linear_in(x.unsqueeze(-1)) + embedding)
+        torch.testing.assert_close(outputs["hidden states"], model.encode(x, embedding))
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_reference_fast_path_gives_the_same_numbers(kind):
+    """The parity check runs the original on PyTorch's standard path (memory-efficient attention); in eval mode
+    without grad the original's users get the fast path: both agree far inside the tolerance."""
+    model, embedding = make_original(kind), gene_embedding()
+    x = parity_inputs(NUM_GENES, num_cells=6)
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        fast = model(x, embedding)
+        with memory_efficient_reference():
+            assert not torch.backends.mha.get_fastpath_enabled()
+            standard = model(x, embedding)
+    assert torch.backends.mha.get_fastpath_enabled() == enabled
+    assert (fast - standard).abs().max().item() <= PARITY_TOLERANCE / 10
+
+
+def test_parity_inputs_look_like_the_originals_x():
+    """Fixed, log1p of counts normalised to 1e4, varied depth, and with the two extreme cells at the end."""
+    x = parity_inputs(2000, num_cells=8)
+    torch.testing.assert_close(x, parity_inputs(2000, num_cells=8), rtol=0, atol=0)
+    assert x.shape == (8, 2000) and x.dtype == torch.float32 and bool((x >= 0).all())
+    normalised = torch.expm1(x[:-2].double()).sum(dim=1)
+    torch.testing.assert_close(normalised, torch.full((6,), 1e4, dtype=torch.float64), rtol=1e-4, atol=0)
+    nonzero = (x[:-2] > 0).float().mean(dim=1)
+    assert nonzero[0] < 0.1 and nonzero[-1] > 0.3 and bool((nonzero.diff() > 0).all())  # shallow to deep cells
+    assert bool((x[-2] == 0).all())  # an empty cell
+    assert (x[-1] > 0).sum() == 1 and x[-1].max().item() == pytest.approx(np.log1p(1e4))  # one counted gene
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -125,8 +189,12 @@ def test_conversion_reproduces_the_original(converted, kind):
         assert len(config["id2label"]) == NUM_CLASSES and config["freeze_backbone"] is True
     assert (out_dir / "model.safetensors").exists()
 
+    assert (result.parity_cells, result.num_genes) == (PARITY_CELLS, NUM_GENES)
     card = (out_dir / "README.md").read_text()
     assert f"`{kind}.pt`" in card and "## Parity" in card and final in card
+    assert f"{PARITY_CELLS} cells x all {NUM_GENES} panel genes" in card
+    for name, diff in result.parity.items():
+        assert f"| {name} | {diff:.3e} |" in card
     assert not [path for path in out_dir.parent.iterdir() if path.name.startswith(".hf.")]  # no staging left over
 
 
@@ -151,7 +219,7 @@ def test_saved_tokenizer_makes_the_original_inputs(converted):
 
 def test_reload_in_a_fresh_process(converted, tmp_path):
     """Each converted checkpoint, loaded by a new interpreter with its tokenizer, gives the original's outputs."""
-    x = parity_inputs(NUM_GENES, batch_size=3, seed=7)
+    x = parity_inputs(NUM_GENES, num_cells=3, seed=7)
     np.save(tmp_path / "x.npy", x.numpy())
     dirs = {kind: str(out_dir) for kind, (_, _, out_dir) in converted.items()}
     script = textwrap.dedent(
@@ -261,10 +329,8 @@ def test_failed_parity_writes_nothing_and_existing_output_is_kept(tmp_path):
 
 
 def cli_main(argv: list[str]) -> int:
-    """`scgene convert ...` through its command module (as `scgene.cli` wires it)."""
-    parser = argparse.ArgumentParser(prog="scgene convert")
-    convert_command.add_arguments(parser)
-    return convert_command.run(parser.parse_args(argv))
+    """`scgene convert ...` through the real `scgene` command line."""
+    return scgene_main(["convert", *argv])
 
 
 def test_command_and_script_print_the_parity_report(tmp_path, capsys):
@@ -272,9 +338,10 @@ def test_command_and_script_print_the_parity_report(tmp_path, capsys):
     args = ["--checkpoint", str(checkpoint), "--gene-embedding", str(prior), "--out", str(tmp_path / "hf")]
     assert cli_main(args) == 1
     assert "Pass --num-heads" in capsys.readouterr().err
-    assert cli_main(args + ["--num-heads", str(HEADS)]) == 0
+    assert cli_main(args + ["--num-heads", str(HEADS), "--parity-cells", "5"]) == 0
     report = capsys.readouterr().out
     assert "max abs diff" in report and "hidden states" in report and "FAIL" not in report
+    assert f"5 fixed cells x all {NUM_GENES} panel genes" in report
     assert not [path for path in (tmp_path / "hf").iterdir() if "tokenizer" in path.name]  # no gene list, no tokenizer
     script = Path(__file__).parents[1] / "conversion" / "convert_scgene_original_to_hf.py"
     run = subprocess.run(
@@ -282,4 +349,10 @@ def test_command_and_script_print_the_parity_report(tmp_path, capsys):
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert "hidden states" in run.stdout
+    assert "hidden states" in run.stdout and f"{PARITY_CELLS} fixed cells" in run.stdout
+
+
+def test_parity_cells_default_is_the_one_in_the_help():
+    parser = argparse.ArgumentParser()
+    convert_command.add_arguments(parser)
+    assert f"default {PARITY_CELLS}," in parser.format_help()

@@ -25,11 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="Attention heads; needed unless the checkpoint stores a config with it (the weights do not tell).",
     )
+    parser.add_argument(
+        "--parity-cells",
+        type=int,
+        default=None,
+        help="Fixed cells the parity check runs over the whole panel (default 8, scgene.conversion.PARITY_CELLS); "
+        "its time grows with the square of the panel size, its memory linearly.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
 
 
 def run(args: argparse.Namespace) -> int:
-    from scgene.conversion import ConversionError, convert, format_parity_report
+    from scgene.conversion import PARITY_CELLS, ConversionError, convert
 
     try:
         result = convert(
@@ -39,10 +46,11 @@ def run(args: argparse.Namespace) -> int:
             genes=args.genes,
             num_heads=args.num_heads,
             overwrite=args.overwrite,
+            parity_cells=PARITY_CELLS if args.parity_cells is None else args.parity_cells,
         )
     except ConversionError as error:
         print(f"scgene convert: error: {error}", file=sys.stderr)
         return 1
     print(f"Converted {args.checkpoint} ({result.kind}) to {result.out_dir}")
-    print(format_parity_report(result.parity))
+    print(result.parity_report())
     return 0

@@ -12,6 +12,7 @@ reference implementation of the original models, which therefore lives here too 
 from scgene.conversion.original_to_hf import (
     HEAD_TABLES,
     KEY_TABLE,
+    PARITY_CELLS,
     PARITY_TOLERANCE,
     ConversionError,
     ConversionResult,
@@ -22,6 +23,7 @@ from scgene.conversion.original_to_hf import (
 __all__ = [
     "HEAD_TABLES",
     "KEY_TABLE",
+    "PARITY_CELLS",
     "PARITY_TOLERANCE",
     "ConversionError",
     "ConversionResult",

@@ -27,6 +27,7 @@ def model_card(
     if sizes.kind == "classifier":
         shape += f", cls_decoder {num_genes} -> {sizes.classifier_hidden_size} -> {sizes.num_labels} classes"
     source_lines = "\n".join(f"- {name}: `{path.name}` (sha256 `{sha256_file(path)}`)" for name, path in sources.items())
+    edge_cells = ", the last two an empty cell and a cell with a single counted gene" if parity_cells >= 4 else ""
     parity_rows = "\n".join(f"| {name} | {diff:.3e} |" for name, diff in parity.items())
     from_tokenizer = (
         "tokenizer = ScGeneTokenizer.from_pretrained(path)  # every panel gene, in panel order, no <cls> token\n"
@@ -60,8 +61,11 @@ The special-token embeddings are zero: the original has no special tokens.
 
 ## Parity
 
-The converted model, reloaded from disk, against a reference implementation of the original on fixed inputs
-({parity_cells} cells, log1p of Poisson counts), fp32, eval mode. Tolerance: {tolerance:g}.
+The converted model, reloaded from disk and fed the panel ids (no `<cls>`) with the original's `x` as
+`expression_values`, against a reference implementation of the original (PyTorch's `nn.TransformerEncoder` with
+the checkpoint's weights, on its standard path rather than the inference fast path, which would hold every
+genes x genes attention matrix in memory) on fixed inputs: {parity_cells} cells x all {num_genes} panel genes, log1p of
+Poisson counts normalised to 1e4 per cell{edge_cells}; fp32, eval mode. Tolerance: {tolerance:g}.
 
 | output | max abs diff |
 |---|---|
