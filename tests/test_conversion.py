@@ -23,6 +23,7 @@ from scgene.conversion.original_to_hf import (
     load_checkpoint,
     memory_efficient_reference,
     parity_inputs,
+    read_gene_embedding,
     reference_outputs,
 )
 
@@ -277,6 +278,18 @@ def test_checkpoint_prefixes_are_stripped(tmp_path):
         torch.save({"state_dict": {prefix + key: value for key, value in state_dict.items()}}, tmp_path / "c.pt")
         loaded, _ = load_checkpoint(tmp_path / "c.pt")
         assert sorted(loaded) == sorted(state_dict), prefix
+
+
+def test_gene_embedding_saved_as_the_batched_forward_input(tmp_path):
+    """The original's forward takes `gene_embedding` as (batch, input_dim, feature_dim): one matrix repeated."""
+    embedding = gene_embedding()
+    torch.save(embedding.expand(4, -1, -1).clone(), tmp_path / "batched.pt")
+    torch.testing.assert_close(read_gene_embedding(tmp_path / "batched.pt"), embedding, rtol=0, atol=0)
+    varying = embedding.expand(2, -1, -1).clone()
+    varying[1, 0, 0] += 1.0
+    torch.save(varying, tmp_path / "varying.pt")
+    with pytest.raises(ConversionError, match="differs between the cells"):
+        read_gene_embedding(tmp_path / "varying.pt")
 
 
 def test_gene_embedding_of_the_wrong_size_is_refused(tmp_path):

@@ -185,7 +185,12 @@ def read_gene_embedding(path: str | Path) -> torch.Tensor:
             )
         tensors = {named[0]: tensors[named[0]]}
     embedding = next(iter(tensors.values()))
-    if embedding.dim() == 3 and embedding.shape[0] == 1:  # saved as the forward input (1, input_dim, feature_dim)
+    if embedding.dim() == 3:  # saved as the forward input (batch, input_dim, feature_dim): one matrix repeated
+        if not bool((embedding == embedding[:1]).all()):
+            raise ConversionError(
+                f"Gene embedding {path} has shape {tuple(embedding.shape)} and differs between the cells of the "
+                "batch; the converted model stores one (input_dim, feature_dim) matrix for every cell."
+            )
         embedding = embedding[0]
     if embedding.dim() != 2:
         raise ConversionError(
