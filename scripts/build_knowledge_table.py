@@ -13,6 +13,10 @@ order, with columns:
   biotype), the input of the sentence-transformer.
 
     python scripts/build_knowledge_table.py [--data ../shared/data] [--output PATH] [--min-size 50] [--max-size 500]
+                                            [--vocab src/scgene/resources/human_vocab.json.gz]
+
+The output is written atomically with a fixed gzip header, so the same inputs give the same bytes. The input
+files are only read.
 """
 
 from __future__ import annotations
@@ -34,6 +38,27 @@ from scgene.prior.knowledge import DEFAULT_TABLE  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 VOCAB = REPO / "src" / "scgene" / "resources" / "human_vocab.json.gz"
+INPUTS = [
+    "genes/genes_homo_sapiens.csv.gz",
+    "genes/org_Hs_eg_gene_table.tsv.gz",
+    "genes/gene_text_from_org_Hs_eg_GO.json.gz",
+    "genesets/h.all.v7.0.symbols.gmt",
+    "genesets/go_bp.symbols.gmt.gz",
+    "genesets/go_mf.symbols.gmt.gz",
+    "genesets/go_cc.symbols.gmt.gz",
+    "regulation/lambert2018.txt",
+]
+
+
+def check_inputs(data: Path, vocab: Path) -> None:
+    """Name every missing input file at once, and how to point the script at the data."""
+    missing = [str(data / name) for name in INPUTS if not (data / name).is_file()]
+    missing += [] if vocab.is_file() else [str(vocab)]
+    if missing:
+        raise SystemExit(
+            f"Missing input file(s): {missing}. Pass the shared data folder with --data (it needs genes/, "
+            "genesets/ and regulation/ as described in its README) and the vocabulary with --vocab."
+        )
 
 
 def read_gmt(path: Path) -> list[tuple[str, str, list[str]]]:
@@ -72,12 +97,19 @@ def descriptions(data: Path, genes: list[tuple[str, str]], biotypes: dict[str, s
     return texts
 
 
-def build(data: Path, min_size: int, max_size: int) -> pd.DataFrame:
-    with gzip.open(VOCAB, "rt", encoding="utf-8") as handle:
+def build(data: Path, min_size: int, max_size: int, vocab_path: Path = VOCAB) -> pd.DataFrame:
+    check_inputs(data, vocab_path)
+    with gzip.open(vocab_path, "rt", encoding="utf-8") as handle:
         vocab = json.load(handle)
     genes = list(zip(vocab["ensembl_ids"], vocab["symbols"]))
     with gzip.open(data / "genes" / "genes_homo_sapiens.csv.gz", "rt", newline="") as handle:
         biotypes = {row[0]: row[4] for row in csv.reader(handle)}
+    unknown = [e for e, _ in genes if e not in biotypes]
+    if unknown:
+        raise SystemExit(
+            f"{len(unknown)} vocabulary genes are not in genes_homo_sapiens.csv.gz, e.g. {unknown[:5]}: the "
+            "vocabulary and the GENCODE gene table must come from the same release."
+        )
     symbols = [s for _, s in genes]
     tfs = set((data / "regulation" / "lambert2018.txt").read_text().split())
     sets = gene_set_columns(data, set(filter(None, symbols)), min_size, max_size)
@@ -96,14 +128,17 @@ def build(data: Path, min_size: int, max_size: int) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared data folder (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=DEFAULT_TABLE, help="output .csv.gz (default: %(default)s)")
     parser.add_argument("--min-size", type=int, default=50, help="smallest GO set kept, in vocabulary genes")
     parser.add_argument("--max-size", type=int, default=500, help="largest GO set kept, in vocabulary genes")
-    args = parser.parse_args()
-    table = build(args.data, args.min_size, args.max_size)
+    parser.add_argument("--vocab", type=Path, default=VOCAB, help="vocabulary JSON (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.min_size <= args.max_size:
+        raise SystemExit(f"Need 1 <= --min-size <= --max-size, got {args.min_size} and {args.max_size}.")
+    table = build(args.data, args.min_size, args.max_size, args.vocab)
     with atomic_path(args.output) as tmp:
         # No file name and mtime=0 in the gzip header keep the bytes reproducible.
         with open(tmp, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle:
