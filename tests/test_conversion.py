@@ -218,6 +218,20 @@ def test_saved_tokenizer_makes_the_original_inputs(converted):
     assert (got - expected).abs().max().item() <= PARITY_TOLERANCE
 
 
+def test_tokenizer_target_sum_is_the_one_given(tmp_path, capsys):
+    """The seed's `sc.pp.normalize_total` names no target: `--target-sum` sets the panel tokenizer's."""
+    from scgene import ScGeneTokenizer
+
+    _, checkpoint, prior, genes = write_inputs(tmp_path, "cluster", "bare", "npy")
+    args = ["--checkpoint", str(checkpoint), "--gene-embedding", str(prior), "--genes", str(genes)]
+    assert cli_main([*args, "--out", str(tmp_path / "hf"), "--num-heads", str(HEADS), "--target-sum", "5000"]) == 0
+    assert ScGeneTokenizer.from_pretrained(tmp_path / "hf").target_sum == 5000
+    assert "normalises each cell to 5000 counts" in (tmp_path / "hf" / "README.md").read_text()
+    assert cli_main([*args, "--out", str(tmp_path / "bad"), "--num-heads", str(HEADS), "--target-sum", "0"]) == 1
+    assert "Cannot build the panel tokenizer: target_sum must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_reload_in_a_fresh_process(converted, tmp_path):
     """Each converted checkpoint, loaded by a new interpreter with its tokenizer, gives the original's outputs."""
     x = parity_inputs(NUM_GENES, num_cells=3, seed=7)

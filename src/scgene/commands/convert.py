@@ -32,6 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Fixed cells the parity check runs over the whole panel (default 8, scgene.conversion.PARITY_CELLS); "
         "its time grows with the square of the panel size, its memory linearly.",
     )
+    parser.add_argument(
+        "--target-sum",
+        type=float,
+        default=1e4,
+        help="Counts per cell the panel tokenizer normalises to before log1p, as the original's "
+        "sc.pp.normalize_total did (default %(default)g).",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing output directory.")
 
 
@@ -47,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
             num_heads=args.num_heads,
             overwrite=args.overwrite,
             parity_cells=PARITY_CELLS if args.parity_cells is None else args.parity_cells,
+            target_sum=args.target_sum,
         )
     except ConversionError as error:
         print(f"scgene convert: error: {error}", file=sys.stderr)

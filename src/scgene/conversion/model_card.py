@@ -18,6 +18,7 @@ def model_card(
     tolerance: float,
     has_tokenizer: bool,
     parity_cells: int,
+    target_sum: float = 1e4,
 ) -> str:
     """A model card draft; `sizes` is the `OriginalSizes` read from the checkpoint."""
     shape = (
@@ -33,6 +34,13 @@ def model_card(
         "tokenizer = ScGeneTokenizer.from_pretrained(path)  # every panel gene, in panel order, no <cls> token\n"
         "batch = tokenizer(adata, return_tensors=\"pt\")  # raw counts; adata must hold every panel gene\n"
         "outputs = model(**batch)\n\n"
+        if has_tokenizer
+        else ""
+    )
+    target_note = (
+        f"\nThe saved tokenizer normalises each cell to {target_sum:g} counts (`scgene convert --target-sum`). Seed "
+        "000 does not name the original's target, and `sc.pp.normalize_total` without one uses the dataset's "
+        "median count: check that the tokenizer's target is the one the original was trained with."
         if has_tokenizer
         else ""
     )
@@ -73,8 +81,8 @@ Poisson counts normalised to 1e4 per cell{edge_cells}; fp32, eval mode. Toleranc
 
 ## Usage
 
-The original's input `x` is log1p of counts normalised to 1e4 per cell, one column per panel gene in panel order;
-panel gene `i` has id `3 + i`, and there is no `<cls>` token.
+The original's input `x` is log1p of `sc.pp.normalize_total` counts, one column per panel gene in panel order;
+panel gene `i` has id `3 + i`, and there is no `<cls>` token.{target_note}
 
 ```python
 import torch

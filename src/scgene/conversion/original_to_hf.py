@@ -579,6 +579,7 @@ def convert(
     overwrite: bool = False,
     tolerance: float = PARITY_TOLERANCE,
     parity_cells: int = PARITY_CELLS,
+    target_sum: float = 1e4,
 ) -> ConversionResult:
     """Convert one original checkpoint into `out_dir` (written atomically, only once parity holds after a reload)."""
     out_dir = Path(out_dir)
@@ -609,7 +610,7 @@ def convert(
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
         model.save_pretrained(staging)
-        input_ids = write_panel_tokenizer(staging, gene_list, num_genes)
+        input_ids = write_panel_tokenizer(staging, gene_list, num_genes, target_sum)
         reloaded = model_class.from_pretrained(staging, dtype=torch.float32).eval()
         parity = measure_parity(original, reloaded, embedding, input_ids, num_cells=parity_cells)
         if any(diff > tolerance for diff in parity.values()):
@@ -631,6 +632,7 @@ def convert(
             tolerance,
             has_tokenizer=gene_list is not None,
             parity_cells=parity_cells,
+            target_sum=target_sum,
         )
         (staging / "README.md").write_text(card)
         _move_into_place(staging, out_dir)
@@ -640,7 +642,9 @@ def convert(
     return ConversionResult(out_dir, sizes.kind, config.to_dict(), parity, parity_cells, num_genes, tolerance)
 
 
-def write_panel_tokenizer(directory: Path, gene_list: list[str] | None, num_genes: int) -> list[int]:
+def write_panel_tokenizer(
+    directory: Path, gene_list: list[str] | None, num_genes: int, target_sum: float = 1e4
+) -> list[int]:
     """Save the panel's tokenizer (when a gene list is given) and return the ids the reloaded one gives the panel.
 
     The panel's genes must get ids 3, 4, ... in the gene-list order, the rows of the prior built from the embedding.
@@ -651,7 +655,12 @@ def write_panel_tokenizer(directory: Path, gene_list: list[str] | None, num_gene
         return expected
     from scgene.tokenization_scgene import ScGeneTokenizer
 
-    tokenizer = ScGeneTokenizer.from_gene_list(gene_list, gene_selection="all", add_cls_token=False, max_length=None)
+    try:
+        tokenizer = ScGeneTokenizer.from_gene_list(
+            gene_list, gene_selection="all", add_cls_token=False, max_length=None, target_sum=target_sum
+        )
+    except ValueError as error:
+        raise ConversionError(f"Cannot build the panel tokenizer: {error}") from None
     tokenizer.save_pretrained(directory)
     try:
         input_ids = list(ScGeneTokenizer.from_pretrained(directory).convert_genes_to_ids(gene_list))
