@@ -3,7 +3,7 @@
 Same as `scgene convert`; the implementation is `scgene.conversion` (importable from the installed package):
 
     python conversion/convert_scgene_original_to_hf.py --checkpoint model.pt --gene-embedding prior.npy \
-        --genes genes.txt --out converted/ [--num-heads 8]
+        --genes genes.txt --out converted/ [--num-heads 8] [--parity-cells 8] [--target-sum 1e4]
 """
 
 from __future__ import annotations
