@@ -171,3 +171,13 @@ def test_memory_stays_blockwise():
     assert working < dense_cells_by_genes / 4, (working, dense_cells_by_genes)
     pearson = BlockwisePearson(X, block_size=block)
     assert {pearson.uses_sparse_product(a, b) for a, b in pearson.block_pairs} == {True, False}
+
+
+def test_no_block_spans_the_whole_panel(pbmc):
+    """With the default block size (1024) a 200-gene panel is still split, so neither a dense cells x genes block
+    nor a full genes x genes tile is ever formed."""
+    pearson = BlockwisePearson(pbmc.X)
+    assert pearson.tile_genes == -(-len(pearson.kept) // 2) and len(pearson.blocks) == 2
+    assert all(pearson.tile(a, b).shape[0] < len(pearson.kept) for a, b in pearson.block_pairs)
+    _, info = coexpression_edges(pbmc.X, pbmc.var_names, block_size=64, progress=False)
+    assert (info.block_size, info.tile_genes) == (64, 64)

@@ -48,6 +48,7 @@ class CoexpressionInfo:
     n_positive_edges: int = 0
     n_negative_edges: int = 0
     block_size: int = 1024
+    tile_genes: int = 1024
     max_cells: int | None = None
     seed: int = 0
 
@@ -62,6 +63,8 @@ class CoexpressionInfo:
 class BlockwisePearson:
     """Pearson correlation between the columns (genes) of a sparse matrix, one tile of gene blocks at a time.
 
+    A block holds `block_size` genes, or half of the genes with variance if that is fewer (`tile_genes`), so
+    memory is O(cells x block + block^2) and never a dense cells x genes or a full genes x genes matrix.
     Genes with zero variance have no defined correlation and are skipped (`kept` lists the others). With
     `max_cells`, a seeded random subset of cells (rows) is used. The matrix is held once, as float32 CSC, so a
     gene block is a cheap column selection; sums and sparse products are taken in float64, dense tiles in
@@ -93,7 +96,10 @@ class BlockwisePearson:
         self.mean, self.std = mean, np.sqrt(var)
         self.detection = np.diff(self.matrix.indptr) / self.n_cells
         by_detection = self.kept[np.argsort(self.detection[self.kept], kind="stable")]
-        self.blocks = [by_detection[s : s + block_size] for s in range(0, len(by_detection), block_size)]
+        # At most half the genes per block, so that no tile or dense block ever spans the whole gene panel.
+        self.tile_genes = min(block_size, max(1, -(-len(by_detection) // 2)))
+        step = self.tile_genes
+        self.blocks = [by_detection[s : s + step] for s in range(0, len(by_detection), step)]
         self.block_density = [float(self.detection[b].mean()) for b in self.blocks]
 
     def _column_moments(self, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +243,7 @@ def coexpression_edges(
         n_positive_edges=int((r > 0).sum()),
         n_negative_edges=int((r < 0).sum()),
         block_size=block_size,
+        tile_genes=pearson.tile_genes,
         max_cells=max_cells,
         seed=seed,
     )
