@@ -120,3 +120,16 @@ def test_word2vec_text_round_trip_and_published_variants(tmp_path):
     np.testing.assert_allclose(load_word2vec_text(headerless)[1], vectors, rtol=1e-6)
     with pytest.raises(ValueError, match="whitespace"):
         save_word2vec_text(tmp_path / "bad.txt", ["BAD GENE"], vectors[:1])
+
+
+def test_malformed_vector_files_name_the_line(tmp_path):
+    path = tmp_path / "vectors.txt"
+    path.write_text("2 3\nTP53 0.5 -1.25 3e-05\nMYC 1 two 3\n")
+    with pytest.raises(ValueError, match=r"line 3 is not 'GENE v1 ... vD'.*'MYC 1 two 3'"):
+        load_word2vec_text(path)
+    path.write_text("TP53 0.5 1\nMYC\n")
+    with pytest.raises(ValueError, match="line 2 has a gene name but no vector"):
+        load_word2vec_text(path)
+    path.write_text("TP53 0.5 1\nMYC 1 2 3\n")
+    with pytest.raises(ValueError, match=r"vectors of different lengths \[2, 3\]"):
+        load_word2vec_text(path)

@@ -176,8 +176,17 @@ def load_word2vec_text(path) -> tuple[list[str], np.ndarray]:
                 continue
             if line_number == 1 and len(fields) == 2 and all(f.isdigit() for f in fields):
                 continue
+            try:
+                vector = np.asarray(fields[1:], dtype=np.float32)
+            except ValueError:
+                raise ValueError(
+                    f"{path} line {line_number} is not 'GENE v1 ... vD' with numbers after the gene name: "
+                    f"{line[:80].rstrip()!r}. Pass a word2vec text file (the published Gene2vec format)."
+                ) from None
+            if not len(vector):
+                raise ValueError(f"{path} line {line_number} has a gene name but no vector: {line[:80].rstrip()!r}.")
             genes.append(fields[0])
-            rows.append(np.asarray(fields[1:], dtype=np.float32))
+            rows.append(vector)
     if not rows:
         raise ValueError(f"{path} holds no vectors.")
     sizes = {len(r) for r in rows}
