@@ -68,13 +68,69 @@ def test_from_gene_list_keeps_order_and_fills_the_other_id():
         ScGeneTokenizer.from_gene_list(["ENSG00000141510", "ENSG00000141510.2"])
 
 
+def test_from_gene_table_with_aliases(caplog):
+    table = pd.DataFrame({
+        "gene_id": ["ENSG00000141510.17", "ENSG00000133703", None, "ENSG00000010610"],
+        "name": ["TP53", "KRAS", "MYGENE", np.nan],
+        "synonyms": ["P53|LFS1|SHARED", ["K-RAS2A", "SHARED"], "MYG1|KRAS", np.nan],
+    })
+    with caplog.at_level(logging.WARNING):
+        tokenizer = ScGeneTokenizer.from_gene_table(table, "gene_id", "name", alias_column="synonyms", species="homo_sapiens")
+    assert "SHARED" in caplog.text  # names two genes: dropped
+    assert tokenizer.ensembl_ids[3:] == ["ENSG00000141510", "ENSG00000133703", "", "ENSG00000010610"]
+    assert tokenizer.symbols[3:] == ["TP53", "KRAS", "MYGENE", ""]
+    # aliases to Ensembl ids and, for a gene without one, to its symbol; an alias never shadows a symbol
+    assert tokenizer.convert_genes_to_ids(["P53", "LFS1", "K-RAS2A", "MYG1", "KRAS", "ENSG00000010610.2"]) == [3, 3, 4, 5, 4, 6]
+    with pytest.raises(KeyError, match="SHARED"):
+        tokenizer.convert_genes_to_ids(["SHARED"])
+    with pytest.raises(KeyError, match=r"not found.*ensembl_column="):
+        ScGeneTokenizer.from_gene_table(table, "ensembl", "name")
+    # a symbol-only table, as a dict of lists
+    symbols_only = ScGeneTokenizer.from_gene_table({"symbol": ["A1", "B2"], "alias": ["A-ONE", ""]}, None, alias_column="alias")
+    assert symbols_only.convert_genes_to_ids(["A-ONE", "B2"]) == [3, 4]
+
+
+def test_vocabulary_rejects_unusable_genes():
+    with pytest.raises(ValueError, match="neither an Ensembl id nor a symbol"):
+        ScGeneTokenizer.from_gene_list(["CD3E", ""])
+    with pytest.raises(ValueError, match="Symbol MY_GENE appears twice"):
+        ScGeneTokenizer.from_gene_list(["MY_GENE", "MY_GENE"])
+    with pytest.raises(ValueError, match="special token"):
+        ScGeneTokenizer.from_gene_list(["CD3E", "<mask>"])
+
+
+def test_from_anndata_takes_symbols_from_a_var_column(tokenizer, cellbench):
+    default = tokenizer
+    tokenizer = ScGeneTokenizer.from_anndata(cellbench)
+    is_ensembl = cellbench.var_names.str.startswith("ENSG")
+    assert 0 < (~is_ensembl).sum() < 50  # ERCC spike-ins: kept by name
+    assert tokenizer.ensembl_ids[3:] == [name if e else "" for name, e in zip(cellbench.var_names, is_ensembl)]
+    for name, symbol, found in zip(cellbench.var_names, cellbench.var["gene_symbol"].astype(str), tokenizer.symbols[3:]):
+        if not name.startswith("ENSG"):
+            assert found == name
+        elif not symbol.startswith("ENSG"):
+            assert found == symbol  # the adata's own symbol, not the default vocabulary's
+        else:  # no symbol in the adata: the default vocabulary's, if it has one
+            assert found == (default.symbols[default._lookup(name)] if default._lookup(name) else "")
+    assert tokenizer.species == "homo_sapiens"
+    # genes the default vocabulary does not know (mouse) keep the adata's own symbols, and no species
+    mouse = small_adata(np.ones((2, 2)), ["ENSMUSG00000029580", "ENSMUSG00000057666"])
+    mouse.var["feature_name"] = ["Actb", "Gapdh"]
+    tokenizer = ScGeneTokenizer.from_anndata(mouse, min_coverage=0.9)
+    assert tokenizer.symbols[3:] == ["Actb", "Gapdh"] and tokenizer.species == ""
+    assert tokenizer.convert_genes_to_ids(["Gapdh", "ENSMUSG00000029580.4"]) == [4, 3]
+    batch = tokenizer(mouse, return_tensors="np")
+    assert batch["input_ids"][0].tolist() == [1, 3, 4]
+
+
 def test_hub_files_import_only_allowed_modules():
-    import scgene.tokenization_scgene as module
     from transformers.dynamic_module_utils import get_relative_import_files
+
+    import scgene.tokenization_scgene as module
 
     # the tokenizer and every file it imports relatively (copied with it by save_pretrained)
     files = [module.__file__, *get_relative_import_files(module.__file__)]
-    assert {Path(f).name for f in files} == {"tokenization_scgene.py", "encoding_scgene.py"}
+    assert {Path(f).name for f in files} == {"tokenization_scgene.py", "encoding_scgene.py", "vocabulary_scgene.py"}
     for file in files:
         # transformers' check_imports skips imports inside try/except, so scipy/anndata stay optional
         third_party = set(get_imports(file)) - set(sys.stdlib_module_names)
@@ -103,13 +159,49 @@ def test_custom_vocabulary_survives_save_and_load(tmp_path, pbmc):
 
 
 def test_auto_feature_extractor_after_import(tmp_path, tokenizer, pbmc):
-    import scgene  # noqa: F401  (registers ScGeneTokenizer with AutoFeatureExtractor)
     from transformers import AutoFeatureExtractor
+
+    import scgene  # noqa: F401  (registers ScGeneTokenizer with AutoFeatureExtractor)
 
     tokenizer.save_pretrained(tmp_path)
     loaded = AutoFeatureExtractor.from_pretrained(tmp_path)
     assert type(loaded).__name__ == "ScGeneTokenizer"
     assert_same_batch(tokenizer(pbmc[:20]), loaded(pbmc[:20]))
+
+
+def test_trainer_saves_the_tokenizer_with_every_checkpoint(tmp_path):
+    """Trainer(processing_class=tokenizer) writes it into each checkpoint, from where AutoFeatureExtractor loads it."""
+    import datasets
+    from modeling_helpers import tiny_config
+    from transformers import AutoFeatureExtractor, Trainer, TrainingArguments
+
+    from scgene import ScGeneForMaskedExpression
+    from scgene.data import DataCollatorForMaskedExpression
+
+    genes = [f"G{i}" for i in range(30)]
+    tokenizer = ScGeneTokenizer.from_gene_list(genes, n_bins=6)
+    cells = small_adata(np.random.default_rng(0).poisson(1.0, (16, 30)), genes)
+    rows = [dict(zip(("input_ids", "expression_values", "expression_bins"), cell)) for cell in ragged_cells(tokenizer, cells)]
+    torch.manual_seed(0)
+    model = ScGeneForMaskedExpression(tiny_config(vocab_size=tokenizer.vocab_size, n_bins=6))
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=2, save_steps=1, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", disable_tqdm=True, remove_unused_columns=False, save_only_model=True)
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=DataCollatorForMaskedExpression(tokenizer, seed=0), processing_class=tokenizer)
+    trainer.train()
+    checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
+    for checkpoint in checkpoints:
+        assert {"preprocessor_config.json", "vocab.json"} <= {p.name for p in checkpoint.iterdir()}
+        assert_same_batch(tokenizer(cells), AutoFeatureExtractor.from_pretrained(checkpoint)(cells))
+
+
+def ragged_cells(tokenizer, adata):
+    """(input_ids, expression_values, expression_bins) lists of each cell, unpadded."""
+    for chunk in tokenizer.iter_encoded(adata):
+        ends = np.cumsum(chunk.lengths)
+        for end, length in zip(ends, chunk.lengths):
+            yield tuple(getattr(chunk, name)[end - length : end].tolist() for name in ("input_ids", "expression_values", "expression_bins"))
 
 
 # ---------------------------------------------------------------- gene matching and coverage
@@ -164,6 +256,63 @@ def test_duplicated_genes_are_summed_with_a_warning(tokenizer, caplog):
     np.testing.assert_allclose(values[cd4], np.log1p(3 / 10 * 1e4), rtol=1e-6)
 
 
+def test_gene_column_detected_automatically_or_named(tokenizer, cellbench):
+    reference = tokenizer(cellbench[:20])
+    renamed = ad.AnnData(cellbench[:20].X.copy(), var=pd.DataFrame(
+        {"gene_ids": pd.Categorical(cellbench.var_names), "n_cells": np.arange(cellbench.n_vars)},
+        index=[str(i) for i in range(cellbench.n_vars)],
+    ))
+    assert tokenizer.map_genes(renamed).coverage.source == "gene_ids"
+    assert_same_batch(reference, tokenizer(renamed))
+    assert_same_batch(reference, tokenizer(renamed, gene_column="gene_ids"))
+    with pytest.raises(KeyError, match=r"'ensembl' is not a column of adata.var.*gene_ids"):
+        tokenizer(renamed, gene_column="ensembl")
+
+
+def test_special_token_names_in_the_input_are_not_genes(tokenizer):
+    batch = tokenizer(small_adata([[5, 1, 3]], ["TP53", "<cls>", "<mask>"]), return_tensors="np")
+    assert batch["input_ids"].tolist() == [[1, tokenizer.convert_genes_to_ids(["TP53"])[0]]]
+
+
+def test_every_call_reports_coverage_over_all_cells(tokenizer, caplog):
+    adata = small_adata([[1, 1, 2], [0, 4, 0]], ["TP53", "CD4", "NOT_A_GENE"])
+    with caplog.at_level(logging.INFO, logger="scgene"):
+        tokenizer(adata, chunk_size=1)
+    # the first cell alone has 50%; both cells 6 of 8 counts
+    assert "Gene coverage: 2/3 genes matched the vocabulary by symbol (from var_names), carrying 75.0% of the counts of 2 cells" in caplog.text
+    assert any(r.levelno == logging.WARNING and "Gene coverage" in r.message for r in caplog.records)  # under 90%
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scgene"):
+        tokenizer(small_adata([[1, 1]], ["TP53", "CD4"]))
+    assert [r.levelno for r in caplog.records if "Gene coverage" in r.message] == [logging.INFO]
+    assert "carrying 100.0% of the counts of 1 cells" in caplog.text
+
+
+def test_coverage_threshold_applies_to_the_whole_call(tokenizer):
+    # the first chunk is fully covered, the whole input is not (4 of 14 counts): the call still fails
+    adata = small_adata([[4, 0], [0, 10]], ["TP53", "NOT_A_GENE"])
+    chunks = tokenizer.iter_encoded(adata, chunk_size=1, num_threads=1)
+    assert next(chunks).lengths.tolist() == [2]
+    with pytest.raises(ValueError, match=r"28.6% of the counts of 2 cells, below min_coverage=0.5"):
+        list(chunks)
+    strict = ScGeneTokenizer(min_coverage=0.8)
+    with pytest.raises(ValueError, match=r"50.0% of the counts of 1 cells"):  # fails fast, on the first chunk
+        next(strict.iter_encoded(small_adata([[1, 1]], ["TP53", "NOT_A_GENE"])))
+    # no counts at all: nothing to judge, no error
+    assert tokenizer(small_adata([[0, 0]], ["TP53", "NOT_A_GENE"]))["input_ids"].tolist() == [[1]]
+
+
+def test_duplicated_genes_keep_the_input_column_order(tokenizer):
+    # TP53 comes after CD4 in the vocabulary but first in the input: with or without its duplicate, TP53 first
+    tp53, cd4 = tokenizer.convert_genes_to_ids(["TP53", "CD4"])
+    assert cd4 < tp53
+    with_duplicate = tokenizer(small_adata([[3, 5, 4], [0, 1, 2]], ["TP53", "CD4", "ENSG00000141510"]), return_tensors="np")
+    summed = tokenizer(small_adata([[7, 5], [2, 1]], ["TP53", "CD4"]), return_tensors="np")
+    assert with_duplicate["input_ids"].tolist() == summed["input_ids"].tolist() == [[1, tp53, cd4], [1, tp53, cd4]]
+    np.testing.assert_allclose(with_duplicate["expression_values"], summed["expression_values"], rtol=1e-6)
+    np.testing.assert_array_equal(with_duplicate["expression_bins"], summed["expression_bins"])
+
+
 # ---------------------------------------------------------------- input handling
 def test_log_normalized_input_is_not_normalized_twice(tokenizer, pbmc, caplog):
     raw = tokenizer(pbmc)
@@ -190,6 +339,52 @@ def test_input_anndata_is_not_modified(tokenizer, pbmc):
     pd.testing.assert_frame_equal(adata.obs, before[1])
     pd.testing.assert_frame_equal(adata.var, before[2])
     assert set(adata.uns) == set(before[3])
+
+
+def test_log_normalized_input_is_not_modified(tokenizer, pbmc):
+    lognorm = pbmc[:40].copy()
+    lognorm.X = sp.csr_matrix(np.log1p(lognorm.X.multiply(1e4 / lognorm.X.sum(axis=1)).tocsr()), dtype=np.float32)
+    before = lognorm.X.copy()
+    for kwargs in ({}, {"add_cls_token": False}):
+        batch = ScGeneTokenizer(**kwargs)(lognorm, return_tensors="np")
+        batch["expression_values"][:] = -7  # the output does not share memory with the input either
+    assert (lognorm.X != before).nnz == 0
+
+
+def test_target_sum_is_configurable():
+    tokenizer = ScGeneTokenizer.from_gene_list(GENES, add_cls_token=False, target_sum=100)
+    batch = tokenizer(small_adata(COUNTS, GENES), return_tensors="np")
+    np.testing.assert_allclose(batch["expression_values"][0, :3], np.log1p(np.array([3, 1, 6]) / 10 * 100), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"n_bins": 1}, "n_bins must be an integer of at least 2"),
+    ({"n_bins": 5, "bin_edges": [0.1, 0.2]}, "bin_edges must be 3 non-decreasing numbers"),
+    ({"max_length": 1}, "max_length counts the tokens of a cell, <cls> included"),
+    ({"top_k": 0}, "top_k is a number of genes per cell"),
+    ({"min_coverage": 50}, "min_coverage is a fraction"),
+    ({"target_sum": 0}, "target_sum must be positive"),
+])
+def test_bad_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScGeneTokenizer(**kwargs)
+
+
+def test_bad_call_arguments_are_rejected(tokenizer, pbmc):
+    cells = pbmc[:5]
+    with pytest.raises(ValueError, match="padding must be 'longest'"):
+        tokenizer(cells, padding="longer")
+    with pytest.raises(ValueError, match="chunk_size is a number of cells"):
+        tokenizer(cells, chunk_size=0)
+    with pytest.raises(ValueError, match="max_length counts the tokens"):
+        tokenizer(cells, max_length=1)
+    with pytest.raises(KeyError, match=r"label_column 'celltype' is not an obs column.*cell_type"):
+        tokenizer(cells, label_column="celltype")
+    unlabeled = cells.copy()
+    unlabeled.obs["cell_type"] = unlabeled.obs["cell_type"].astype(object)
+    unlabeled.obs.iloc[1, unlabeled.obs.columns.get_loc("cell_type")] = None
+    with pytest.raises(ValueError, match="1 missing labels"):
+        tokenizer(unlabeled, label_column="cell_type")
 
 
 # ---------------------------------------------------------------- selection modes on a known matrix
@@ -235,10 +430,10 @@ def test_top_k_selection_and_deterministic_truncation(known):
     assert [sorted(tokens(truncated, r)) for r in range(3)] == [[4, 7], [3], [5, 6]]
 
 
-def test_seeded_sampling_for_training(known):
-    tokenizer, _ = known
-    adata = small_adata(np.arange(1, 41, dtype=float)[None, :].repeat(4, 0), tokenizer.symbols[3:8] * 0 + [f"G{i}" for i in range(40)])
-    tokenizer = ScGeneTokenizer.from_gene_list([f"G{i}" for i in range(40)])
+def test_seeded_sampling_for_training():
+    genes = [f"G{i}" for i in range(40)]
+    adata = small_adata(np.arange(1, 41, dtype=float)[None, :].repeat(4, 0), genes)
+    tokenizer = ScGeneTokenizer.from_gene_list(genes)
     first = tokenizer(adata, max_length=11, seed=1)
     assert_same_batch(first, tokenizer(adata, max_length=11, seed=1))
     sampled = [set(tokens(first, r)) for r in range(4)]
@@ -292,6 +487,14 @@ def test_global_bins_fitted_saved_and_monotone(tmp_path, pbmc):
     assert_same_batch(batch, ScGeneTokenizer.from_pretrained(tmp_path)(pbmc, return_tensors="np"))
 
 
+def test_global_bin_edges_fitted_on_a_corpus_of_several_anndatas(pbmc):
+    whole = ScGeneTokenizer(n_bins=11).fit_bin_edges(pbmc[:200], max_cells=200)
+    corpus = ScGeneTokenizer(n_bins=11).fit_bin_edges([pbmc[:120], pbmc[120:200]], max_cells=500)
+    np.testing.assert_allclose(corpus, whole)
+    sampled = ScGeneTokenizer(n_bins=11).fit_bin_edges([pbmc[:120], pbmc[120:200]], max_cells=50)
+    assert len(sampled) == 9 and not np.allclose(sampled, whole)
+
+
 # ---------------------------------------------------------------- outputs, determinism, backed
 def test_padding_tensors_and_labels(tokenizer, pbmc):
     batch = tokenizer(pbmc[:8], max_length=64, padding="max_length", pad_to_multiple_of=48, return_tensors="pt", label_column="cell_type")
@@ -336,7 +539,8 @@ def test_remote_code_load_without_the_package(tmp_path, tokenizer, pbmc):
     import scgene  # noqa: F401  (marks the class for auto_map on save)
 
     tokenizer.save_pretrained(tmp_path / "tok")
-    assert (tmp_path / "tok" / "tokenization_scgene.py").exists() and (tmp_path / "tok" / "encoding_scgene.py").exists()
+    for name in ("tokenization_scgene.py", "encoding_scgene.py", "vocabulary_scgene.py"):
+        assert (tmp_path / "tok" / name).exists(), name
     pbmc[:30].write_h5ad(tmp_path / "cells.h5ad")
     np.save(tmp_path / "expected.npy", tokenizer(pbmc[:30], return_tensors="np")["input_ids"])
     script = f"""
