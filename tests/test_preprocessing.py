@@ -65,6 +65,21 @@ def test_mito_genes_found_through_a_symbol_column():
     mouse = toy()
     mouse.var_names = ["mt-Co1", "Gapdh", "Cd3e", "Actb"]
     assert mito_mask(mouse).tolist() == [True, False, False, False]
+    # Ensembl ids alone (versioned): their symbols from the default human vocabulary
+    del adata.var["symbol"]
+    adata.var_names = [f"{name}.3" for name in adata.var_names]
+    assert mito_mask(adata).tolist() == [True, False, False, False]
+    np.testing.assert_allclose(preprocess(adata).obs["pct_counts_mt"].to_numpy(), [50.0, 10.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_mito_fraction": 20}, "max_mito_fraction is a fraction between 0 and 1"),
+    ({"target_sum": 0}, "target_sum must be positive"),
+    ({"gene_column": "symbol"}, "'symbol' is not a column of adata.var"),
+])
+def test_bad_settings_are_rejected(kwargs, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        preprocess(toy(), **kwargs)
 
 
 def test_log_normalized_input_detected_not_normalized_twice(pbmc, caplog):

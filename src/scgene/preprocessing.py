@@ -15,7 +15,9 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .tokenization_scgene import check_expression_values, looks_log_normalized
+from .encoding_scgene import check_expression_values, looks_log_normalized
+from .tokenization_scgene import ScGeneTokenizer
+from .vocabulary_scgene import is_ensembl_id, is_text_column, strip_ensembl_version
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,13 @@ def preprocess(
     - Input that is already log-normalised is detected and only QC'd (warning), never normalised twice.
     - NaN, infinite or negative values raise `ValueError`; the input AnnData is never modified.
     """
+    if not target_sum > 0:
+        raise ValueError(f"target_sum must be positive (counts per cell after normalize_total), got {target_sum}")
+    if max_mito_fraction is not None and not 0 <= max_mito_fraction <= 1:
+        raise ValueError(
+            f"max_mito_fraction is a fraction between 0 and 1 (0.2 keeps cells with at most 20% mitochondrial "
+            f"counts), got {max_mito_fraction}"
+        )
     adata = adata.to_memory() if adata.isbacked else adata.copy()
     matrix = adata.X
     adata.X = sp.csr_matrix(matrix, dtype=np.float32) if not sp.issparse(matrix) else matrix.tocsr().astype(np.float32)
@@ -78,14 +87,23 @@ def preprocess(
 
 def mito_mask(adata: AnnData, prefix: str = "MT-", gene_column: str | None = None) -> np.ndarray:
     """Mitochondrial genes by symbol prefix: from `gene_column`, else var_names, else the first string `var`
-    column with any hit (Ensembl var_names usually come with a symbol column)."""
+    column with any hit (Ensembl var_names usually come with a symbol column), else the symbols that the
+    default human vocabulary gives Ensembl var_names."""
     prefix = prefix.lower()
+    if gene_column is not None and gene_column not in adata.var.columns:
+        raise KeyError(f"gene_column {gene_column!r} is not a column of adata.var (it has {list(adata.var.columns)}).")
     candidates = [adata.var[gene_column]] if gene_column is not None else [adata.var_names]
     if gene_column is None:
-        candidates += [adata.var[c] for c in adata.var.columns if adata.var[c].dtype in (object, "category")]
+        candidates += [adata.var[c] for c in adata.var.columns if is_text_column(adata.var[c])]
     mask = np.zeros(adata.n_vars, dtype=bool)
     for names in candidates:
         mask = np.array([str(name).lower().startswith(prefix) for name in names], dtype=bool)
         if mask.any():
-            break
+            return mask
+    names = list(map(str, candidates[0]))
+    if sum(map(is_ensembl_id, names)) > len(names) / 2:
+        vocabulary = ScGeneTokenizer()
+        symbol_of = dict(zip(vocabulary.ensembl_ids, vocabulary.symbols))
+        symbols = [symbol_of.get(strip_ensembl_version(name), "") for name in names]
+        mask = np.array([symbol.lower().startswith(prefix) for symbol in symbols], dtype=bool)
     return mask
