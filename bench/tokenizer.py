@@ -15,13 +15,12 @@ shadows the standard library module that `inspect` and `linecache` import.)
 
 from __future__ import annotations
 
-import sys
-
 import argparse
 import csv
 import gzip
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 

@@ -84,3 +84,9 @@ def test_classification_collator(tokenizer):
     first = cells[0]
     assert batch["input_ids"][0, : len(first["input_ids"])].tolist() == first["input_ids"]
     assert (batch["input_ids"][0, len(first["input_ids"]) :] == tokenizer.pad_token_id).all()
+
+
+def test_classification_collator_names_a_missing_label_column(tokenizer):
+    cells = features(3)
+    with pytest.raises(KeyError, match=r"3 of 3 cells have no 'labels' label.*cell_type.*label_column="):
+        DataCollatorForCellClassification(tokenizer)(cells)

@@ -87,3 +87,46 @@ def test_cli_tokenize(tmp_path, pbmc, capsys):
     assert ScGeneTokenizer.from_pretrained(tmp_path / "out").n_bins == 11
     assert main(["tokenize", str(source), str(tmp_path / "out")]) == 1  # exists: a clear error, no traceback
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_tokenize_with_the_default_vocabulary(tmp_path, tokenizer, pbmc, capsys):
+    source = tmp_path / "cells.h5ad"
+    pbmc[:30].write_h5ad(source)
+    assert main(["tokenize", str(source), str(tmp_path / "out"), "--max-length", "64", "--format", "parquet"]) == 0
+    assert "Gene coverage" in capsys.readouterr().err  # the coverage report is shown
+    saved = ScGeneTokenizer.from_pretrained(tmp_path / "out")
+    assert saved.vocab_size == tokenizer.vocab_size and saved.ensembl_ids == tokenizer.ensembl_ids
+    table = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "data-*.parquet"), split="train", cache_dir=str(tmp_path / "cache"))
+    expected = tokenizer(pbmc[:30], max_length=64, return_tensors="np")
+    for row in (0, 29):
+        assert table[row]["input_ids"] == expected["input_ids"][row, : expected["attention_mask"][row].sum()].tolist()
+
+
+def test_cli_user_errors_are_one_line_messages(tmp_path, pbmc, capsys):
+    assert main(["tokenize", str(tmp_path / "missing.h5ad"), str(tmp_path / "out")]) == 1
+    assert "missing.h5ad is not a file" in capsys.readouterr().err
+    source = tmp_path / "cells.h5ad"
+    pbmc[:5].write_h5ad(source)
+    assert main(["tokenize", str(source), str(tmp_path / "out"), "--obs-columns", "celltype"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scgene tokenize: error: obs columns not found: ['celltype']") and "Traceback" not in err
+    assert main(["tokenize", str(source), str(tmp_path / "out"), "--num-shards", "0"]) == 1
+    assert "num_shards must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_overwrite_keeps_the_previous_output(tmp_path, tokenizer, pbmc, monkeypatch):
+    out = export_dataset(pbmc[:10], tmp_path / "ds", tokenizer)
+    original = ScGeneTokenizer.iter_encoded
+
+    def failing(self, adata, **kwargs):
+        yield from original(self, adata, **kwargs)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ScGeneTokenizer, "iter_encoded", failing)
+    with pytest.raises(RuntimeError):
+        export_dataset(pbmc[:20], out, tokenizer, overwrite=True)
+    monkeypatch.undo()
+    assert datasets.load_from_disk(str(out)).num_rows == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    export_dataset(pbmc[:20], out, tokenizer, overwrite=True)
+    assert datasets.load_from_disk(str(out)).num_rows == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -33,10 +34,12 @@ def run(args: argparse.Namespace) -> int:
     scgene_logger.setLevel(logging.INFO)
     if not scgene_logger.handlers:
         scgene_logger.addHandler(logging.StreamHandler())
-    tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
-    adata = read_h5ad_backed(args.input)
-    print(f"{adata.n_obs} cells x {adata.n_vars} genes")
     try:
+        tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad file.")
+        adata = read_h5ad_backed(args.input)
+        print(f"{adata.n_obs} cells x {adata.n_vars} genes")
         output = export_dataset(
             adata,
             args.output,
@@ -54,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             progress=True,
         )
-    except (FileExistsError, KeyError, ValueError) as error:  # user errors: the message says what to do
-        print(f"scgene tokenize: error: {error}", file=sys.stderr)
+    except (OSError, KeyError, ValueError) as error:  # user errors: the message says what to do
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # no KeyError quotes
+        print(f"scgene tokenize: error: {message}", file=sys.stderr)
         return 1
     print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
     return 0

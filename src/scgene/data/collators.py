@@ -94,6 +94,12 @@ class DataCollatorForCellClassification:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict:
+        missing = [i for i, feature in enumerate(features) if feature.get(self.label_column) is None]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} of {len(features)} cells have no {self.label_column!r} label (columns: "
+                f"{sorted(features[missing[0]])}); set label_column= to the obs column exported with the cells."
+            )
         batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of)
         batch["labels"] = torch.tensor([int(f[self.label_column]) for f in features], dtype=torch.int64)
         return batch

@@ -3,7 +3,7 @@
 Cells are encoded chunk by chunk and streamed straight into `--num-shards` Arrow shards (the layout of
 `save_to_disk`, so `load_from_disk` reads it) or Parquet shards, in a temporary folder next to the output;
 the tokenizer is saved into the same folder. Only a complete result is renamed into place, so an
-interrupted run leaves no half-written output.
+interrupted run leaves no half-written output (with `overwrite`, the previous output stays until then).
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def export_dataset(
     """
     if file_format not in ("arrow", "parquet"):
         raise ValueError(f"file_format must be 'arrow' or 'parquet', got {file_format!r}")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; choose a new folder or pass overwrite=True (--overwrite).")
@@ -90,8 +92,8 @@ def export_dataset(
         if file_format == "arrow":
             write_dataset_state(staged, names, features, workspace)
         tokenizer.save_pretrained(staged)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
+        if output_dir.exists():  # moved aside, not deleted, until the new dataset is in place
+            os.replace(output_dir, workspace / "replaced")
         os.replace(staged, output_dir)
     finally:
         shutil.rmtree(workspace, ignore_errors=True)
