@@ -522,6 +522,32 @@ def test_backed_and_in_memory_paths_identical(tmp_path, tokenizer, cellbench):
     assert_same_batch(tokenizer(cellbench, chunk_size=32), tokenizer(str(path), chunk_size=32))
 
 
+class RecordingMatrix:
+    """An X that hands out CSR row slices and records every read."""
+
+    def __init__(self, matrix):
+        self.matrix, self.reads = sp.csr_matrix(matrix), []
+
+    def __getitem__(self, rows):
+        assert isinstance(rows, slice), rows  # never the whole matrix, never fancy indexing
+        part = self.matrix[rows]
+        self.reads.append(part.shape[0])
+        return part
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"gene_selection": "all", "truncation": False}])
+def test_cells_are_read_one_chunk_at_a_time(tokenizer, pbmc, kwargs):
+    from types import SimpleNamespace
+
+    matrix = RecordingMatrix(pbmc.X)
+    lazy = SimpleNamespace(X=matrix, n_obs=pbmc.n_obs, uns={}, var=pbmc.var, var_names=pbmc.var_names)
+    chunks = list(tokenizer.iter_encoded(lazy, chunk_size=64, **kwargs))
+    assert matrix.reads == [64] * 4 + [300 - 4 * 64]  # each cell read once, 64 at a time
+    assert [chunk.start for chunk in chunks] == [0, 64, 128, 192, 256]
+    expected = tokenizer(pbmc, chunk_size=64, return_tensors="np", **kwargs)
+    np.testing.assert_array_equal(np.concatenate([c.input_ids for c in chunks]), expected["input_ids"][expected["attention_mask"] == 1])
+
+
 def test_real_h5ad_end_to_end(tokenizer):
     adata = ad.read_h5ad(PBMC)
     coverage = tokenizer.map_genes(adata).coverage
