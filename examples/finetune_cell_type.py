@@ -91,6 +91,8 @@ def main():
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False
+    if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank
+        training_args.ddp_broadcast_buffers = False
 
     tokenizer = ScGeneTokenizer.from_pretrained(args.dataset)
     cells = datasets.load_from_disk(args.dataset)
@@ -128,8 +130,6 @@ def main():
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code
         tokenizer.save_pretrained(training_args.output_dir)
-
-    if trainer.is_world_process_zero():
         baseline = LogisticRegression(max_iter=2000)
         baseline.fit(as_sparse(splits["train"], tokenizer.vocab_size), splits["train"][args.label_column])
         predictions = baseline.predict(as_sparse(splits["test"], tokenizer.vocab_size))

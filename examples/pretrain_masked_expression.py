@@ -62,6 +62,8 @@ def main():
     parser = HfArgumentParser((PretrainingArguments, ModelArguments, TrainingArguments))
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the ragged token columns itself
+    if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank
+        training_args.ddp_broadcast_buffers = False
 
     tokenizer = ScGeneTokenizer.from_pretrained(data_args.dataset)
     cells = datasets.load_from_disk(data_args.dataset).select_columns(
