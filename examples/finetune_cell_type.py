@@ -13,7 +13,6 @@ values, the baseline that foundation models are too rarely compared with.
 Multi-GPU: `accelerate launch examples/finetune_cell_type.py ...` (DDP through the Trainer, no code change).
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from transformers import AutoModelForSequenceClassification, HfArgumentParser, T
 import scgene  # noqa: F401  (registers ScGene with the Auto classes)
 from scgene import ScGeneTokenizer
 from scgene.data import DataCollatorForCellClassification
+from scgene.fileio import write_json
 
 
 @dataclass
@@ -141,7 +141,7 @@ def main():
             "scgene": {"accuracy": scgene_scores["eval_accuracy"], "macro_f1": scgene_scores["eval_macro_f1"]},
             "logistic_regression_baseline": baseline_scores,
         }
-        Path(training_args.output_dir, "cell_type_results.json").write_text(json.dumps(results, indent=2))
+        write_json(Path(training_args.output_dir, "cell_type_results.json"), results)  # atomically
         print(f"{'model':<32} {'accuracy':>9} {'macro-F1':>9}   ({len(splits['test'])} test cells, {len(names)} types)")
         for name, result in (("ScGene (frozen backbone)" if not args.full_finetune else "ScGene (fine-tuned)",
                               results["scgene"]), ("logistic regression baseline", baseline_scores)):

@@ -33,7 +33,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-from scgene.prior.io import atomic_path  # noqa: E402
+from scgene.fileio import atomic_path  # noqa: E402
 from scgene.prior.knowledge import DEFAULT_TABLE  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data"

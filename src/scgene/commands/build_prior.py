@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scgene.fileio import sha256_file
+from scgene.fileio import atomic_directory, sha256_file, write_json
 
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
@@ -273,7 +273,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from scgene.prior.fusion import fuse_prior, save_prior
     from scgene.prior.gene2vec import load_word2vec_text
-    from scgene.prior.io import atomic_directory, write_json
     from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
 
     progress = not args.no_progress

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
-import tempfile
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scgene.fileio import atomic_directory
 from scgene.conversion.model_card import model_card
 from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
 
@@ -605,10 +604,7 @@ def convert(
     origin[special_key] = "(zeros: the original has no <pad>/<cls>/<mask>)"
     load_strictly(model, renamed, origin)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
-    try:
+    with atomic_directory(out_dir) as staging:  # replaces an older out_dir only once parity holds
         model.save_pretrained(staging)
         input_ids = write_panel_tokenizer(staging, gene_list, num_genes, target_sum)
         reloaded = model_class.from_pretrained(staging, dtype=torch.float32).eval()
@@ -635,10 +631,6 @@ def convert(
             target_sum=target_sum,
         )
         (staging / "README.md").write_text(card)
-        _move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ConversionResult(out_dir, sizes.kind, config.to_dict(), parity, parity_cells, num_genes, tolerance)
 
 
@@ -672,14 +664,3 @@ def write_panel_tokenizer(
             "expected ids 3, 4, ... in list order."
         )
     return input_ids
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging directory to `out_dir`, replacing an old one only after the new one is complete."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    out_dir.rename(old / out_dir.name)
-    staging.rename(out_dir)
-    shutil.rmtree(old)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import datasets
@@ -21,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+from ..fileio import atomic_directory
 from ..tokenization_scgene import ScGeneTokenizer
 
 TOKEN_FEATURES = {
@@ -79,24 +79,15 @@ def export_dataset(
     if missing:
         raise KeyError(f"obs columns not found: {missing}; available: {list(adata.obs.columns)}")
     features = datasets.Features(TOKEN_FEATURES | {c: obs_feature(adata.obs[c]) for c in obs_columns})
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    workspace = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        staged = workspace / "dataset"
-        staged.mkdir()
-        names = [f"data-{index:05d}-of-{num_shards:05d}.{file_format}" for index in range(num_shards)]
+    names = [f"data-{index:05d}-of-{num_shards:05d}.{file_format}" for index in range(num_shards)]
+    with atomic_directory(output_dir) as staged:  # an older output_dir is replaced only once this one is complete
         with ShardWriter(staged, names, shard_sizes(adata.n_obs, num_shards), features.arrow_schema, file_format) as shards:
             for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
                 obs = adata.obs.iloc[chunk.start : chunk.start + len(chunk.lengths)]
                 shards.write(chunk_record_batch(chunk, obs, features))
         if file_format == "arrow":
-            write_dataset_state(staged, names, features, workspace)
+            write_dataset_state(staged, names, features)
         tokenizer.save_pretrained(staged)
-        if output_dir.exists():  # moved aside, not deleted, until the new dataset is in place
-            os.replace(output_dir, workspace / "replaced")
-        os.replace(staged, output_dir)
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
     return output_dir
 
 
@@ -149,11 +140,11 @@ class ShardWriter:
         self.close()
 
 
-def write_dataset_state(folder: Path, names: list[str], features: datasets.Features, workspace: Path) -> None:
+def write_dataset_state(folder: Path, names: list[str], features: datasets.Features) -> None:
     """`state.json` and `dataset_info.json` for `load_from_disk`: written by `save_to_disk` for an empty
     dataset with the same features, then pointed at our shards (the files are exactly what it expects)."""
     empty = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    template = workspace / "template"
+    template = folder / ".template"
     bars_were_disabled = are_progress_bars_disabled()
     disable_progress_bars()  # the empty template's "Saving the dataset" bar would only confuse
     try:
@@ -165,6 +156,7 @@ def write_dataset_state(folder: Path, names: list[str], features: datasets.Featu
     state["_data_files"] = [{"filename": name} for name in names]
     (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
     shutil.copy(template / "dataset_info.json", folder / "dataset_info.json")
+    shutil.rmtree(template)
 
 
 def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features) -> pa.RecordBatch:

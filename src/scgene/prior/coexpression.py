@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from .io import atomic_path
+from ..fileio import atomic_path
 
 SIGNS = ("both", "positive", "negative")
 EDGE_COLUMNS = ["gene_a", "gene_b", "r"]

@@ -15,7 +15,7 @@ import re
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .io import atomic_path
+from ..fileio import atomic_path
 
 PRIOR_KEY = "gene_prior"
 _VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")

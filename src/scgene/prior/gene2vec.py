@@ -18,7 +18,7 @@ from gensim.models import Word2Vec
 from gensim.models.callbacks import CallbackAny2Vec
 from tqdm.auto import tqdm
 
-from .io import atomic_path
+from ..fileio import atomic_path
 
 MIN_TRAINING_WORDS = 200_000
 

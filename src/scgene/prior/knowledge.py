@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path
+from ..fileio import atomic_path
 
 DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "resources" / "knowledge" / "human_gene_knowledge.csv.gz"
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"

@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from scgene.prior.io import atomic_directory, atomic_path, write_json
+from scgene.fileio import atomic_directory, atomic_path, write_json
 
 
 def test_atomic_path_writes_with_normal_permissions_and_cleans_up(tmp_path):
