@@ -535,16 +535,20 @@ class RecordingMatrix:
         return part
 
 
+@pytest.mark.parametrize("backed", [False, True])
 @pytest.mark.parametrize("kwargs", [{}, {"gene_selection": "all", "truncation": False}])
-def test_cells_are_read_one_chunk_at_a_time(tokenizer, pbmc, kwargs):
+def test_cells_are_read_one_chunk_at_a_time(tokenizer, pbmc, kwargs, backed):
     from types import SimpleNamespace
 
     matrix = RecordingMatrix(pbmc.X)
-    lazy = SimpleNamespace(X=matrix, n_obs=pbmc.n_obs, uns={}, var=pbmc.var, var_names=pbmc.var_names)
-    chunks = list(tokenizer.iter_encoded(lazy, chunk_size=64, **kwargs))
-    assert matrix.reads == [64] * 4 + [300 - 4 * 64]  # each cell read once, 64 at a time
-    assert [chunk.start for chunk in chunks] == [0, 64, 128, 192, 256]
-    expected = tokenizer(pbmc, chunk_size=64, return_tensors="np", **kwargs)
+    lazy = SimpleNamespace(X=matrix, n_obs=pbmc.n_obs, uns={}, var=pbmc.var, var_names=pbmc.var_names, isbacked=backed)
+    chunks = list(tokenizer.iter_encoded(lazy, chunk_size=32, **kwargs))
+    if backed:  # the first chunk (for the input checks), then blocks of 8 chunks cut up in memory
+        assert matrix.reads == [32, 256, 300 - 256]
+    else:  # each cell read once, 32 at a time
+        assert matrix.reads == [32] * 9 + [300 - 9 * 32]
+    assert [chunk.start for chunk in chunks] == list(range(0, 300, 32))
+    expected = tokenizer(pbmc, chunk_size=32, return_tensors="np", **kwargs)
     np.testing.assert_array_equal(np.concatenate([c.input_ids for c in chunks]), expected["input_ids"][expected["attention_mask"] == 1])
 
 
