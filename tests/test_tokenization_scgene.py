@@ -286,6 +286,8 @@ def test_every_call_reports_coverage_over_all_cells(tokenizer, caplog):
         tokenizer(small_adata([[1, 1]], ["TP53", "CD4"]))
     assert [r.levelno for r in caplog.records if "Gene coverage" in r.message] == [logging.INFO]
     assert "carrying 100.0% of the counts of 1 cells" in caplog.text
+    assert tokenizer.last_coverage.n_matched_genes == 2 and tokenizer.last_coverage.count_fraction == 1.0
+    assert "last_coverage" not in tokenizer.to_dict() and "_last_coverage" not in tokenizer.to_dict()
 
 
 def test_coverage_threshold_applies_to_the_whole_call(tokenizer):

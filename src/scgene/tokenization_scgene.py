@@ -250,14 +250,21 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         """Match `adata`'s genes to the vocabulary, from `gene_column` or the best of var_names / var columns."""
         return self._vocab.map_genes(adata, gene_column or self.gene_column)
 
+    @property
+    def last_coverage(self) -> GeneCoverage | None:
+        """The gene coverage of the last finished call (genes matched, the share of the counts they carry), as
+        logged at its end; None before any call. Not saved with the tokenizer."""
+        return getattr(self, "_last_coverage", None)
+
     def _check_coverage(self, coverage: GeneCoverage, matched: float, total: float, n_cells: int, final: bool) -> None:
         """Record the fraction of the counts carried by matched genes; raise below `min_coverage`.
 
         Called on the first chunk (to fail fast, silently) and on all cells at the end of a call, which
-        reports it: as a warning when a tenth or more of the counts is lost, else as info.
+        reports it: as a warning when a tenth or more of the counts is lost, else as info, and in `last_coverage`.
         """
         coverage.count_fraction, coverage.n_cells = (matched / total if total > 0 else None), n_cells
         if final:
+            self._last_coverage = coverage
             fraction = coverage.count_fraction
             (logger.warning if fraction is not None and fraction < 0.9 else logger.info)(f"Gene coverage: {coverage}")
         if coverage.count_fraction is not None and coverage.count_fraction < self.min_coverage:
