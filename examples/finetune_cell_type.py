@@ -56,16 +56,33 @@ def as_sparse(dataset: datasets.Dataset, vocab_size: int) -> sp.csr_matrix:
 
 
 class CachedEmbeddingHead(torch.nn.Module):
-    """The classification head of a frozen-backbone model, trained on precomputed cell embeddings."""
+    """The classification head of a frozen-backbone model, trained on precomputed cell embeddings.
 
-    def __init__(self, classifier: torch.nn.Module):
+    Pooled embeddings vary little between cells next to their common offset (every cell's genes share most of their
+    identity embedding), which leaves the head's first Linear badly conditioned. The head therefore reads embeddings
+    standardised with the training cells' mean and standard deviation, and `fold_standardization` moves that affine
+    map into the first Linear afterwards, so the saved model reads raw embeddings and gives the same logits.
+    """
+
+    def __init__(self, classifier: torch.nn.Module, embeddings: torch.Tensor):
         super().__init__()
         self.classifier = classifier
+        self.register_buffer("mean", embeddings.mean(0))
+        self.register_buffer("std", embeddings.std(0).clamp(min=1e-6))
 
     def forward(self, cell_embeddings, labels=None):
-        logits = self.classifier(cell_embeddings)
+        logits = self.classifier((cell_embeddings - self.mean) / self.std)
         loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
+
+    @torch.no_grad()
+    def fold_standardization(self) -> None:
+        """dense(W, b) on (x - mean) / std  ==  dense(W / std, b - (W / std) @ mean) on x."""
+        dense = self.classifier.dense
+        dense.weight.div_(self.std)
+        dense.bias.sub_(dense.weight @ self.mean)
+        self.mean.zero_()
+        self.std.fill_(1.0)
 
 
 @torch.no_grad()
@@ -121,12 +138,16 @@ def main():
         )
     else:
         train, test = (cell_embeddings(model.scgene, splits[name], collator) for name in ("train", "test"))
-        trainer = Trainer(
-            model=CachedEmbeddingHead(model.classifier), args=training_args, train_dataset=train, eval_dataset=test,
-            compute_metrics=metrics,
-        )
+        head = CachedEmbeddingHead(model.classifier, train[:]["cell_embeddings"])
+        trainer = Trainer(model=head, args=training_args, train_dataset=train, eval_dataset=test, compute_metrics=metrics)
     trainer.train()
     scgene_scores = trainer.evaluate()
+    if isinstance(trainer.model, CachedEmbeddingHead):
+        head.eval()
+        with torch.no_grad():
+            before = head(test[:16]["cell_embeddings"])["logits"]
+            head.fold_standardization()  # the saved classifier now reads raw embeddings
+            torch.testing.assert_close(head(test[:16]["cell_embeddings"])["logits"], before, atol=1e-4, rtol=1e-4)
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code
         tokenizer.save_pretrained(training_args.output_dir)
