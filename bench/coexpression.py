@@ -15,15 +15,14 @@ Target on 2 CPU cores: correlation under 5 minutes and under 4 GB.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
 import json
 import resource
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp

@@ -18,14 +18,8 @@ from scgene.cli import main as scgene_main
 from scgene.commands import convert as convert_command
 from scgene.conversion import PARITY_CELLS, PARITY_TOLERANCE, ConversionError, convert
 from scgene.conversion.original import ScBaseModel, ScBaseModelClassification, ScBaseModelCluster
-from scgene.conversion.original_to_hf import (
-    infer_sizes,
-    load_checkpoint,
-    memory_efficient_reference,
-    parity_inputs,
-    read_gene_embedding,
-    reference_outputs,
-)
+from scgene.conversion.original_to_hf import infer_sizes, load_checkpoint, read_gene_embedding
+from scgene.conversion.parity import memory_efficient_reference, parity_inputs, reference_outputs
 
 NUM_GENES, HIDDEN, LAYERS, HEADS, FFN = 12, 16, 2, 4, 32
 CLASSIFIER_HIDDEN, NUM_CLASSES = 8, 5

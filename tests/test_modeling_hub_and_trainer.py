@@ -14,9 +14,8 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from scgene import ScGeneForCellClassification, ScGeneForMaskedExpression
-
 from modeling_helpers import random_cells, tiny_config, with_prior
+from scgene import ScGeneForCellClassification, ScGeneForMaskedExpression
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,11 +3,10 @@
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from modeling_helpers import DESIGN_COMBINATIONS, N_BINS, random_cells, tiny_config, with_prior
+from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel
 
 
 def design(encoder_type, attention_type, expression_encoding, **overrides):

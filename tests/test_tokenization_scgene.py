@@ -172,9 +172,9 @@ def test_auto_feature_extractor_after_import(tmp_path, tokenizer, pbmc):
 def test_trainer_saves_the_tokenizer_with_every_checkpoint(tmp_path):
     """Trainer(processing_class=tokenizer) writes it into each checkpoint, from where AutoFeatureExtractor loads it."""
     import datasets
-    from modeling_helpers import tiny_config
     from transformers import AutoFeatureExtractor, Trainer, TrainingArguments
 
+    from modeling_helpers import tiny_config
     from scgene import ScGeneForMaskedExpression
     from scgene.data import DataCollatorForMaskedExpression
 

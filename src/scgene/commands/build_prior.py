@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from scgene.fileio import atomic_directory, sha256_file, write_json
-
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
 

@@ -5,7 +5,8 @@ repository script `conversion/convert_scgene_original_to_hf.py` import it; the p
 reference implementation of the original models, which therefore lives here too (`original.py`).
 
 - `original`: pure-torch reference of `scBaseModel`, `scBaseModel_classification`, `scBaseModel_cluster`;
-- `original_to_hf`: reading, size inference, the key table, strict loading, parity, atomic writing;
+- `original_to_hf`: reading, size inference, the key table, strict loading, atomic writing;
+- `parity`: fixed inputs like the original's `x`, layer-by-layer comparison, the parity report;
 - `model_card`: the model card draft written next to the converted checkpoint.
 """
 

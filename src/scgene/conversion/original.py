@@ -17,6 +17,10 @@ import torch
 from torch import nn
 
 
+class ConversionError(ValueError):
+    """The checkpoint, gene embedding or gene list cannot be converted; the message says why and what to do."""
+
+
 class OriginalBackbone(nn.Module):
     """`linear_in` + gene embedding + `transformer_encoder`, shared by the three models."""
 
