@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo install bench clean
+.PHONY: test demo install bench lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/tokenizer.py
+	$(BIN)/python bench/coexpression.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests examples bench conversion scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
