@@ -36,6 +36,12 @@ CONFIGS = {  # name -> tokenizer keyword arguments
 
 
 def human_gene_ids(n_genes: int) -> list[str]:
+    """The first `n_genes` protein-coding Ensembl ids of the GENCODE table in ../shared/data, or, where that folder
+    is not there, of the default vocabulary shipped with scgene (built from the same table)."""
+    if not GENES_TABLE.exists():
+        from scgene.tokenization_scgene import ScGeneTokenizer
+
+        return [gene for gene in ScGeneTokenizer().ensembl_ids[3:] if gene][:n_genes]
     with gzip.open(GENES_TABLE, "rt", newline="") as handle:
         ids = [row[0] for row in csv.reader(handle) if row[4] == "protein_coding"]
     return ids[:n_genes]
