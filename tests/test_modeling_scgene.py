@@ -297,3 +297,16 @@ def test_hidden_states_on_request_and_mean_pooling(encoder_type, norm_position):
     # mean pooling: the mean over real gene tokens (not <cls>, not padding)
     expected = out.last_hidden_state[:, 1:7].mean(1)
     torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("freeze_backbone", [True, False])
+def test_freeze_backbone_holds_after_loading(tmp_path, freeze_backbone):
+    with_prior(ScGeneForMaskedExpression(tiny_config())).save_pretrained(tmp_path / "pretrained")
+    from_pretraining = AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "pretrained", num_labels=3, freeze_backbone=freeze_backbone
+    )
+    from_pretraining.save_pretrained(tmp_path / "classifier")
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    for model in (from_pretraining, reloaded):
+        assert all(p.requires_grad is not freeze_backbone for p in model.scgene.parameters())
+        assert all(p.requires_grad for p in model.classifier.parameters())

@@ -709,6 +709,15 @@ class ScGeneForCellClassification(ScGenePreTrainedModel):
         self.post_init()
         self.set_backbone_trainable(not config.freeze_backbone)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`from_pretrained` that keeps `freeze_backbone`: loading materialises the weights as new parameters, which
+        are trainable, so the freeze set in `__init__` is applied again once they are in place."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.set_backbone_trainable(not model.config.freeze_backbone)
+        return loaded
+
     def set_backbone_trainable(self, trainable: bool) -> None:
         """Freeze (seed 000's default) or unfreeze the encoder; the head always trains."""
         self.scgene.requires_grad_(trainable)
