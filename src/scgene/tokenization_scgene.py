@@ -552,8 +552,7 @@ def read_chunks(adata, chunk_size: int, first):
         if block_cells == chunk_size:
             yield block_start, first if block_start == 0 else adata.X[block_start : block_start + chunk_size]
             continue
-        block = adata.X[block_start : block_start + block_cells]
-        block = to_csr(block)
+        block = to_csr(adata.X[block_start : block_start + block_cells])
         for offset in range(0, block.shape[0], chunk_size):
             yield block_start + offset, block[offset : offset + chunk_size]
 

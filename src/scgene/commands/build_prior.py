@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scgene.commands import USER_ERRORS, user_error_message
 from scgene.fileio import atomic_directory, sha256_file, write_json
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
@@ -264,9 +265,8 @@ def run(args: argparse.Namespace) -> int:
     _check_arguments(args)
     try:
         return _run(args)
-    except (ValueError, KeyError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        raise SystemExit(f"scgene build-prior: error: {message}") from None
+    except USER_ERRORS as error:
+        raise SystemExit(user_error_message("build-prior", error)) from None
 
 
 def _run(args: argparse.Namespace) -> int:

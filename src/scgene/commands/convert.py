@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import user_error_message
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="Original checkpoint of any of the three models.")
@@ -57,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             target_sum=args.target_sum,
         )
     except ConversionError as error:
-        print(f"scgene convert: error: {error}", file=sys.stderr)
+        print(user_error_message("convert", error), file=sys.stderr)
         return 1
     print(f"Converted {args.checkpoint} ({result.kind}) to {result.out_dir}")
     print(result.parity_report())

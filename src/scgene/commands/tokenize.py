@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from . import USER_ERRORS, user_error_message
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X)")
@@ -57,9 +59,8 @@ def run(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             progress=True,
         )
-    except (OSError, KeyError, ValueError) as error:  # user errors: the message says what to do
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error  # no KeyError quotes
-        print(f"scgene tokenize: error: {message}", file=sys.stderr)
+    except USER_ERRORS as error:  # the message says what to do
+        print(user_error_message("tokenize", error), file=sys.stderr)
         return 1
     print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
     return 0

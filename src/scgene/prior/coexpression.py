@@ -97,8 +97,7 @@ class BlockwisePearson:
         self.detection = np.diff(self.matrix.indptr) / self.n_cells
         by_detection = self.kept[np.argsort(self.detection[self.kept], kind="stable")]
         # At most half the genes per block, so that no tile or dense block ever spans the whole gene panel.
-        self.tile_genes = min(block_size, max(1, -(-len(by_detection) // 2)))
-        step = self.tile_genes
+        step = self.tile_genes = min(block_size, max(1, -(-len(by_detection) // 2)))
         self.blocks = [by_detection[s : s + step] for s in range(0, len(by_detection), step)]
         self.block_density = [float(self.detection[b].mean()) for b in self.blocks]
 
@@ -213,7 +212,8 @@ def coexpression_edges(
     genes = np.asarray([str(g) for g in genes], dtype=object)
     if X.shape[1] != len(genes):
         raise ValueError(f"The matrix has {X.shape[1]} gene columns but {len(genes)} gene names were given.")
-    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    names = pd.Index(genes)
+    duplicated = names[names.duplicated()].unique().tolist()
     if duplicated:
         raise ValueError(
             f"Gene names must be unique to name the edges; {len(duplicated)} are duplicated, e.g. {duplicated[:5]}. "
