@@ -24,6 +24,7 @@ from .modeling_scgene import (
     ScGenePreTrainedModel,
 )
 from .tokenization_scgene import ScGeneTokenizer
+from .inference import annotate, embed, embed_genes, gene_prior  # noqa: E402  (after the model classes it loads)
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,10 @@ AutoFeatureExtractor.register(ScGeneConfig, ScGeneTokenizer, exist_ok=True)
 ScGeneTokenizer.register_for_auto_class("AutoFeatureExtractor")
 
 __all__ = [
+    "embed",
+    "annotate",
+    "embed_genes",
+    "gene_prior",
     "ScGeneConfig",
     "ScGeneTokenizer",
     "ScGenePreTrainedModel",

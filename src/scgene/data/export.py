@@ -87,8 +87,21 @@ def export_dataset(
                 shards.write(chunk_record_batch(chunk, obs, features))
         if file_format == "arrow":
             write_dataset_state(staged, names, features)
-        tokenizer.save_pretrained(staged)
+        dataset_tokenizer(tokenizer, encode_kwargs).save_pretrained(staged)
     return output_dir
+
+
+def dataset_tokenizer(tokenizer: ScGeneTokenizer, encode_kwargs: dict) -> ScGeneTokenizer:
+    """The tokenizer with the settings these cells were encoded with, so a model trained on them (the training
+    scripts save this tokenizer into every checkpoint) is used at inference with the same gene selection and length.
+    A sampling seed is kept as a record only: inference never samples."""
+    settings = {key: encode_kwargs[key] for key in ("gene_selection", "top_k", "gene_column") if encode_kwargs.get(key)}
+    if not encode_kwargs.get("truncation", True):
+        settings["max_length"] = None
+    elif encode_kwargs.get("max_length") is not None:
+        settings["max_length"] = encode_kwargs["max_length"]
+    settings["sampling_seed"] = encode_kwargs.get("seed")
+    return tokenizer.with_settings(**settings)
 
 
 def shard_sizes(n_rows: int, num_shards: int) -> list[int]:

@@ -1,0 +1,110 @@
+"""`scgene embed IN.h5ad --model DIR --out OUT.h5ad`: cell embeddings into `obsm`, optionally a UMAP plot.
+
+With `--plot umap.png --color COL ...`: scanpy neighbours, UMAP and Leiden clusters on the embedding, a PNG coloured
+by the given obs columns and the clusters, and the ARI / NMI of the clusters against each categorical column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import USER_ERRORS, user_error_message
+
+FLAGS = {
+    "tokenizer=": "--tokenizer",
+    "batch_size": "--batch-size",
+    "max_tokens_per_batch": "--max-tokens-per-batch",
+    "gene_column=": "--gene-column",
+    "max_length": "--max-length",
+}
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """Input, model, output and batching flags shared by `scgene embed` and `scgene annotate`."""
+    parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X; read backed, never modified)")
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--out", required=True, help="the .h5ad to write: the input plus the new columns (atomically)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
+    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
+    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+    parser.add_argument("--batch-size", type=int, help="at most this many cells per batch")
+    parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384): lower it if memory runs out")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def inference_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `scgene.embed` / `scgene.annotate` that the common flags set."""
+    for flag, value in (("--batch-size", args.batch_size), ("--max-tokens-per-batch", args.max_tokens_per_batch),
+                        ("--max-length", args.max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}.")
+    options = {"tokenizer": args.tokenizer, "batch_size": args.batch_size,
+               "max_tokens_per_batch": args.max_tokens_per_batch, "device": args.device}
+    options.update({key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None})
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used)")
+    parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
+    parser.add_argument("--plot", metavar="PNG", help="save a UMAP of the embedding here")
+    parser.add_argument("--color", nargs="*", default=[], metavar="COL", help="obs columns to colour the UMAP by")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..inference import embed
+    from .annotated_copy import read_input, write_annotated_copy
+
+    try:
+        options = inference_options(args)
+        with read_input(args.input) as adata:
+            missing = [column for column in args.color if column not in adata.obs.columns]
+            if missing:
+                raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
+            embeddings = embed(adata, args.model, key_added=None, **options)
+            print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
+            obsm, obs = {args.key: embeddings}, None
+            if args.plot:
+                obs, obsm[f"{args.key}_umap"] = plot_embedding(adata.obs, embeddings, args.plot, args.color)
+        write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, overwrite=args.overwrite)
+    except USER_ERRORS as error:
+        print(user_error_message("embed", error, FLAGS), file=sys.stderr)
+        return 1
+    print(f"Wrote {args.out}")
+    return 0
+
+
+def plot_embedding(obs, embeddings, png: str, color: list[str]):
+    """Neighbours, UMAP and Leiden on the embedding; a PNG coloured by `color` + clusters; ARI/NMI printed.
+    Returns the Leiden clusters (obs column `scgene_leiden`) and the UMAP coordinates."""
+    import anndata
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from ..fileio import atomic_path
+
+    view = anndata.AnnData(obs=obs[color].copy(), obsm={"X_scgene": embeddings})
+    sc.pp.neighbors(view, use_rep="X_scgene", random_state=0)
+    sc.tl.umap(view, random_state=0)
+    sc.tl.leiden(view, key_added="scgene_leiden", flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    clusters = view.obs["scgene_leiden"]
+    for column in color:
+        labels = view.obs[column]
+        if isinstance(labels.dtype, pd.CategoricalDtype) or labels.dtype == object:
+            keep = labels.notna().to_numpy()
+            ari = adjusted_rand_score(labels[keep].astype(str), clusters[keep])
+            nmi = normalized_mutual_info_score(labels[keep].astype(str), clusters[keep])
+            print(f"Leiden clusters ({clusters.nunique()}) vs {column} ({labels.nunique()}): ARI {ari:.3f}  NMI {nmi:.3f}")
+    figure = sc.pl.umap(view, color=[*color, "scgene_leiden"], show=False, return_fig=True)
+    with atomic_path(png) as staged:
+        figure.savefig(staged, dpi=120, bbox_inches="tight", format="png")
+    plt.close(figure)
+    print(f"Saved the UMAP to {png}")
+    return pd.DataFrame({"scgene_leiden": clusters.values}, index=obs.index), view.obsm["X_umap"].astype("float32")

@@ -1,0 +1,402 @@
+"""Cells in, answers out: `embed`, `annotate`, `embed_genes` and `gene_prior` on a user's AnnData.
+
+The scverse-facing layer over the pure-torch model: each function takes an AnnData (in memory, backed, or a path to an
+`.h5ad`), a checkpoint (a folder, a Hub id, or a loaded model), tokenizes the cells with the tokenizer saved in the
+checkpoint and writes `obsm` / `obs` / `varm`, as `scanpy.tl` functions do.
+
+Inference is exact and fast:
+- cells are tokenized a chunk at a time (a backed file is never densified whole), collected into windows of at most
+  `WINDOW_TOKENS` tokens, sorted by length within the window and cut into batches under a token budget
+  (`max_tokens_per_batch`), so a batch wastes little on padding and peak memory is set by the budget, not the number
+  of cells;
+- padding is masked everywhere, so a cell's output does not depend on its batch mates, the batch size or the order;
+  results go back to input order;
+- the model runs in eval mode under `torch.inference_mode`, on SDPA by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as std_logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from .modeling_scgene import ScGeneForCellClassification, ScGenePreTrainedModel
+from .tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # a few hundred MB of activations at d=256; lower it when memory is short
+WINDOW_TOKENS = 1 << 21  # cells are length-sorted within windows of about 2M tokens (~25 MB of token arrays)
+UNKNOWN_LABEL = "Unknown"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """Loading the encoder from a head checkpoint reports the head's weights as unexpected, which is expected here:
+    transformers' loading report is silenced and `load_model` warns about missing weights itself."""
+    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    loggers = [std_logging.getLogger(name) for name in names]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+
+
+def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrainedModel:
+    """A checkpoint path / Hub id or a loaded ScGene model -> the model to run, in eval mode on `device`.
+
+    `classifier=False` returns the encoder (`ScGeneModel`: the base model of any head); `classifier=True` needs a
+    `ScGeneForCellClassification` checkpoint.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        auto_class = AutoModelForSequenceClassification if classifier else AutoModel
+        with quiet_transformers_loading():
+            model, info = auto_class.from_pretrained(str(model), output_loading_info=True)
+        if info["missing_keys"]:
+            logger.warning(f"Weights missing from the checkpoint, left at their initial values: {sorted(info['missing_keys'])}")
+    if not isinstance(model, ScGenePreTrainedModel):
+        raise TypeError(f"model must be an ScGene checkpoint path, Hub id or ScGene model, got {type(model).__name__}.")
+    if classifier:
+        if not isinstance(model, ScGeneForCellClassification):
+            raise ValueError(
+                f"Annotation needs a cell-type classifier (ScGeneForCellClassification), got {type(model).__name__}: "
+                "fine-tune one with examples/finetune_cell_type.py."
+            )
+    else:
+        model = model.base_model
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
+    """`tokenizer` (an ScGeneTokenizer or a folder / Hub id), or by default the one saved with the checkpoint, with the
+    settings it was saved with. Its vocabulary must be the model's."""
+    if tokenizer is None:
+        source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        if not source:
+            raise ValueError(
+                "This model was not loaded from a checkpoint, so there is no saved tokenizer: pass tokenizer= "
+                "(the ScGeneTokenizer the model was trained with)."
+            )
+        try:
+            tokenizer = ScGeneTokenizer.from_pretrained(source)
+        except OSError as error:
+            raise ValueError(
+                f"No tokenizer saved with the checkpoint {source} (preprocessor_config.json, vocab.json): pass "
+                "tokenizer= (the ScGeneTokenizer or folder the model was trained with)."
+            ) from error
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = ScGeneTokenizer.from_pretrained(str(tokenizer))
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}: "
+            "gene ids would point at the wrong genes. Use the tokenizer saved with the checkpoint."
+        )
+    if model.config.expression_encoding == "binned" and tokenizer.n_bins != model.config.n_bins:
+        raise ValueError(
+            f"The tokenizer makes {tokenizer.n_bins} expression bins but the model expects {model.config.n_bins}: use "
+            "the tokenizer saved with the checkpoint."
+        )
+    return tokenizer
+
+
+@contextlib.contextmanager
+def opened(adata) -> Iterator:
+    """An AnnData as given, or a path opened backed (read only) and closed afterwards."""
+    if not isinstance(adata, (str, os.PathLike)):
+        if not hasattr(adata, "obs") or not hasattr(adata, "X"):
+            raise TypeError(f"Expected an AnnData or the path of an .h5ad file, got {type(adata).__name__}.")
+        yield adata
+        return
+    if not os.path.isfile(adata):
+        raise FileNotFoundError(f"{adata} is not a file; pass an AnnData or the path of an .h5ad file.")
+    backed = read_h5ad_backed(adata)
+    try:
+        yield backed
+    finally:
+        backed.file.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Length-sorted, token-budget batches
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellBatch:
+    """Padded model inputs of some cells and their positions in the input."""
+
+    cells: np.ndarray  # (B,) input row of each cell
+    inputs: dict[str, torch.Tensor]  # (B, G) each
+
+
+def padded(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int, pad_value, dtype) -> torch.Tensor:
+    """Rows `flat[start : start + length]` as a (len(starts), width) tensor padded with `pad_value`."""
+    positions = np.arange(width)
+    real = positions[None, :] < lengths[:, None]  # (B, G)
+    gather = np.where(real, starts[:, None] + positions[None, :], 0)
+    return torch.from_numpy(np.where(real, flat[gather], pad_value)).to(dtype)
+
+
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_cells: int | None) -> list[np.ndarray]:
+    """Cells sorted by decreasing length (ties by input order), cut so that cells x longest <= max_tokens (a cell longer
+    than the budget goes alone) and at most `max_cells` cells per batch."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, max_tokens // longest)
+        if max_cells:
+            size = min(size, max_cells)
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, device, encode_kwargs) -> Iterator[CellBatch]:
+    """Tokenize `adata` chunk by chunk and yield length-sorted batches, window by window (see the module docstring)."""
+    window, window_tokens = [], 0
+
+    def flush():
+        starts = np.concatenate([np.concatenate([[0], np.cumsum(c.lengths)[:-1]]) for c in window]).astype(np.int64)
+        offsets = np.cumsum([0] + [len(c.input_ids) for c in window[:-1]])
+        starts += np.repeat(offsets, [len(c.lengths) for c in window])
+        lengths = np.concatenate([c.lengths for c in window])
+        cells = np.concatenate([np.arange(c.start, c.start + len(c.lengths)) for c in window])
+        flat = {name: np.concatenate([getattr(c, name) for c in window]) for name in ("input_ids", "expression_values", "expression_bins")}
+        for rows in plan_batches(lengths, max_tokens, max_cells):
+            width = int(lengths[rows].max())
+            inputs = {
+                "input_ids": padded(flat["input_ids"], starts[rows], lengths[rows], width, tokenizer.pad_token_id, torch.long),
+                "expression_values": padded(flat["expression_values"], starts[rows], lengths[rows], width, 0.0, torch.float32),
+                "expression_bins": padded(flat["expression_bins"], starts[rows], lengths[rows], width, 0, torch.long),
+            }
+            inputs["attention_mask"] = (torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None]).long()
+            yield CellBatch(cells[rows], {name: tensor.to(device) for name, tensor in inputs.items()})
+
+    for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
+        window.append(chunk)
+        window_tokens += len(chunk.input_ids)
+        if window_tokens >= WINDOW_TOKENS:
+            yield from flush()
+            window, window_tokens = [], 0
+    if window:
+        yield from flush()
+
+
+def run_over_cells(
+    model: ScGenePreTrainedModel,
+    tokenizer: ScGeneTokenizer,
+    adata,
+    consume: Callable[[CellBatch, object], None],
+    *,
+    batch_size: int | None,
+    max_tokens_per_batch: int | None,
+    progress: bool,
+    description: str,
+    encode_kwargs: dict,
+) -> None:
+    """Run `model` over every cell of `adata` in token-budget batches; `consume(batch, outputs)` gets each result."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive number of cells, got {batch_size!r}.")
+    if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1):
+        raise ValueError(f"max_tokens_per_batch must be a positive number of tokens, got {max_tokens_per_batch!r}.")
+    if "seed" in encode_kwargs:
+        raise ValueError("Inference keeps each cell's highest-expressed genes; gene sampling (seed=) is for training data.")
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = np.iinfo(np.int64).max if batch_size else DEFAULT_MAX_TOKENS_PER_BATCH
+    device = next(model.parameters()).device
+    batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
+    with torch.inference_mode(), tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
+        for batch in batches:
+            consume(batch, model(**batch.inputs))
+            bar.update(len(batch.cells))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def embed(
+    adata,
+    model,
+    *,
+    tokenizer=None,
+    key_added: str | None = "X_scgene",
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> np.ndarray:
+    """Cell embeddings (the model's `pooler_output`) -> `adata.obsm[key_added]`, float32, one row per cell in input order.
+
+    `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used). `tokenizer`: by default
+    the one saved with the checkpoint, with its saved settings; `tokenize_kwargs` (`gene_selection`, `max_length`,
+    `top_k`, `gene_column`) override them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
+    per batch. A path is read backed and never written: the embeddings are returned. Results do not depend on
+    `batch_size`, `max_tokens_per_batch`, cell order or batch mates.
+    """
+    encoder = load_model(model, classifier=False, device=device)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    with opened(adata) as cells:
+        embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)
+
+        def consume(batch, outputs):
+            embeddings[batch.cells] = outputs.pooler_output.float().cpu().numpy()
+
+        run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
+                       progress=progress, description="Embedding", encode_kwargs=tokenize_kwargs)
+    if key_added and not isinstance(adata, (str, os.PathLike)):
+        adata.obsm[key_added] = embeddings
+    return embeddings
+
+
+def annotate(
+    adata,
+    model,
+    *,
+    tokenizer=None,
+    key_added: str = "scgene_label",
+    min_confidence: float | None = None,
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> pd.DataFrame:
+    """Cell-type labels from a `ScGeneForCellClassification` checkpoint.
+
+    Writes `obs[key_added]` (categorical, names from the model's `id2label`), `obs[key_added + "_confidence"]` (the
+    highest class probability) and `obsm[key_added + "_probabilities"]` (columns in `id2label` order, listed in
+    `uns[key_added]["labels"]`). Cells whose confidence is below `min_confidence` are labelled "Unknown" (a type the
+    classifier never saw). Returns the two obs columns as a DataFrame (also for a path, which is never written).
+    """
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence is a probability between 0 and 1, got {min_confidence}.")
+    classifier = load_model(model, classifier=True, device=device)
+    tokenizer = load_tokenizer(tokenizer, classifier)
+    names = [str(classifier.config.id2label[i]) for i in range(classifier.config.num_labels)]
+    with opened(adata) as cells:
+        probabilities = np.zeros((cells.n_obs, len(names)), np.float32)
+        obs_names = cells.obs_names.copy()
+
+        def consume(batch, outputs):
+            probabilities[batch.cells] = torch.softmax(outputs.logits.float(), dim=-1).cpu().numpy()
+
+        run_over_cells(classifier, tokenizer, cells, consume, batch_size=batch_size,
+                       max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Annotating",
+                       encode_kwargs=tokenize_kwargs)
+    confidence = probabilities.max(axis=1) if len(names) else np.zeros(len(probabilities), np.float32)
+    labels = np.asarray(names, dtype=object)[probabilities.argmax(axis=1)] if len(probabilities) else np.array([], object)
+    categories = list(names)
+    if min_confidence is not None:
+        labels = np.where(confidence < min_confidence, UNKNOWN_LABEL, labels)
+        categories = categories + ([UNKNOWN_LABEL] if UNKNOWN_LABEL not in categories else [])
+    result = pd.DataFrame(
+        {key_added: pd.Categorical(labels, categories=categories), f"{key_added}_confidence": confidence},
+        index=obs_names,
+    )
+    if not isinstance(adata, (str, os.PathLike)):
+        for column in result.columns:
+            adata.obs[column] = result[column].values
+        adata.obsm[f"{key_added}_probabilities"] = probabilities
+        adata.uns[key_added] = {"labels": names, "min_confidence": min_confidence}
+    return result
+
+
+def embed_genes(
+    adata,
+    model,
+    *,
+    tokenizer=None,
+    key_added: str | None = "X_scgene_genes",
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> pd.DataFrame:
+    """Contextual gene embeddings: each gene's last-layer state averaged over the cells that express it.
+
+    Writes `varm[key_added]` (n_vars x hidden_size; NaN for genes outside the vocabulary or never expressed) and
+    `var[key_added + "_n_cells"]` (cells averaged over). Returns a DataFrame of the expressed genes (index: the input's
+    gene names). Duplicated input genes share their summed row, as in tokenization.
+    """
+    encoder = load_model(model, classifier=False, device=device)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    hidden = encoder.config.hidden_size
+    sums = torch.zeros(encoder.config.vocab_size, hidden, dtype=torch.float64, device=encoder.device)
+    counts = torch.zeros(encoder.config.vocab_size, dtype=torch.float64, device=encoder.device)
+
+    def consume(batch, outputs):
+        ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+        expressed = (ids >= 3) & (values != 0) & batch.inputs["attention_mask"].bool()  # (B, G)
+        sums.index_add_(0, ids[expressed], outputs.last_hidden_state[expressed].double())
+        counts.index_add_(0, ids[expressed], torch.ones_like(ids[expressed], dtype=torch.float64))
+
+    with opened(adata) as cells:
+        run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
+                       max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding genes",
+                       encode_kwargs=tokenize_kwargs)
+        per_gene, n_cells = gene_rows(cells, tokenizer, (sums / counts.clamp(min=1)[:, None]).float().cpu().numpy(),
+                                      counts.cpu().numpy(), tokenize_kwargs.get("gene_column"))
+        var_names = cells.var_names.copy()
+    per_gene[n_cells == 0] = np.nan
+    if key_added and not isinstance(adata, (str, os.PathLike)):
+        adata.varm[key_added] = per_gene
+        adata.var[f"{key_added}_n_cells"] = n_cells.astype(np.int64)
+    expressed = n_cells > 0
+    return pd.DataFrame(per_gene[expressed], index=var_names[expressed]).assign(n_cells=n_cells[expressed].astype(np.int64))
+
+
+def gene_prior(model, *, tokenizer=None, adata=None, key_added: str | None = "X_scgene_prior") -> pd.DataFrame:
+    """The static prior gene embedding of every vocabulary gene that has one (a non-zero row), as a DataFrame indexed by
+    symbol (Ensembl id where a gene has no symbol) with an `ensembl_id` column. With `adata`, also writes its genes'
+    rows to `adata.varm[key_added]` (NaN where a gene has no prior)."""
+    encoder = load_model(model, classifier=False, device="cpu")
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    prior = encoder.get_gene_prior().detach().float().cpu().numpy()
+    has_prior = np.abs(prior).sum(axis=1) > 0
+    has_prior[:3] = False  # special tokens
+    ids = np.flatnonzero(has_prior)
+    names = tokenizer.convert_ids_to_genes(ids)
+    table = pd.DataFrame(prior[ids], index=pd.Index(names, name="gene"))
+    table.insert(0, "ensembl_id", [tokenizer.ensembl_ids[i] for i in ids])
+    if adata is not None and key_added:
+        rows, _ = gene_rows(adata, tokenizer, prior, has_prior.astype(np.float64), None)
+        rows[~np.isfinite(rows).all(axis=1) | (np.abs(rows).sum(axis=1) == 0)] = np.nan
+        adata.varm[key_added] = rows
+    return table
+
+
+def gene_rows(adata, tokenizer, per_id: np.ndarray, weight_per_id: np.ndarray, gene_column):
+    """Per-vocabulary-id rows -> one row per input gene (NaN for unmatched genes), and each gene's weight (0 unmatched)."""
+    mapping = tokenizer.map_genes(adata, gene_column)
+    rows = np.full((adata.n_vars, per_id.shape[1]), np.nan, np.float32)
+    weight = np.zeros(adata.n_vars)
+    matched = mapping.column_to_matched >= 0
+    ids = mapping.vocab_ids[mapping.column_to_matched[matched]]
+    rows[matched] = per_id[ids]
+    weight[matched] = weight_per_id[ids]
+    return rows, weight
