@@ -83,6 +83,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
     than `max_length` candidates, inference keeps the highest (ties: input column order) and training
     (`seed` given) samples them uniformly. Bins: 0 is zero expression, 1..n_bins-1 the expressed values by
     per-cell quantile or by global edges fitted with `fit_bin_edges`; `n_bins` itself is the mask bin.
+    `sampling_seed` records the seed a training dataset sampled its genes with (`scgene tokenize --seed`); it is
+    saved as provenance and never applied: only an explicit `seed=` samples.
     """
 
     model_input_names = ["input_ids", "expression_values", "expression_bins", "attention_mask"]
@@ -100,6 +102,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         target_sum: float = 1e4,
         min_coverage: float = 0.5,
         gene_column: str | None = None,
+        sampling_seed: int | None = None,
         **kwargs,
     ):
         vocab = kwargs.pop("vocab", None) or read_vocab_file(vocab_file or DEFAULT_VOCAB)
@@ -130,6 +133,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         self.target_sum = target_sum
         self.min_coverage = min_coverage
         self.gene_column = gene_column
+        self.sampling_seed = sampling_seed  # a record of how training data was made; inference never samples
         self._vocab = GeneVocabulary(vocab)
 
     # ------------------------------------------------------------------ vocabulary
@@ -203,6 +207,14 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             raise ValueError(f"id_type must be 'symbol' or 'ensembl', got {id_type!r}")
         first, fallback = (self.symbols, self.ensembl_ids) if id_type == "symbol" else (self.ensembl_ids, self.symbols)
         return [first[int(i)] or fallback[int(i)] for i in ids]
+
+    def with_settings(self, **settings) -> ScGeneTokenizer:
+        """A copy with some settings changed (same vocabulary), e.g. the ones a dataset was tokenized with."""
+        unknown = sorted(set(settings) - set(self.to_dict()))
+        if unknown:
+            raise ValueError(f"Unknown tokenizer settings {unknown}; known: {sorted(self.to_dict())}")
+        current = {key: value for key, value in self.to_dict().items() if key != "feature_extractor_type"}
+        return type(self)(vocab=self._vocab.to_json_dict(), **(current | settings))
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
