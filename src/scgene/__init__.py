@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_scgene import ScGeneConfig
+from .inference import annotate, embed, embed_genes, gene_prior
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
     ScGeneForCellClassification,
@@ -24,7 +25,6 @@ from .modeling_scgene import (
     ScGenePreTrainedModel,
 )
 from .tokenization_scgene import ScGeneTokenizer
-from .inference import annotate, embed, embed_genes, gene_prior  # noqa: E402  (after the model classes it loads)
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
@@ -67,6 +67,11 @@ def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrained
     `ScGeneForCellClassification` checkpoint.
     """
     if isinstance(model, (str, os.PathLike)):
+        if classifier and "ScGeneForCellClassification" not in (AutoConfig.from_pretrained(str(model)).architectures or []):
+            raise ValueError(
+                f"{model} is not a cell-type classifier checkpoint (its config names no ScGeneForCellClassification): "
+                "loading it as one would add an untrained head. Fine-tune one with examples/finetune_cell_type.py."
+            )
         auto_class = AutoModelForSequenceClassification if classifier else AutoModel
         with quiet_transformers_loading():
             model, info = auto_class.from_pretrained(str(model), output_loading_info=True)

@@ -1,0 +1,206 @@
+"""`scgene.embed` / `annotate` / `embed_genes` / `gene_prior` and the `scgene embed` / `scgene annotate` commands."""
+
+import hashlib
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scgene
+from conftest import PBMC
+from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
+from scgene.cli import main
+
+LABELS = ["B", "Mono", "T"]
+
+
+def tiny(vocab_size: int, model_class=ScGeneForCellClassification, **overrides):
+    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, expression_encoding="binned", pooling="mean", num_labels=len(LABELS),
+                    id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)})
+    torch.manual_seed(0)
+    model = model_class(ScGeneConfig(**(settings | overrides)))
+    prior = torch.randn(vocab_size, 32) * 0.5
+    prior[:3] = 0
+    model.set_gene_prior(prior)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny cell-type classifier on the default human vocabulary, its tokenizer saved with max_length 256."""
+    folder = tmp_path_factory.mktemp("inference") / "classifier"
+    tokenizer = ScGeneTokenizer(max_length=256)
+    tiny(tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return ad.read_h5ad(PBMC)[:160].copy()
+
+
+def reference_embeddings(folder, adata, max_length=256):
+    """The plain way: tokenize everything padded, one forward."""
+    encoder = ScGeneModel.from_pretrained(folder).eval()
+    batch = ScGeneTokenizer.from_pretrained(folder)(adata, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        return encoder(**batch).pooler_output.numpy()
+
+
+def test_embed_writes_obsm_and_matches_plain_forward(checkpoint, cells):
+    adata = cells.copy()
+    embeddings = scgene.embed(adata, checkpoint, progress=False)
+    assert embeddings.dtype == np.float32 and embeddings.shape == (adata.n_obs, 32)
+    assert adata.obsm["X_scgene"] is embeddings
+    np.testing.assert_allclose(embeddings, reference_embeddings(checkpoint, cells), atol=1e-5)
+
+
+def test_embedding_does_not_depend_on_batching_or_order(checkpoint, cells):
+    baseline = scgene.embed(cells, checkpoint, batch_size=128, progress=False, key_added=None)
+    for options in ({"batch_size": 1}, {"batch_size": 7}, {"max_tokens_per_batch": 300}):
+        other = scgene.embed(cells, checkpoint, progress=False, key_added=None, **options)
+        np.testing.assert_allclose(other, baseline, atol=1e-5, err_msg=str(options))
+    order = np.random.default_rng(0).permutation(cells.n_obs)
+    shuffled = scgene.embed(cells[order].copy(), checkpoint, progress=False, key_added=None)
+    np.testing.assert_allclose(shuffled, baseline[order], atol=1e-5)
+    assert np.abs(baseline - baseline.mean(0)).max() > 1e-3  # cells differ: the comparison means something
+
+
+def test_backed_and_path_inputs_are_read_not_written(checkpoint, cells, tmp_path):
+    path = tmp_path / "cells.h5ad"
+    cells.write_h5ad(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    from_path = scgene.embed(path, checkpoint, progress=False)
+    backed = ad.read_h5ad(path, backed="r")
+    from_backed = scgene.embed(backed, checkpoint, progress=False)
+    backed.file.close()
+    np.testing.assert_allclose(from_path, from_backed, atol=1e-6)
+    np.testing.assert_allclose(from_path, scgene.embed(cells, checkpoint, progress=False, key_added=None), atol=1e-5)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+
+
+def test_any_head_gives_its_encoder(checkpoint, cells):
+    classifier = ScGeneForCellClassification.from_pretrained(checkpoint)
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    from_object = scgene.embed(cells[:20], classifier, tokenizer=tokenizer, progress=False, key_added=None)
+    np.testing.assert_allclose(from_object, scgene.embed(cells[:20], checkpoint, progress=False, key_added=None), atol=1e-6)
+    with pytest.raises(ValueError, match="no saved tokenizer|pass tokenizer="):
+        scgene.embed(cells[:5], tiny(tokenizer.vocab_size), progress=False)
+
+
+def test_tokenizer_must_match_the_vocabulary(checkpoint, cells):
+    small = ScGeneTokenizer.from_anndata(cells)
+    with pytest.raises(ValueError, match="vocab_size"):
+        scgene.embed(cells[:5], checkpoint, tokenizer=small, progress=False)
+    with pytest.raises(ValueError, match="gene sampling"):
+        scgene.embed(cells[:5], checkpoint, seed=0, progress=False)
+
+
+def test_annotate_columns_and_rejection(checkpoint, cells):
+    adata = cells.copy()
+    result = scgene.annotate(adata, checkpoint, progress=False)
+    probabilities = adata.obsm["scgene_label_probabilities"]
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert list(adata.obs["scgene_label"].cat.categories) == LABELS
+    assert (np.asarray(adata.obs["scgene_label"]) == np.array(LABELS)[probabilities.argmax(1)]).all()
+    np.testing.assert_allclose(adata.obs["scgene_label_confidence"], probabilities.max(1))
+    assert adata.uns["scgene_label"]["labels"] == LABELS and result.index.equals(adata.obs_names)
+    # the same logits as the model's own forward on a plain padded batch
+    model = ScGeneForCellClassification.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        logits = model(**ScGeneTokenizer.from_pretrained(checkpoint)(cells[:30], return_tensors="pt")).logits
+    np.testing.assert_allclose(probabilities[:30], torch.softmax(logits, -1).numpy(), atol=1e-5)
+
+    threshold = float(np.median(probabilities.max(1)))
+    scgene.annotate(adata, checkpoint, min_confidence=threshold, key_added="strict", progress=False)
+    unknown = np.asarray(adata.obs["strict"]) == "Unknown"
+    assert unknown.any() and (unknown == (adata.obs["strict_confidence"] < threshold)).all()
+    assert "Unknown" in adata.obs["strict"].cat.categories
+
+
+def test_annotate_needs_a_classifier(tmp_path, cells):
+    tokenizer = ScGeneTokenizer()
+    tiny(tokenizer.vocab_size, ScGeneForMaskedExpression).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="classifier"):
+        scgene.annotate(cells[:5], tmp_path, progress=False)
+
+
+def test_embed_genes_averages_over_expressing_cells(checkpoint, cells):
+    adata = cells[:12].copy()
+    table = scgene.embed_genes(adata, checkpoint, progress=False)
+    per_gene, n_cells = adata.varm["X_scgene_genes"], adata.var["X_scgene_genes_n_cells"].to_numpy()
+    counts = np.asarray((adata.X > 0).sum(0)).ravel()
+    expressed = n_cells > 0
+    assert np.isnan(per_gene[~expressed]).all() and np.isfinite(per_gene[expressed]).all()
+    assert (n_cells <= counts).all() and len(table) == expressed.sum()
+    # one gene by hand: its last-layer state in every cell that keeps it, averaged
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    gene = adata.var_names[np.argmax(n_cells)]
+    gene_id = tokenizer.convert_genes_to_ids([gene])[0]
+    encoder = ScGeneModel.from_pretrained(checkpoint).eval()
+    batch = tokenizer(adata, return_tensors="pt")
+    with torch.no_grad():
+        states = encoder(**batch).last_hidden_state
+    expected = states[batch["input_ids"] == gene_id].mean(0).numpy()
+    np.testing.assert_allclose(per_gene[adata.var_names.get_loc(gene)], expected, atol=1e-5)
+
+
+def test_gene_prior_export(checkpoint, cells):
+    adata = cells[:5].copy()
+    table = scgene.gene_prior(checkpoint, adata=adata)
+    prior = ScGeneModel.from_pretrained(checkpoint).get_gene_prior().numpy()
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    gene_id = tokenizer.convert_genes_to_ids(["LYZ"])[0]
+    np.testing.assert_allclose(table.loc["LYZ"].to_numpy()[1:].astype(np.float32), prior[gene_id])
+    np.testing.assert_allclose(adata.varm["X_scgene_prior"][adata.var_names.get_loc("LYZ")], prior[gene_id])
+    assert table["ensembl_id"].loc["LYZ"].startswith("ENSG")
+
+
+def test_embed_command_writes_a_copy_and_a_plot(checkpoint, cells, tmp_path, capsys):
+    source = tmp_path / "in.h5ad"
+    cells.write_h5ad(source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    out, png = tmp_path / "out.h5ad", tmp_path / "umap.png"
+    code = main(["embed", str(source), "--model", str(checkpoint), "--out", str(out), "--plot", str(png),
+                 "--color", "cell_type", "--batch-size", "16"])
+    printed = capsys.readouterr().out
+    assert code == 0 and png.stat().st_size > 1000 and "ARI" in printed and "NMI" in printed
+    written = ad.read_h5ad(out)
+    np.testing.assert_allclose(written.obsm["X_scgene"], scgene.embed(cells, checkpoint, progress=False, key_added=None), atol=1e-5)
+    assert written.obsm["X_scgene_umap"].shape == (cells.n_obs, 2) and "scgene_leiden" in written.obs
+    pd.testing.assert_frame_equal(written.obs[cells.obs.columns], cells.obs)
+    assert (written.X != cells.X).nnz == 0
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    # errors in command-line terms, one line
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(out)]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "x.h5ad"), "--batch-size", "0"]) == 1
+    assert "--batch-size" in capsys.readouterr().err
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(source), "--overwrite"]) == 1
+    assert "input file" in capsys.readouterr().err
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "y.h5ad"), "--color", "nope"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("scgene embed: error:") and "nope" in error and error.count("\n") == 1
+
+
+def test_annotate_command(checkpoint, cells, tmp_path, capsys):
+    source = tmp_path / "in.h5ad"
+    cells.write_h5ad(source)
+    out = tmp_path / "out.h5ad"
+    assert main(["annotate", str(source), "--model", str(checkpoint), "--out", str(out), "--min-confidence", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    written = ad.read_h5ad(out)
+    expected = scgene.annotate(cells.copy(), checkpoint, min_confidence=0.2, progress=False)
+    assert (written.obs["scgene_label"].astype(str) == expected["scgene_label"].astype(str)).all()
+    assert list(written.uns["scgene_label"]["labels"]) == LABELS
+    for label, count in expected["scgene_label"].value_counts().items():
+        if count:
+            assert f"{label}" in printed and str(count) in printed
+    assert main(["annotate", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "b.h5ad"),
+                 "--min-confidence", "2"]) == 1
+    assert "--min-confidence" in capsys.readouterr().err
