@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from scgene import ScGeneTokenizer
-from scgene.data import export_dataset
+import scgene
+from scgene import ScGeneForCellClassification, ScGeneModel, ScGeneTokenizer
+from scgene.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 PBMC = REPO / "tests" / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
@@ -23,12 +24,14 @@ COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--seed",
 
 @pytest.fixture(scope="module")
 def tokenized(tmp_path_factory):
-    """300 PBMC 3k cells tokenized with a vocabulary of their genes, and a random prior for it."""
+    """300 PBMC 3k cells tokenized by `scgene tokenize --max-length 256` with the default human vocabulary (whose
+    tokenizer says max_length 2048), and a random prior for it."""
     folder = tmp_path_factory.mktemp("examples")
-    cells = anndata.read_h5ad(PBMC)[:300].copy()
-    tokenizer = ScGeneTokenizer.from_anndata(cells, max_length=128)
-    export_dataset(cells, folder / "tokenized", tokenizer, obs_columns=["cell_type"])
-    prior = torch.from_numpy(np.random.default_rng(0).normal(size=(tokenizer.vocab_size, 16)).astype(np.float32))
+    anndata.read_h5ad(PBMC)[:300].copy().write_h5ad(folder / "cells.h5ad")
+    assert main(["tokenize", str(folder / "cells.h5ad"), str(folder / "tokenized"), "--max-length", "256",
+                 "--obs-columns", "cell_type"]) == 0
+    vocab_size = ScGeneTokenizer.from_pretrained(folder / "tokenized").vocab_size
+    prior = torch.from_numpy(np.random.default_rng(0).normal(size=(vocab_size, 16)).astype(np.float32))
     prior[:3] = 0
     save_file({"gene_prior": prior}, folder / "gene_prior.safetensors")
     return folder
@@ -63,6 +66,31 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert "logistic regression baseline" in output
     config = json.loads((classifier / "config.json").read_text())
     assert config["architectures"] == ["ScGeneForCellClassification"] and len(config["id2label"]) == len(results["labels"])
+    check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
+
+
+def check_inference_uses_training_settings(cells_path, pretrained, classifier):
+    """The data was tokenized with --max-length 256: both checkpoints carry that setting, and `scgene.embed` /
+    `scgene.annotate` tokenize with it (the same outputs as the model on 256-token cells, not on 2048-token ones)."""
+    cells = anndata.read_h5ad(cells_path)
+    long_cells = cells[np.diff(cells.X.tocsr().indptr) > 300].copy()
+    assert long_cells.n_obs >= 5
+    for folder in (pretrained, classifier):
+        tokenizer = ScGeneTokenizer.from_pretrained(folder)
+        assert tokenizer.max_length == 256 and tokenizer.sampling_seed is None
+    tokenizer = ScGeneTokenizer.from_pretrained(pretrained)
+    encoder = ScGeneModel.from_pretrained(pretrained).eval()
+    with torch.no_grad():
+        at = {n: encoder(**tokenizer(long_cells, max_length=n, return_tensors="pt")).pooler_output.numpy() for n in (256, 2048)}
+    embedded = scgene.embed(long_cells, pretrained, progress=False)
+    np.testing.assert_allclose(embedded, at[256], atol=1e-5)
+    assert np.abs(embedded - at[2048]).max() > 1e-3
+    model = ScGeneForCellClassification.from_pretrained(classifier).eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(long_cells, max_length=256, return_tensors="pt")).logits
+    annotated = scgene.annotate(long_cells, classifier, progress=False)
+    expected = np.array([model.config.id2label[i] for i in logits.argmax(-1).tolist()])
+    assert (annotated["scgene_label"].astype(str).to_numpy() == expected).all()
 
 
 def test_pretraining_runs_as_two_process_ddp(tokenized):
