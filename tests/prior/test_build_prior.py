@@ -204,3 +204,24 @@ def test_bad_knowledge_table_fails_before_the_coexpression_step(pbmc_h5ad, knowl
     with pytest.raises(SystemExit, match=r"scgene build-prior: error: Column .* is numeric but not 0/1"):
         main(args)
     assert not out.exists() and bad.read_bytes() == before  # nothing computed or written; input untouched
+
+
+def test_knowledge_of_the_data_genes_only(pbmc_h5ad, knowledge_csv, tmp_path):
+    """--knowledge-genes adata embeds the knowledge of the genes the data measures (the default human vocabulary
+    would otherwise mean 26k texts): a prior over the full vocabulary whose knowledge part covers only those genes."""
+    cells = anndata.read_h5ad(pbmc_h5ad)
+    half = cells[:, :100].copy()
+    half.write_h5ad(tmp_path / "half.h5ad")
+    out = tmp_path / "prior"
+    assert main(["build-prior", "--adata", str(tmp_path / "half.h5ad"), "--knowledge", str(knowledge_csv),
+                 "--knowledge-genes", "adata", "--out", str(out), "--hidden-size", "16", "--threshold", "0.3",
+                 "--gene2vec-dim", "12", "--text-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    in_knowledge = set(np.loadtxt(knowledge_csv, delimiter=",", skiprows=1, usecols=0, dtype=str, comments=None))
+    expected = len(in_knowledge & set(half.var_names))
+    assert 0 < expected < len(in_knowledge)
+    record = json.loads((out / "prior_record.json").read_text())
+    assert record["coverage"]["knowledge"]["vocab_genes_covered"] == expected
+    assert load_prior(out / "gene_prior.safetensors").shape == (ScGeneTokenizer().vocab_size, 16)
+    with pytest.raises(SystemExit, match="--knowledge-genes adata needs --adata"):
+        main(["build-prior", "--gene2vec", str(out / "gene2vec.txt"), "--knowledge-genes", "adata",
+              "--out", str(tmp_path / "x"), "--hidden-size", "16"])

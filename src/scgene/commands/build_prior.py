@@ -78,6 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     knowledge.add_argument("--text-max-tokens", type=int, default=128, help="truncate texts to this many word pieces")
     knowledge.add_argument("--text-cache", type=Path, default=DEFAULT_TEXT_CACHE, help="text embedding cache")
     knowledge.add_argument("--no-text-cache", action="store_true", help="always recompute the text embeddings")
+    knowledge.add_argument(
+        "--knowledge-genes",
+        choices=("vocabulary", "adata"),
+        default="vocabulary",
+        help="embed the knowledge of every vocabulary gene (26k texts with the human vocabulary: minutes on a CPU the "
+        "first time, then cached), or only of the genes in --adata (other genes keep a zero knowledge part)",
+    )
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
 
 
@@ -114,21 +121,33 @@ def _check_shapes(args, tokenizer, model) -> None:
         raise SystemExit(f"--gene2vec-dim {args.gene2vec_dim} exceeds the hidden size {args.hidden_size}.")
 
 
-def _vocabulary_rows(table, tokenizer):
-    """The knowledge-table rows whose gene (symbol, alias or Ensembl id) is in the tokenizer's vocabulary."""
+def _vocabulary_rows(table, tokenizer, allowed_ids: set[int] | None = None):
+    """The knowledge-table rows whose gene (symbol, alias or Ensembl id) is in the tokenizer's vocabulary (and, with
+    `allowed_ids`, has one of those ids)."""
 
     def known(name) -> bool:
         try:
-            tokenizer.convert_genes_to_ids([name])
+            token_id = tokenizer.convert_genes_to_ids([name])[0]
         except KeyError:
             return False
-        return True
+        return allowed_ids is None or token_id in allowed_ids
 
     ensembl_ids = table.ensembl_ids or [""] * len(table.genes)
     keep = np.array([known(gene) or (bool(e) and known(e)) for gene, e in zip(table.genes, ensembl_ids)])
     if not keep.any():
         raise SystemExit("No gene of the knowledge table is in the tokenizer's vocabulary: check the gene column.")
     return table.subset(keep)
+
+
+def _adata_gene_ids(path: Path, tokenizer, gene_column: str | None) -> set[int]:
+    """Vocabulary ids of the genes of an .h5ad (read backed: only var)."""
+    import anndata
+
+    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        return {int(i) for i in tokenizer.map_genes(adata, gene_column).vocab_ids}
+    finally:
+        adata.file.close()
 
 
 DENSE_CHUNK_VALUES = 1 << 24  # cells x genes values read at a time from a dense on-disk X (64 MB of float32)
@@ -287,7 +306,13 @@ def _run(args: argparse.Namespace) -> int:
         table = read_knowledge_table(
             args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
         )
-        table = _vocabulary_rows(table, tokenizer)  # embed only what the prior can hold: text embedding is slow
+        allowed = None
+        if args.knowledge_genes == "adata":
+            if args.adata is None:
+                raise SystemExit("--knowledge-genes adata needs --adata.")
+            allowed = _adata_gene_ids(args.adata, tokenizer, args.gene_column)
+        # embed only what the prior can hold (and, with --knowledge-genes adata, what the data measures): text is slow
+        table = _vocabulary_rows(table, tokenizer, allowed)
     record: dict = {
         "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
         "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k[0] != "_"},
