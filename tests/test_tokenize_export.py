@@ -130,3 +130,16 @@ def test_failed_overwrite_keeps_the_previous_output(tmp_path, tokenizer, pbmc, m
     assert datasets.load_from_disk(str(out)).num_rows == 10 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     export_dataset(pbmc[:20], out, tokenizer, overwrite=True)
     assert datasets.load_from_disk(str(out)).num_rows == 20 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_saved_tokenizer_carries_the_export_settings(tmp_path, tokenizer, pbmc):
+    """The tokenizer saved next to the data says how the data was made; the sampling seed is a record only."""
+    out = export_dataset(pbmc[:40], tmp_path / "ds", tokenizer, max_length=64, gene_selection="top_k", top_k=50, seed=3)
+    saved = ScGeneTokenizer.from_pretrained(out)
+    assert (saved.max_length, saved.gene_selection, saved.top_k, saved.sampling_seed) == (64, "top_k", 50, 3)
+    assert tokenizer.max_length == 2048 and tokenizer.sampling_seed is None  # the caller's tokenizer is untouched
+    inference = saved(pbmc[:40], return_tensors="np")
+    highest = tokenizer(pbmc[:40], max_length=64, gene_selection="top_k", top_k=50, return_tensors="np")
+    np.testing.assert_array_equal(inference["input_ids"], highest["input_ids"])
+    unlimited = export_dataset(pbmc[:5], tmp_path / "all", tokenizer, truncation=False)
+    assert ScGeneTokenizer.from_pretrained(unlimited).max_length is None
