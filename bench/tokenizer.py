@@ -7,6 +7,9 @@ gene popularity, so about 90% of the entries are zero. "cells per CPU-second" di
 CPU time (all threads), a figure that other load on the machine does not distort. Each measurement runs in a fresh process, so the
 peak resident memory (VmHWM) is that configuration's own, including the ~1 GB of imported libraries.
 
+The padded `__call__` path (one (cells, width) batch) is timed against the streaming path `iter_encoded` in one
+process, alternating, best of `PADDED_REPEATS` each: their ratio, not the absolute speed, is what it checks.
+
 (Named `tokenizer.py`, not `tokenize.py`: a script's folder comes first on sys.path, and a `tokenize.py` there
 shadows the standard library module that `inspect` and `linecache` import.)
 
@@ -33,6 +36,7 @@ CONFIGS = {  # name -> tokenizer keyword arguments
     "top_k": {"gene_selection": "top_k", "top_k": 1024, "max_length": 2048},
     "all": {"gene_selection": "all", "truncation": False, "chunk_size": 256},
 }
+PADDED_REPEATS = 3
 
 
 def human_gene_ids(n_genes: int) -> list[str]:
@@ -106,15 +110,45 @@ def measure(path: str, config: str, backed: bool, export_to: str | None) -> dict
     return {"cells_per_s": adata.n_obs / seconds, "cells_per_cpu_s": adata.n_obs / cpu_seconds, "seconds": seconds, "peak_mb": peak_mb, "tokens_per_cell": tokens / adata.n_obs}
 
 
+def measure_padded(path: str, config: str) -> dict:
+    """The padded `__call__` against streaming `iter_encoded`, in memory, alternating in this (fresh) process."""
+    import anndata as ad
+
+    from scgene.tokenization_scgene import ScGeneTokenizer
+
+    adata = ad.read_h5ad(path)
+    tokenizer = ScGeneTokenizer()
+    kwargs = CONFIGS[config]
+    best = {"streaming": (np.inf, np.inf), "padded": (np.inf, np.inf)}
+    for _ in range(PADDED_REPEATS):
+        for name in best:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            if name == "padded":
+                tokens = int(tokenizer(adata, **kwargs)["attention_mask"].sum())
+            else:
+                tokens = sum(int(chunk.lengths.sum()) for chunk in tokenizer.iter_encoded(adata, **kwargs))
+            best[name] = min(best[name], (time.perf_counter() - start, time.process_time() - cpu_start))
+    (seconds, cpu_seconds), streaming_seconds = best["padded"], best["streaming"][0]
+    return {
+        "cells_per_s": adata.n_obs / seconds, "cells_per_cpu_s": adata.n_obs / cpu_seconds, "seconds": seconds,
+        "peak_mb": peak_resident_mb(), "tokens_per_cell": tokens / adata.n_obs,
+        "streaming_cells_per_s": adata.n_obs / streaming_seconds, "ratio": streaming_seconds / seconds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-cells", type=int, default=100_000)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/scgene-bench"))
     parser.add_argument("--measure", nargs=4, metavar=("PATH", "CONFIG", "BACKED", "EXPORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure-padded", nargs=2, metavar=("PATH", "CONFIG"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         path, config, backed, export_to = args.measure
         print(json.dumps(measure(path, config, backed == "backed", None if export_to == "-" else export_to)))
+        return
+    if args.measure_padded:
+        print(json.dumps(measure_padded(*args.measure_padded)))
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +158,7 @@ def main() -> None:
         write_dataset(path, args.n_cells)
         print(f"made {path} in {time.perf_counter() - start:.0f}s", file=sys.stderr)
     runs = [(config, storage, "-") for config in CONFIGS for storage in ("in memory", "backed")]
+    runs.insert(1, ("nonzero", "in memory", "padded"))
     runs.append(("nonzero", "backed", str(args.workdir / "export")))
     print(f"{args.n_cells:,} cells x {N_GENES:,} genes, raw counts ({describe_counts(path)}); 2 worker threads, "
           f"chunks of 512 cells (256 for 'all')\n")
@@ -132,11 +167,17 @@ def main() -> None:
     results = {}
     for config, storage, export_to in runs:
         flag = "backed" if storage == "backed" else "memory"
-        command = [sys.executable, __file__, "--measure", str(path), config, flag, export_to]
+        if export_to == "padded":
+            command = [sys.executable, __file__, "--measure-padded", str(path), config]
+        else:
+            command = [sys.executable, __file__, "--measure", str(path), config, flag, export_to]
         result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        results[config, storage, export_to != "-"] = result
+        results[config, storage, export_to] = result
         label = f"{config} (max_length {CONFIGS[config].get('max_length', 'none')})"
-        if export_to != "-":
+        if export_to == "padded":
+            streaming = f"{result['streaming_cells_per_s']:,.0f} cells/s in the same process"
+            label = f"{label}, padded `__call__` ({result['ratio']:.0%} of streaming: {streaming})"
+        elif export_to != "-":
             label = f"datasets export, {label}"
         tokens = f"{result['tokens_per_cell']:.0f}" if result["tokens_per_cell"] else "-"
         print(
@@ -145,12 +186,17 @@ def main() -> None:
             f"{result['peak_mb'] / 1024:.2f} GB |",
             flush=True,
         )
-    print("\nTargets (2 CPU cores): 'nonzero' (max_length 2048) at least 20,000 cells/s; backed peak memory under 2 GB.")
+    print(
+        "\nTargets (2 CPU cores): 'nonzero' (max_length 2048) at least 20,000 cells/s; backed peak memory under 2 GB; "
+        "the padded `__call__` at least 60% of the streaming speed."
+    )
     for storage in ("in memory", "backed"):
-        speed = results["nonzero", storage, False]["cells_per_s"]
+        speed = results["nonzero", storage, "-"]["cells_per_s"]
         print(f"- nonzero, {storage}: {speed:,.0f} cells/s -> {'met' if speed >= 20_000 else 'NOT met'}")
     peak = max(result["peak_mb"] for (_, storage, _), result in results.items() if storage == "backed") / 1024
     print(f"- highest backed peak: {peak:.2f} GB -> {'met' if peak < 2 else 'NOT met'}")
+    ratio = results["nonzero", "in memory", "padded"]["ratio"]
+    print(f"- padded `__call__`, nonzero in memory: {ratio:.0%} of streaming -> {'met' if ratio >= 0.6 else 'NOT met'}")
 
 
 def describe_counts(path: Path) -> str:

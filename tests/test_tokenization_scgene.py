@@ -509,6 +509,51 @@ def test_padding_tensors_and_labels(tokenizer, pbmc):
     assert list(tokenizer.model_input_names) == list(INPUT_NAMES)
 
 
+def reference_padding(chunks, width):
+    """`iter_encoded` chunks padded cell by cell, the straightforward way."""
+    dtypes = dict(zip(INPUT_NAMES, (np.int64, np.float32, np.int64, np.int64)))
+    n_cells = sum(len(chunk.lengths) for chunk in chunks)
+    batch = {name: np.zeros((n_cells, width), dtype) for name, dtype in dtypes.items()}
+    for chunk in chunks:
+        for i, (end, length) in enumerate(zip(np.cumsum(chunk.lengths), chunk.lengths)):
+            for name in INPUT_NAMES[:3]:
+                batch[name][chunk.start + i, :length] = getattr(chunk, name)[end - length : end]
+            batch["attention_mask"][chunk.start + i, :length] = 1
+    return batch
+
+
+@pytest.mark.parametrize(
+    "padding, multiple, kwargs",
+    [
+        ("longest", None, {}),
+        ("longest", None, {"max_length": 64, "chunk_size": 50}),
+        ("max_length", 7, {"max_length": 300, "chunk_size": 64}),
+        ("longest", 32, {"truncation": False, "chunk_size": 16}),  # later chunks are longer: the batch widens
+        ("max_length", None, {"max_length": 100, "truncation": False, "chunk_size": 100}),  # cells over max_length
+        ("longest", None, {"gene_selection": "all", "truncation": False, "chunk_size": 128}),
+    ],
+)
+def test_padded_call_equals_padded_chunks(tokenizer, pbmc, padding, multiple, kwargs):
+    batch = tokenizer(pbmc, padding=padding, pad_to_multiple_of=multiple, **kwargs)
+    chunks = list(tokenizer.iter_encoded(pbmc, **kwargs))
+    lengths = np.concatenate([chunk.lengths for chunk in chunks])
+    width = max(lengths.max(), kwargs["max_length"] if padding == "max_length" else 0)
+    width = -(-width // (multiple or 1)) * (multiple or 1)
+    expected = reference_padding(chunks, width)
+    assert set(batch.keys()) == set(expected)
+    for name, array in expected.items():
+        assert batch[name].dtype == array.dtype and batch[name].flags.c_contiguous, name
+        np.testing.assert_array_equal(batch[name], array, err_msg=name)
+
+
+def test_padded_call_on_no_cells(tokenizer, pbmc):
+    batch = tokenizer(pbmc[:0].copy(), max_length=64, padding="max_length", pad_to_multiple_of=48)
+    for name, dtype in zip(INPUT_NAMES, (np.int64, np.float32, np.int64, np.int64)):
+        assert batch[name].shape == (0, 96) and batch[name].dtype == dtype
+    assert tokenizer(pbmc[:0].copy(), return_attention_mask=False)["input_ids"].shape == (0, 0)
+    assert "attention_mask" not in tokenizer(pbmc[:4], return_attention_mask=False)
+
+
 def test_inference_output_is_deterministic(tokenizer, pbmc):
     first = tokenizer(pbmc, max_length=128, chunk_size=64)
     assert_same_batch(first, tokenizer(pbmc, max_length=128, chunk_size=64, num_threads=1))

@@ -53,7 +53,7 @@ def looks_log_normalized(data: np.ndarray) -> bool:
 class EncodedChunk:
     """Cells `start:start + len(lengths)`, concatenated without padding: cell i has the next `lengths[i]` tokens.
 
-    Compact dtypes (int32 ids, float32 values, int16 bins); `pad_ragged` widens ids and bins to int64.
+    Compact dtypes (int32 ids, float32 values, int16 bins); `pad_chunks` widens ids and bins to int64.
     """
 
     start: int
@@ -141,16 +141,39 @@ def insert_at(is_data: np.ndarray, data: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def pad_ragged(parts: list[np.ndarray], lengths: np.ndarray, width: int, pad_value) -> np.ndarray:
-    """Concatenated ragged rows -> (n_rows, width) array padded with `pad_value` (truncating longer rows)."""
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    dtype = np.float32 if flat.dtype == np.float32 else np.int64
-    out = np.full((len(lengths), width), pad_value, dtype=dtype)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    position = np.arange(len(flat)) - np.repeat(starts, lengths)
-    keep = position < width
-    out[np.repeat(np.arange(len(lengths)), lengths)[keep], position[keep]] = flat[keep]
-    return out
+def pad_chunks(chunks, n_rows: int, min_width: int, multiple: int, pad_value, attention_mask: bool = True) -> dict:
+    """`EncodedChunk`s covering `n_rows` cells -> (n_rows, width) int64 `input_ids`, float32 `expression_values`,
+    int64 `expression_bins` padded with `pad_value`, and int64 `attention_mask` (if asked).
+
+    `width` is the longest row, at least `min_width`, rounded up to a multiple of `multiple`. Each chunk is padded
+    as it arrives, while the encoding threads work on the next ones: one boolean-mask assignment per array into its
+    block of rows, far faster than scattering every token by row and column. A longer chunk widens the arrays
+    (a copy of the rows done so far).
+    """
+    dtypes = {"input_ids": np.int64, "expression_values": np.float32, "expression_bins": np.int64}
+    if attention_mask:
+        dtypes["attention_mask"] = np.int64
+    pads = {name: 0 if name == "attention_mask" else pad_value for name in dtypes}
+    width = -(-min_width // multiple) * multiple
+    batch = {name: np.empty((n_rows, width), dtype) for name, dtype in dtypes.items()}
+    for chunk in chunks:
+        rows = slice(chunk.start, chunk.start + len(chunk.lengths))
+        longest = int(chunk.lengths.max(initial=0))
+        if longest > width:
+            width, narrow = -(-longest // multiple) * multiple, batch
+            batch = {name: np.empty((n_rows, width), dtype) for name, dtype in dtypes.items()}
+            for name, array in narrow.items():
+                batch[name][: rows.start] = pads[name]
+                batch[name][: rows.start, : array.shape[1]] = array[: rows.start]
+        is_token = np.arange(width) < chunk.lengths[:, None]
+        for name, array in batch.items():
+            block = array[rows]
+            if name == "attention_mask":
+                block[...] = is_token
+            else:
+                block.fill(pads[name])
+                block[is_token] = getattr(chunk, name)
+    return batch
 
 
 def to_csr(matrix):

@@ -34,7 +34,7 @@ from .encoding_scgene import (
     insert_at,
     log1p_scaled,
     looks_log_normalized,
-    pad_ragged,
+    pad_chunks,
     to_csr,
 )
 from .vocabulary_scgene import (
@@ -344,31 +344,21 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             raise ValueError(f"padding must be 'longest' (or True) or 'max_length', got {padding!r}")
         if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
             raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+        max_length = encode_kwargs.get("max_length") or self.max_length
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs a max_length.")
+        min_width = max_length if padding == "max_length" else 0
         opened = isinstance(adata, (str, os.PathLike))
         adata = read_h5ad_backed(adata) if opened else adata
         try:
-            chunks = list(self.iter_encoded(adata, **encode_kwargs))
+            chunks = self.iter_encoded(adata, **encode_kwargs)
+            batch = pad_chunks(
+                chunks, adata.n_obs, min_width, pad_to_multiple_of or 1, self.pad_token_id, return_attention_mask
+            )
             labels = None if label_column is None else obs_labels(adata.obs, label_column, label2id)
         finally:
             if opened:
                 adata.file.close()
-        max_length = encode_kwargs.get("max_length") or self.max_length
-        lengths = np.concatenate([chunk.lengths for chunk in chunks]) if chunks else np.zeros(0, np.int64)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs a max_length.")
-            width = max_length
-        else:
-            width = 0
-        width = max(width, int(lengths.max()) if len(lengths) else 0)
-        if pad_to_multiple_of:
-            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        batch = {
-            name: pad_ragged([getattr(c, name) for c in chunks], lengths, width, self.pad_token_id)
-            for name in ("input_ids", "expression_values", "expression_bins")
-        }
-        if return_attention_mask:
-            batch["attention_mask"] = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         if labels is not None:
             batch["labels"] = labels
         return BatchFeature(batch, tensor_type=return_tensors)
