@@ -102,7 +102,7 @@ def plot_embedding(obs, embeddings, png: str, color: list[str]):
             ari = adjusted_rand_score(labels[keep].astype(str), clusters[keep])
             nmi = normalized_mutual_info_score(labels[keep].astype(str), clusters[keep])
             print(f"Leiden clusters ({clusters.nunique()}) vs {column} ({labels.nunique()}): ARI {ari:.3f}  NMI {nmi:.3f}")
-    figure = sc.pl.umap(view, color=[*color, "scgene_leiden"], show=False, return_fig=True)
+    figure = sc.pl.umap(view, color=[*color, "scgene_leiden"], show=False, return_fig=True, wspace=0.5)
     with atomic_path(png) as staged:
         figure.savefig(staged, dpi=120, bbox_inches="tight", format="png")
     plt.close(figure)
