@@ -141,38 +141,31 @@ def insert_at(is_data: np.ndarray, data: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def pad_chunks(chunks, n_rows: int, min_width: int, multiple: int, pad_value, attention_mask: bool = True) -> dict:
+def pad_chunks(chunks, n_rows: int, min_width: int, multiple: int, attention_mask: bool = True) -> dict:
     """`EncodedChunk`s covering `n_rows` cells -> (n_rows, width) int64 `input_ids`, float32 `expression_values`,
-    int64 `expression_bins` padded with `pad_value`, and int64 `attention_mask` (if asked).
+    int64 `expression_bins` and `attention_mask` (if asked), padded with zeros (the `<pad>` id, value 0, bin 0).
 
     `width` is the longest row, at least `min_width`, rounded up to a multiple of `multiple`. Each chunk is padded
     as it arrives, while the encoding threads work on the next ones: one boolean-mask assignment per array into its
-    block of rows, far faster than scattering every token by row and column. A longer chunk widens the arrays
-    (a copy of the rows done so far).
+    block of rows of zeroed memory, far faster than scattering every token by row and column. A longer chunk widens
+    the arrays (a copy of the rows done so far).
     """
     dtypes = {"input_ids": np.int64, "expression_values": np.float32, "expression_bins": np.int64}
     if attention_mask:
         dtypes["attention_mask"] = np.int64
-    pads = {name: 0 if name == "attention_mask" else pad_value for name in dtypes}
     width = -(-min_width // multiple) * multiple
-    batch = {name: np.empty((n_rows, width), dtype) for name, dtype in dtypes.items()}
+    batch = {name: np.zeros((n_rows, width), dtype) for name, dtype in dtypes.items()}
     for chunk in chunks:
         rows = slice(chunk.start, chunk.start + len(chunk.lengths))
         longest = int(chunk.lengths.max(initial=0))
         if longest > width:
             width, narrow = -(-longest // multiple) * multiple, batch
-            batch = {name: np.empty((n_rows, width), dtype) for name, dtype in dtypes.items()}
+            batch = {name: np.zeros((n_rows, width), dtype) for name, dtype in dtypes.items()}
             for name, array in narrow.items():
-                batch[name][: rows.start] = pads[name]
                 batch[name][: rows.start, : array.shape[1]] = array[: rows.start]
         is_token = np.arange(width) < chunk.lengths[:, None]
         for name, array in batch.items():
-            block = array[rows]
-            if name == "attention_mask":
-                block[...] = is_token
-            else:
-                block.fill(pads[name])
-                block[is_token] = getattr(chunk, name)
+            array[rows][is_token] = 1 if name == "attention_mask" else getattr(chunk, name)
     return batch
 
 

@@ -352,9 +352,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         adata = read_h5ad_backed(adata) if opened else adata
         try:
             chunks = self.iter_encoded(adata, **encode_kwargs)
-            batch = pad_chunks(
-                chunks, adata.n_obs, min_width, pad_to_multiple_of or 1, self.pad_token_id, return_attention_mask
-            )
+            batch = pad_chunks(chunks, adata.n_obs, min_width, pad_to_multiple_of or 1, return_attention_mask)
             labels = None if label_column is None else obs_labels(adata.obs, label_column, label2id)
         finally:
             if opened:
