@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/coexpression.py
+	$(BIN)/python bench/embed.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench conversion scripts
