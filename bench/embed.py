@@ -105,23 +105,11 @@ def pbmc_like_counts(n_cells: int, low: int, high: int, n_genes: int, seed: int 
     return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), indptr), shape=(n_cells, n_genes))
 
 
-def small_cell_counts(n_cells: int, n_genes: int, seed: int = 1, block: int = 50_000):
+def small_cell_counts(n_cells: int, n_genes: int):
     """CSR raw counts of small cells: 10-50 UMIs each, each UMI a gene drawn by a log-normal popularity."""
-    import scipy.sparse as sp
+    from tokenizer import make_counts  # bench/tokenizer.py, next to this script
 
-    rng = np.random.default_rng(seed)
-    popularity = np.cumsum(rng.lognormal(0.0, 1.5, n_genes))
-    blocks = []
-    for start in range(0, n_cells, block):
-        rows = min(block, n_cells - start)
-        totals = rng.integers(10, 51, rows)
-        genes = np.searchsorted(popularity, rng.random(totals.sum()) * popularity[-1])
-        keys = np.repeat(np.arange(rows, dtype=np.int64), totals) * n_genes + genes
-        unique, counts = np.unique(keys, return_counts=True)
-        indptr = np.searchsorted(unique // n_genes, np.arange(rows + 1))
-        blocks.append(sp.csr_matrix((counts.astype(np.float32), (unique % n_genes).astype(np.int32), indptr),
-                                    shape=(rows, n_genes)))
-    return sp.vstack(blocks, format="csr")
+    return make_counts(n_cells, n_genes, seed=1, block=50_000, umis=(10, 50), spread=1.5)
 
 
 def anndata_of(counts, symbols):

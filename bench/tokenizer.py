@@ -51,16 +51,17 @@ def human_gene_ids(n_genes: int) -> list[str]:
     return ids[:n_genes]
 
 
-def make_counts(n_cells: int, n_genes: int, seed: int = 0, block: int = 10_000):
-    """CSR raw counts: per cell a total of 2,000-5,000 UMIs, each UMI a gene drawn by popularity."""
+def make_counts(n_cells: int, n_genes: int, seed: int = 0, block: int = 10_000, umis=(2000, 5000), spread: float = 2.0):
+    """CSR raw counts: per cell a total of `umis` (inclusive range) UMIs, each UMI a gene drawn by a log-normal
+    popularity of width `spread`."""
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
-    popularity = np.cumsum(rng.lognormal(0.0, 2.0, n_genes))
+    popularity = np.cumsum(rng.lognormal(0.0, spread, n_genes))
     blocks = []
     for start in range(0, n_cells, block):
         rows = min(block, n_cells - start)
-        totals = rng.integers(2000, 5001, rows)
+        totals = rng.integers(umis[0], umis[1] + 1, rows)
         genes = np.searchsorted(popularity, rng.random(totals.sum()) * popularity[-1])
         keys = np.repeat(np.arange(rows, dtype=np.int64), totals) * n_genes + genes
         keys.sort()
