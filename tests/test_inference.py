@@ -1,6 +1,7 @@
 """`scgene.embed` / `annotate` / `embed_genes` / `gene_prior` and the `scgene embed` / `scgene annotate` commands."""
 
 import hashlib
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -9,10 +10,10 @@ import pytest
 import torch
 
 import scgene
-from conftest import PBMC
 from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
 from scgene.cli import main
 
+PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
 LABELS = ["B", "Mono", "T"]
 
 

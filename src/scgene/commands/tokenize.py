@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -29,13 +30,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _tokenize(args)
+
+
+@contextlib.contextmanager
+def coverage_report_shown():
+    """Show the tokenizer's gene coverage report (logged as info) on this command's stderr, and only during it."""
+    scgene_logger, report = logging.getLogger("scgene"), logging.StreamHandler(sys.stderr)
+    level = scgene_logger.level
+    scgene_logger.setLevel(logging.INFO)
+    scgene_logger.addHandler(report)
+    try:
+        yield
+    finally:
+        scgene_logger.removeHandler(report)
+        scgene_logger.setLevel(level)
+
+
+def _tokenize(args: argparse.Namespace) -> int:
     from ..data.export import export_dataset
     from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
 
-    scgene_logger = logging.getLogger("scgene")  # show the gene coverage report, not only warnings
-    scgene_logger.setLevel(logging.INFO)
-    if not scgene_logger.handlers:
-        scgene_logger.addHandler(logging.StreamHandler())
     try:
         tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
         if not os.path.isfile(args.input):
