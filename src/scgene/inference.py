@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
-from .modeling_scgene import ScGeneForCellClassification, ScGenePreTrainedModel
+from .modeling_scgene import NUM_SPECIAL_TOKENS, ScGeneForCellClassification, ScGenePreTrainedModel
 from .tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
 
 logger = logging.get_logger(__name__)
@@ -154,12 +154,16 @@ class CellBatch:
     inputs: dict[str, torch.Tensor]  # (B, G) each
 
 
-def padded(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int, pad_value, dtype) -> torch.Tensor:
-    """Rows `flat[start : start + length]` as a (len(starts), width) tensor padded with `pad_value`."""
-    positions = np.arange(width)
+def padded_batch(flat: dict[str, np.ndarray], starts: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows `flat[name][start : start + length]` of each token array as (B, longest) tensors padded with 0 (the <pad>
+    id, value and bin), plus the attention mask; the gather positions are computed once for all arrays."""
+    positions = np.arange(int(lengths.max()))
     real = positions[None, :] < lengths[:, None]  # (B, G)
     gather = np.where(real, starts[:, None] + positions[None, :], 0)
-    return torch.from_numpy(np.where(real, flat[gather], pad_value)).to(dtype)
+    dtypes = {"input_ids": torch.long, "expression_values": torch.float32, "expression_bins": torch.long}
+    batch = {name: torch.from_numpy(np.where(real, flat[name][gather], 0)).to(dtypes[name]) for name in dtypes}
+    batch["attention_mask"] = torch.from_numpy(real).long()
+    return batch
 
 
 def plan_batches(lengths: np.ndarray, max_tokens: int, max_cells: int | None) -> list[np.ndarray]:
@@ -189,13 +193,7 @@ def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, devic
         cells = np.concatenate([np.arange(c.start, c.start + len(c.lengths)) for c in window])
         flat = {name: np.concatenate([getattr(c, name) for c in window]) for name in ("input_ids", "expression_values", "expression_bins")}
         for rows in plan_batches(lengths, max_tokens, max_cells):
-            width = int(lengths[rows].max())
-            inputs = {
-                "input_ids": padded(flat["input_ids"], starts[rows], lengths[rows], width, tokenizer.pad_token_id, torch.long),
-                "expression_values": padded(flat["expression_values"], starts[rows], lengths[rows], width, 0.0, torch.float32),
-                "expression_bins": padded(flat["expression_bins"], starts[rows], lengths[rows], width, 0, torch.long),
-            }
-            inputs["attention_mask"] = (torch.arange(width)[None, :] < torch.from_numpy(lengths[rows])[:, None]).long()
+            inputs = padded_batch(flat, starts[rows], lengths[rows])
             yield CellBatch(cells[rows], {name: tensor.to(device) for name, tensor in inputs.items()})
 
     for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
@@ -356,7 +354,7 @@ def embed_genes(
 
     def consume(batch, outputs):
         ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
-        expressed = (ids >= 3) & (values != 0) & batch.inputs["attention_mask"].bool()  # (B, G)
+        expressed = (ids >= NUM_SPECIAL_TOKENS) & (values != 0) & batch.inputs["attention_mask"].bool()  # (B, G)
         sums.index_add_(0, ids[expressed], outputs.last_hidden_state[expressed].double())
         counts.index_add_(0, ids[expressed], torch.ones_like(ids[expressed], dtype=torch.float64))
 
@@ -383,14 +381,14 @@ def gene_prior(model, *, tokenizer=None, adata=None, key_added: str | None = "X_
     tokenizer = load_tokenizer(tokenizer, encoder)
     prior = encoder.get_gene_prior().detach().float().cpu().numpy()
     has_prior = np.abs(prior).sum(axis=1) > 0
-    has_prior[:3] = False  # special tokens
+    has_prior[:NUM_SPECIAL_TOKENS] = False
     ids = np.flatnonzero(has_prior)
     names = tokenizer.convert_ids_to_genes(ids)
     table = pd.DataFrame(prior[ids], index=pd.Index(names, name="gene"))
     table.insert(0, "ensembl_id", [tokenizer.ensembl_ids[i] for i in ids])
     if adata is not None and key_added:
-        rows, _ = gene_rows(adata, tokenizer, prior, has_prior.astype(np.float64), None)
-        rows[~np.isfinite(rows).all(axis=1) | (np.abs(rows).sum(axis=1) == 0)] = np.nan
+        rows, with_prior = gene_rows(adata, tokenizer, prior, has_prior.astype(np.float64), None)
+        rows[with_prior == 0] = np.nan
         adata.varm[key_added] = rows
     return table
 
