@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from .configuration_scgene import ScGeneConfig
+from .evaluation import evaluate
 from .inference import annotate, embed, embed_genes, gene_prior
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
@@ -46,6 +47,7 @@ __all__ = [
     "annotate",
     "embed_genes",
     "gene_prior",
+    "evaluate",
     "ScGeneConfig",
     "ScGeneTokenizer",
     "ScGenePreTrainedModel",

@@ -17,6 +17,7 @@ COMMANDS = {
     "convert": ("scgene.commands.convert", "Convert an original ScGene checkpoint to a Hugging Face checkpoint."),
     "embed": ("scgene.commands.embed", "Cell embeddings of an .h5ad into obsm (and a UMAP plot)."),
     "annotate": ("scgene.commands.annotate", "Cell-type labels of an .h5ad from a fine-tuned classifier."),
+    "evaluate": ("scgene.commands.evaluate", "Score a model's cell embeddings against labels, next to PCA and other baselines."),
 }
 
 
