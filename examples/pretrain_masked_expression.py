@@ -18,10 +18,11 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors.torch import load_file
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
+from scgene.training import ScGeneTrainer
 
 
 @dataclass
@@ -30,6 +31,7 @@ class PretrainingArguments:
     prior: str = field(metadata={"help": "gene_prior.safetensors from `scgene build-prior`"})
     eval_fraction: float = field(default=0.1, metadata={"help": "cells held out to report the eval loss"})
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of each cell's genes to mask"})
+    min_count_rate: float = field(default=0.3, metadata={"help": "contrastive views keep U(rate, 1) of the counts"})
 
 
 @dataclass
@@ -43,6 +45,10 @@ class ModelArguments:
     expression_encoding: str = "binned"
     norm_position: str = "post"
     pooling: str = "cls"
+    value_loss_weight: float = 1.0
+    bin_loss_weight: float = 1.0
+    contrastive_loss_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
 
 def build_model(model_args: ModelArguments, tokenizer: ScGeneTokenizer, prior_path: str) -> ScGeneForMaskedExpression:
@@ -66,17 +72,22 @@ def main():
         training_args.ddp_broadcast_buffers = False
 
     tokenizer = ScGeneTokenizer.from_pretrained(data_args.dataset)
-    cells = datasets.load_from_disk(data_args.dataset).select_columns(
-        ["input_ids", "expression_values", "expression_bins"]
-    )
-    splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
+    count_views = model_args.contrastive_loss_weight > 0  # two count-downsampled views of each cell
+    cells = datasets.load_from_disk(data_args.dataset)
+    if count_views and "total_counts" not in cells.column_names:
+        raise ValueError(f"{data_args.dataset} has no total_counts column (made before it existed): re-run `scgene "
+                         "tokenize` on the raw counts, or set --contrastive_loss_weight 0.")
+    columns = ["input_ids", "expression_values", "expression_bins"] + (["total_counts"] if count_views else [])
+    splits = cells.select_columns(columns).train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(
-        tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value
+        tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value,
+        count_views=count_views, min_count_rate=data_args.min_count_rate,
     )
+    training_args.prediction_loss_only = True  # evaluation reports the loss; predictions are not kept
 
-    trainer = Trainer(
+    trainer = ScGeneTrainer(
         model=model,
         args=training_args,
         train_dataset=splits["train"],
@@ -90,7 +101,7 @@ def main():
     trainer.save_model()  # safetensors + config + code + tokenizer
     Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)  # no pickles in a checkpoint
     if trainer.is_world_process_zero():
-        print(f"masked-expression eval loss: {initial:.4f} before training -> {final:.4f} after")
+        print(f"pretraining eval loss: {initial:.4f} before training -> {final:.4f} after")
         print(f"saved to {training_args.output_dir}")
 
 

@@ -90,3 +90,55 @@ def test_classification_collator_names_a_missing_label_column(tokenizer):
     cells = features(3)
     with pytest.raises(KeyError, match=r"3 of 3 cells have no 'labels' label.*cell_type.*label_column="):
         DataCollatorForCellClassification(tokenizer)(cells)
+
+
+def count_cells(tokenizer, n_cells=24, seed=0, max_length=None):
+    """Tokenized real-looking cells from integer counts (with `total_counts`), as `scgene tokenize` writes them."""
+    import anndata
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    counts = sp.random(n_cells, 300, density=0.3, random_state=seed, data_rvs=lambda n: rng.negative_binomial(2, 0.3, n) + 1)
+    adata = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
+    adata.var_names = [f"G{i}" for i in range(300)]
+    chunk = next(tokenizer.iter_encoded(adata, max_length=max_length, truncation=max_length is not None))
+    bounds = np.concatenate([[0], np.cumsum(chunk.lengths)])
+    cells = [{"input_ids": chunk.input_ids[a:b], "expression_values": chunk.expression_values[a:b],
+              "expression_bins": chunk.expression_bins[a:b], "total_counts": chunk.total_counts[i]}
+             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return cells, adata
+
+
+def test_full_rate_count_view_is_the_tokenized_cell(tokenizer):
+    from scgene.data.collators import downsampled_cells
+
+    cells, adata = count_cells(tokenizer)
+    np.testing.assert_allclose([c["total_counts"] for c in cells], np.asarray(adata.X.sum(axis=1)).ravel())
+    for cell, view in zip(cells, downsampled_cells(cells, tokenizer, np.random.default_rng(0), min_rate=1.0)):
+        np.testing.assert_array_equal(view["input_ids"], cell["input_ids"])
+        np.testing.assert_array_equal(view["expression_bins"], cell["expression_bins"])
+        np.testing.assert_allclose(view["expression_values"], cell["expression_values"], atol=1e-5)
+
+
+def test_count_views_are_shallower_copies_of_the_same_cells(tokenizer):
+    cells, _ = count_cells(tokenizer)
+    batch = DataCollatorForMaskedExpression(tokenizer, count_views=True, min_count_rate=0.2, seed=0)(cells)
+    for prefix in ("", "view_"):
+        ids, mask = batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"].bool()
+        kept = mask.sum(1) - 1  # genes, <cls> excluded
+        assert (ids[:, 0] == tokenizer.cls_token_id).all()
+        assert (kept <= torch.tensor([len(c["input_ids"]) - 1 for c in cells])).all() and (kept >= 1).all()
+        assert kept.float().mean() < np.mean([len(c["input_ids"]) - 1 for c in cells])  # counts were thinned away
+        for row, cell in enumerate(cells):  # a view keeps a subset of the cell's own genes
+            assert set(ids[row][mask[row]].tolist()) <= set(np.asarray(cell["input_ids"]).tolist())
+        bins = batch[f"{prefix}expression_bins"][mask & (ids != tokenizer.cls_token_id)]
+        assert bins.min() >= 1 and bins.max() <= tokenizer.n_bins  # mask bin only in the masked view
+    assert not torch.equal(batch["view_attention_mask"].sum(1), batch["attention_mask"].sum(1))  # two different draws
+    assert (batch["labels"] != -100).any() and "view_labels" not in batch
+
+
+def test_count_views_need_raw_totals(tokenizer):
+    cells, _ = count_cells(tokenizer, n_cells=4)
+    cells[1]["total_counts"] = float("nan")  # tokenized from log1p input
+    with pytest.raises(ValueError, match="total_counts"):
+        DataCollatorForMaskedExpression(tokenizer, count_views=True)(cells)

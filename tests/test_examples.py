@@ -1,5 +1,6 @@
 """The Trainer example scripts run end to end on real data: single process, and two-process DDP via torchrun."""
 
+import ast
 import json
 import os
 import subprocess
@@ -50,8 +51,10 @@ def test_pretrain_then_finetune_scripts(tokenized):
     output = run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py",
                   "--dataset", tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors",
                   "--output_dir", pretrained, "--max_steps", "4", "--per_device_train_batch_size", "8",
-                  "--pooling", "mean", *TINY_MODEL, *COMMON])
-    assert "masked-expression eval loss" in output
+                  "--pooling", "mean", "--contrastive_loss_weight", "0.5", "--logging_steps", "2", *TINY_MODEL, *COMMON])
+    assert "pretraining eval loss" in output
+    logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
+    assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
     assert {"model.safetensors", "config.json", "modeling_scgene.py", "vocab.json"} <= {p.name for p in pretrained.iterdir()}
     assert not (pretrained / "training_args.bin").exists()
 
@@ -103,5 +106,5 @@ def test_pretraining_runs_as_two_process_ddp(tokenized):
          "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", *TINY_MODEL, *COMMON],
         env={"OMP_NUM_THREADS": "1"},
     )
-    assert output.count("masked-expression eval loss") == 1  # printed by the main process only
+    assert output.count("pretraining eval loss") == 1  # printed by the main process only
     assert (output_dir / "model.safetensors").exists()

@@ -217,9 +217,42 @@ def test_masked_expression_loss_uses_masked_positions_only():
     assert out.predicted_values.shape == (2, 7) and out.bin_logits is None
 
 
+def test_contrastive_loss_matches_two_views_and_is_reported_apart():
+    model = with_prior(ScGeneForMaskedExpression(tiny_config(contrastive_loss_weight=0.5, pooling="mean"))).eval()
+    cells, other = random_cells(4, 6, seed=11), random_cells(4, 5, seed=12)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    labels[:, 2] = 1.0
+    views = {f"view_{name}": tensor for name, tensor in other.items()}
+    with torch.no_grad():
+        out = model(**cells, labels=labels, **views)
+        same = model(**cells, labels=labels, **{f"view_{name}": tensor for name, tensor in cells.items()})
+        first = model.contrastive_projection(model.scgene(**cells).pooler_output)
+        second = model.contrastive_projection(model.scgene(**other).pooler_output)
+    logits = torch.nn.functional.normalize(first, dim=-1) @ torch.nn.functional.normalize(second, dim=-1).T / 0.1
+    target = torch.arange(4)
+    expected = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
+    torch.testing.assert_close(out.contrastive_loss, expected)
+    torch.testing.assert_close(out.loss, out.value_loss + 0.5 * out.contrastive_loss)
+    assert same.contrastive_loss < out.contrastive_loss  # identical views are the easiest positives
+    with pytest.raises(ValueError, match="count_views=True"):
+        model(**cells, labels=labels)
+
+
+def test_loss_weights_turn_objectives_off():
+    model = with_prior(ScGeneForMaskedExpression(tiny_config(value_loss_weight=0.0))).eval()
+    cells = random_cells(2, 6, seed=13)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    labels[:, 1] = 1.0
+    with torch.no_grad():
+        out = model(**cells, labels=labels)
+    assert out.value_loss > 0 and out.loss == 0  # computed and reported, weighted out of the total
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
+        ({"contrastive_loss_weight": -1.0}, "contrastive_loss_weight"),
+        ({"contrastive_temperature": 0.0}, "contrastive_temperature"),
         ({"encoder_type": "decoder"}, "encoder_type"),
         ({"attention_type": "gqa"}, "attention_type"),
         ({"expression_encoding": "rank"}, "expression_encoding"),

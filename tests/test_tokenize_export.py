@@ -1,5 +1,6 @@
 """The datasets export and `scgene tokenize`: round trip, obs columns, shards, streaming, atomic writes."""
 
+import anndata
 import datasets
 import numpy as np
 import pytest
@@ -81,7 +82,10 @@ def test_cli_tokenize(tmp_path, pbmc, capsys):
                  "--top-k", "20", "--obs-columns", "cell_type", "--num-shards", "2", "--chunk-size", "16"])
     assert code == 0
     dataset = datasets.load_from_disk(str(tmp_path / "out"))
-    assert dataset.num_rows == 40 and set(dataset.column_names) == {"input_ids", "expression_values", "expression_bins", "cell_type"}
+    assert dataset.num_rows == 40 and set(dataset.column_names) == {"input_ids", "expression_values", "expression_bins",
+                                                                    "total_counts", "cell_type"}
+    source_cells = anndata.read_h5ad(source)
+    np.testing.assert_allclose(dataset["total_counts"], np.asarray(source_cells.X.sum(axis=1)).ravel(), rtol=1e-6)
     assert max(len(ids) for ids in dataset["input_ids"]) == 21
     assert max(max(bins) for bins in dataset["expression_bins"]) <= 10
     assert ScGeneTokenizer.from_pretrained(tmp_path / "out").n_bins == 11

@@ -30,6 +30,9 @@ class ScGeneConfig(PreTrainedConfig):
         pooling (`"cls"` | `"mean"`): the cell embedding is the `<cls>` token or the masked mean of gene tokens.
         classifier_pooling (`"cell"` | `"gene_projection"`): the classifier reads the pooled cell embedding, or (seed
             000 exactly) the `(batch, num_panel_genes)` vector made by projecting each gene's output to one number.
+        value_loss_weight, bin_loss_weight, contrastive_loss_weight: the pretraining objectives' weights; the
+            contrastive one pulls together the cell embeddings of two count-downsampled views of the same cell and
+            apart from other cells, so the embedding keeps the cell's identity rather than its sequencing depth.
 
     Example:
 
@@ -77,7 +80,13 @@ class ScGeneConfig(PreTrainedConfig):
     classifier_hidden_size: int = 128
     classifier_dropout: float = 0.1
     freeze_backbone: bool = True
+    # pretraining objectives (each loss is reported apart): masked value MSE, masked bin cross-entropy, and an
+    # InfoNCE between the pooled embeddings of two count-downsampled views of each cell (0 = off)
+    value_loss_weight: float = 1.0
     bin_loss_weight: float = 1.0
+    contrastive_loss_weight: float = 0.0
+    contrastive_temperature: float = 0.1
+    contrastive_projection_size: int = 64
 
     def __post_init__(self, **kwargs):
         self.validate_scgene()
@@ -118,6 +127,11 @@ class ScGeneConfig(PreTrainedConfig):
                 "classifier_pooling='gene_projection' reads one number per gene of a fixed panel: "
                 "set num_panel_genes to the panel size (the original model's input_dim)."
             )
+        for name in ("value_loss_weight", "bin_loss_weight", "contrastive_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(self, name)}.")
+        if not self.contrastive_temperature > 0:
+            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")

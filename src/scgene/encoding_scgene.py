@@ -61,6 +61,7 @@ class EncodedChunk:
     expression_values: np.ndarray
     expression_bins: np.ndarray
     lengths: np.ndarray
+    total_counts: np.ndarray | None = None  # (cells,) raw counts over all input genes; NaN for log1p input
 
 
 class RowRanking:

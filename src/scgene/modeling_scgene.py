@@ -56,7 +56,10 @@ class ScGeneModelOutput(ModelOutput):
 class ScGeneMaskedExpressionOutput(ModelOutput):
     """Masked-expression pretraining: predicted values per gene (and bin logits when binned)."""
 
-    loss: torch.FloatTensor | None = None
+    loss: torch.FloatTensor | None = None  # the weighted sum of the losses below
+    value_loss: torch.FloatTensor | None = None
+    bin_loss: torch.FloatTensor | None = None
+    contrastive_loss: torch.FloatTensor | None = None
     predicted_values: torch.FloatTensor | None = None  # (B, G)
     bin_logits: torch.FloatTensor | None = None  # (B, G, n_bins)
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -622,11 +625,22 @@ class ScGeneModel(ScGenePreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class ScGeneForMaskedExpression(ScGenePreTrainedModel):
-    """Masked-expression pretraining (seed 000's `Linear(d, 1)` value head; plus a bin classifier when binned).
+def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `first` should match row i of `second` among all rows of the batch."""
+    first, second = F.normalize(first.float(), dim=-1), F.normalize(second.float(), dim=-1)
+    logits = first @ second.T / temperature  # (B, B)
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
-    `labels (B, G)` hold the true values at masked positions and -100 elsewhere; the loss is the MSE over masked
-    positions, plus `bin_loss_weight` × cross-entropy over bins against `bin_labels` when binned.
+
+class ScGeneForMaskedExpression(ScGenePreTrainedModel):
+    """Masked-expression pretraining (seed 000's `Linear(d, 1)` value head; plus a bin classifier when binned),
+    optionally with a contrastive objective on the cell embedding.
+
+    `labels (B, G)` hold the true values at masked positions and -100 elsewhere; the loss is `value_loss_weight` ×
+    the MSE over masked positions, plus `bin_loss_weight` × cross-entropy over bins against `bin_labels` when binned,
+    plus `contrastive_loss_weight` × InfoNCE between the projected cell embeddings of the (masked) input and of a
+    second view of the same cells (`view_input_ids`, ... from `DataCollatorForMaskedExpression(count_views=True)`).
     """
 
     def __init__(self, config: ScGeneConfig):
@@ -634,6 +648,11 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         self.scgene = ScGeneModel(config)
         self.value_head = nn.Linear(config.hidden_size, 1)
         self.bin_head = nn.Linear(config.hidden_size, config.n_bins) if config.expression_encoding == "binned" else None
+        self.contrastive_projection = (
+            nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.ReLU(),
+                          nn.Linear(config.hidden_size, config.contrastive_projection_size))
+            if config.contrastive_loss_weight > 0 else None
+        )
         self.post_init()
 
     def forward(
@@ -644,6 +663,10 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         attention_mask=None,
         labels: torch.FloatTensor | None = None,
         bin_labels: torch.LongTensor | None = None,
+        view_input_ids: torch.LongTensor | None = None,
+        view_expression_values: torch.FloatTensor | None = None,
+        view_expression_bins: torch.LongTensor | None = None,
+        view_attention_mask: torch.Tensor | None = None,
         output_hidden_states=None,
         output_attentions=None,
         output_regulation: bool = False,
@@ -659,18 +682,29 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         predicted_values = self.value_head(hidden_states).squeeze(-1)  # (B, G)
         bin_logits = self.bin_head(hidden_states) if self.bin_head is not None else None  # (B, G, n_bins)
 
-        loss = None
+        losses = {}
         if labels is not None:
             masked = labels != -100
             if not bool(masked.any()):
                 raise ValueError("`labels` mark no masked position (all -100): mask some genes before computing a loss.")
-            loss = F.mse_loss(predicted_values[masked].float(), labels[masked].float())
+            losses["value_loss"] = F.mse_loss(predicted_values[masked].float(), labels[masked].float())
             if bin_logits is not None and bin_labels is not None:
-                loss = loss + self.config.bin_loss_weight * F.cross_entropy(
-                    bin_logits.flatten(0, 1).float(), bin_labels.flatten(), ignore_index=-100
+                losses["bin_loss"] = F.cross_entropy(bin_logits.flatten(0, 1).float(), bin_labels.flatten(), ignore_index=-100)
+        if self.contrastive_projection is not None and labels is not None:
+            if view_input_ids is None:
+                raise ValueError(
+                    "contrastive_loss_weight > 0 needs a second view of each cell (view_input_ids, ...): use "
+                    "DataCollatorForMaskedExpression(count_views=True)."
                 )
+            view = self.scgene(view_input_ids, view_expression_values, view_expression_bins, view_attention_mask)
+            losses["contrastive_loss"] = info_nce(self.contrastive_projection(outputs.pooler_output),
+                                                  self.contrastive_projection(view.pooler_output),
+                                                  self.config.contrastive_temperature)
+        weights = {"value_loss": self.config.value_loss_weight, "bin_loss": self.config.bin_loss_weight,
+                   "contrastive_loss": self.config.contrastive_loss_weight}
+        loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
         return ScGeneMaskedExpressionOutput(
-            loss=loss, predicted_values=predicted_values, bin_logits=bin_logits,
+            loss=loss, **losses, predicted_values=predicted_values, bin_logits=bin_logits,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, regulation=outputs.regulation,
         )
 

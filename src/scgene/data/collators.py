@@ -31,15 +31,56 @@ def pad_features(features: list[dict], tokenizer: ScGeneTokenizer, pad_to_multip
     return batch
 
 
+def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rng: np.random.Generator, min_rate: float) -> list[dict]:
+    """Each tokenized cell as if sequenced less deeply: its counts (recovered from the log1p values and the cell's
+    `total_counts`) thinned binomially at a rate drawn from U(min_rate, 1), renormalised and re-binned as tokenization
+    does; genes that lose all their counts drop out. Two such views of a cell differ in depth, not in identity."""
+    views, values_out, lengths = [], [], []
+    for feature in features:
+        total = float(feature.get("total_counts", np.nan))
+        if not np.isfinite(total) or total <= 0:
+            raise ValueError(
+                "Count-downsampled views need each cell's raw total (the `total_counts` column of `scgene tokenize` "
+                "output, NaN when the input was log1p-normalised): tokenize raw counts, or set "
+                "contrastive_loss_weight=0."
+            )
+        ids = np.asarray(feature["input_ids"], np.int64)
+        values = np.asarray(feature["expression_values"], np.float32)
+        is_gene = ids != tokenizer.cls_token_id
+        counts = np.rint(np.expm1(values[is_gene].astype(np.float64)) * total / tokenizer.target_sum).astype(np.int64)
+        rate = rng.uniform(min_rate, 1.0)
+        thinned = rng.binomial(counts, rate)
+        if not thinned.any():  # a cell never loses all its genes
+            thinned = counts
+        rest = rng.binomial(max(int(round(total)) - int(counts.sum()), 0), rate)  # counts of genes outside the tokens
+        keep = thinned > 0
+        scaled = thinned[keep] * (tokenizer.target_sum / (thinned.sum() + rest))
+        values_out.append(np.log1p(scaled).astype(np.float32))
+        lengths.append(int(keep.sum()))
+        views.append((ids[~is_gene], ids[is_gene][keep]))
+    bins = np.split(tokenizer.bin_rows(np.concatenate(values_out), np.asarray(lengths)), np.cumsum(lengths)[:-1])
+    cells = []
+    for (special, genes), values, cell_bins in zip(views, values_out, bins):
+        n_special = len(special)  # the <cls> token, kept first
+        cells.append({"input_ids": np.concatenate([special, genes]),
+                      "expression_values": np.concatenate([np.zeros(n_special, np.float32), values]),
+                      "expression_bins": np.concatenate([np.zeros(n_special, np.int64), cell_bins.astype(np.int64)])})
+    return cells
+
+
 @dataclass
 class DataCollatorForMaskedExpression:
-    """Masked expression modelling (BERT-style, on values and bins).
+    """Masked expression modelling (BERT-style, on values and bins), optionally on two count-downsampled views.
 
     In each cell, `round(mlm_probability * n)` of its n gene tokens (at least one) are chosen, never pad or
     `<cls>`. Of those, `mask_replace_prob` get `mask_value` and the mask bin `n_bins`,
     `random_replace_prob` get the value and bin of a random gene token of the batch, the rest stay.
     `labels` / `bin_labels` hold the original value / bin at chosen positions and -100 elsewhere.
-    `seed` makes the masking reproducible (a private generator); None uses torch's global generator.
+
+    `count_views=True` (for the contrastive objective) masks a downsampled copy of each cell (`downsampled_cells`)
+    and adds a second, unmasked one as `view_input_ids`, `view_expression_values`, `view_expression_bins`,
+    `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes.
+    `seed` makes masking and views reproducible (private generators); None draws from torch's global generator.
     """
 
     tokenizer: ScGeneTokenizer
@@ -48,6 +89,8 @@ class DataCollatorForMaskedExpression:
     random_replace_prob: float = 0.1
     mask_value: float = -1.0
     pad_to_multiple_of: int | None = None
+    count_views: bool = False
+    min_count_rate: float = 0.3
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
@@ -56,11 +99,20 @@ class DataCollatorForMaskedExpression:
             raise ValueError(f"mlm_probability must be in (0, 1], got {self.mlm_probability}")
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError("mask_replace_prob + random_replace_prob must not exceed 1.")
+        if not 0 < self.min_count_rate <= 1:
+            raise ValueError(f"min_count_rate is the lowest fraction of counts a view keeps, in (0, 1]; got {self.min_count_rate}")
         if self.seed is not None:
             self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, features: list[dict]) -> dict:
-        batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of)
+        views = {}
+        if self.count_views:
+            rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=self.generator)))
+            second = pad_features(downsampled_cells(features, self.tokenizer, rng, self.min_count_rate), self.tokenizer,
+                                  self.pad_to_multiple_of)
+            views = {f"view_{name}": tensor for name, tensor in second.items()}
+            features = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate)
+        batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of) | views
         ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
         maskable = batch["attention_mask"].bool() & (ids != self.tokenizer.cls_token_id) & (ids != self.tokenizer.pad_token_id)
         n_maskable = maskable.sum(dim=1)

@@ -27,6 +27,7 @@ TOKEN_FEATURES = {
     "input_ids": datasets.Sequence(datasets.Value("int32")),
     "expression_values": datasets.Sequence(datasets.Value("float32")),
     "expression_bins": datasets.Sequence(datasets.Value("int16")),
+    "total_counts": datasets.Value("float32"),  # the cell's raw count total (NaN for log1p input): count views
 }
 
 
@@ -62,8 +63,8 @@ def export_dataset(
     overwrite: bool = False,
     **encode_kwargs,
 ) -> Path:
-    """Tokenize `adata` into `output_dir` (columns `input_ids`, `expression_values`, `expression_bins` and
-    `obs_columns`), with the tokenizer saved alongside. `encode_kwargs` go to `tokenizer.iter_encoded`.
+    """Tokenize `adata` into `output_dir` (columns `input_ids`, `expression_values`, `expression_bins`,
+    `total_counts` and `obs_columns`), with the tokenizer saved alongside. `encode_kwargs` go to `tokenizer.iter_encoded`.
 
     Read back with `datasets.load_from_disk(output_dir)` (Arrow) or `load_dataset("parquet",
     data_files=f"{output_dir}/data-*.parquet")`; either format also streams with `streaming=True`.
@@ -76,6 +77,9 @@ def export_dataset(
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; choose a new folder or pass overwrite=True (--overwrite).")
     missing = [c for c in obs_columns if c not in adata.obs.columns]
+    if set(obs_columns) & set(TOKEN_FEATURES):
+        raise ValueError(f"obs columns {sorted(set(obs_columns) & set(TOKEN_FEATURES))} clash with the token columns "
+                         f"{list(TOKEN_FEATURES)} (total_counts is always written); rename them or leave them out.")
     if missing:
         raise KeyError(f"obs columns not found: {missing}; available: {list(adata.obs.columns)}")
     features = datasets.Features(TOKEN_FEATURES | {c: obs_feature(adata.obs[c]) for c in obs_columns})
@@ -179,6 +183,7 @@ def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features) ->
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunk.input_ids.astype(np.int32, copy=False))),
         "expression_values": pa.ListArray.from_arrays(offsets, pa.array(chunk.expression_values)),
         "expression_bins": pa.ListArray.from_arrays(offsets, pa.array(chunk.expression_bins)),
+        "total_counts": pa.array(chunk.total_counts.astype(np.float32, copy=False)),
     }
     for name in features:
         if name not in columns:
