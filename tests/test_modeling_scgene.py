@@ -343,3 +343,24 @@ def test_freeze_backbone_holds_after_loading(tmp_path, freeze_backbone):
     for model in (from_pretraining, reloaded):
         assert all(p.requires_grad is not freeze_backbone for p in model.scgene.parameters())
         assert all(p.requires_grad for p in model.classifier.parameters())
+
+
+def test_classifier_head_standardises_features_and_saves_the_statistics(tmp_path):
+    model = with_prior(ScGeneForCellClassification(tiny_config(num_labels=3, pooling="mean"))).eval()
+    cells = random_cells(5, 6, seed=14)
+    with torch.no_grad():
+        pooled = model.scgene(**cells).pooler_output
+        raw_logits = model(**cells).logits
+        model.classifier.set_feature_statistics(pooled)
+        logits = model(**cells).logits
+        head = model.classifier
+        standardised = (pooled - pooled.mean(0)) / pooled.std(0)
+        expected = head.out_proj(head.act(head.dense(standardised)))
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, raw_logits)  # the statistics are used
+    model.save_pretrained(tmp_path)
+    reloaded = ScGeneForCellClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**cells).logits, logits)
+    with pytest.raises(ValueError, match="features"):
+        model.classifier.set_feature_statistics(pooled[:, :3])

@@ -471,6 +471,9 @@ class ScGenePreTrainedModel(PreTrainedModel):
             init.ones_(module.continuous_scale)
         elif isinstance(module, ScGeneRegulatedAttention):
             init.constant_(module.regulation_scale, self.config.regulation_init)
+        elif isinstance(module, ScGeneClassificationHead):
+            init.zeros_(module.feature_mean)
+            init.ones_(module.feature_std)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -710,17 +713,34 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
 
 
 class ScGeneClassificationHead(nn.Module):
-    """Seed 000's `cls_decoder`: Linear -> ReLU -> Dropout -> Linear."""
+    """Seed 000's `cls_decoder` (Linear -> ReLU -> Dropout -> Linear) on standardised features.
+
+    Pooled embeddings share a large common offset and vary little around it, which leaves a first Linear on raw
+    features badly conditioned (a full fine-tune then barely learns). `feature_mean` / `feature_std` are buffers set
+    from the training cells' embeddings before fine-tuning (`set_feature_statistics`), frozen or not, and saved with
+    the model; their defaults (0, 1) leave the features as they are.
+    """
 
     def __init__(self, config: ScGeneConfig, input_size: int):
         super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(input_size))
+        self.register_buffer("feature_std", torch.ones(input_size))
         self.dense = nn.Linear(input_size, config.classifier_hidden_size)
         self.act = nn.ReLU()
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.out_proj = nn.Linear(config.classifier_hidden_size, config.num_labels)
 
+    @torch.no_grad()
+    def set_feature_statistics(self, features: torch.Tensor) -> None:
+        """Standardise with the mean and standard deviation of `features` (N, input_size), e.g. the training cells."""
+        if features.ndim != 2 or features.shape[1] != self.feature_mean.shape[0] or len(features) < 2:
+            raise ValueError(f"Expected at least 2 rows of {self.feature_mean.shape[0]} features, got {tuple(features.shape)}.")
+        self.feature_mean.copy_(features.float().mean(0))
+        self.feature_std.copy_(features.float().std(0).clamp(min=1e-6))
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.dropout(self.act(self.dense(features))))
+        standardised = (features - self.feature_mean) / self.feature_std
+        return self.out_proj(self.dropout(self.act(self.dense(standardised))))
 
 
 class ScGeneForCellClassification(ScGenePreTrainedModel):
