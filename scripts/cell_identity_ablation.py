@@ -1,0 +1,144 @@
+"""The cell-identity ablation: pretraining recipes x seeds on one labelled dataset, scored by `scgene.evaluate`.
+
+Each run is what a user would do: `scgene tokenize`, `scgene build-prior`, `examples/pretrain_masked_expression.py`
+with the variant's flags, then the harness on the same cells. Baselines (50 PCs, logistic regression on expression,
+the prior alone) are computed once; the untrained model once per seed. Every finished run is appended to
+OUT/runs.jsonl and skipped when the script is run again, so an interrupted ablation resumes; OUT/table.md is the
+summary (mean ± standard deviation over seeds, wall time per run).
+
+    python scripts/cell_identity_ablation.py --data tests/data/pbmc3k_seurat_2638cells_2000hvg_counts.h5ad \
+        --label-key cell_type --out outputs/ablation/pbmc3k --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anndata
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parents[1]
+# variant -> (pretraining flags, prior)
+VARIANTS = {
+    "masked expression (value + bin)": ([], "fused"),
+    "masked + contrastive count views": (["--contrastive_loss_weight", "1"], "fused"),
+    "contrastive only": (["--contrastive_loss_weight", "1", "--value_loss_weight", "0", "--bin_loss_weight", "0"], "fused"),
+    "masked + contrastive, gene2vec prior only": (["--contrastive_loss_weight", "1"], "gene2vec"),
+    "masked + contrastive, no prior": (["--contrastive_loss_weight", "1"], "none"),
+}
+UNTRAINED = "untrained (step 0)"
+BASELINE_ROWS = ("prior only", "PCA (50 PCs of log1p HVGs)", "expression (logistic regression on log1p HVGs)")
+SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "silhouette", "pc1_corr_genes", "transfer_f1", "batch_ilisi"]
+
+
+def run(command: list) -> None:
+    print("$ " + " ".join(map(str, command)), flush=True)
+    subprocess.run([str(part) for part in command], check=True)
+
+
+def prepare(args) -> dict[str, Path]:
+    """Tokenized cells and the three priors (fused, gene2vec only, none), each made once."""
+    scgene = [sys.executable, "-m", "scgene.cli"]
+    tokenized = args.out / "tokenized"
+    if not tokenized.exists():
+        run(scgene + ["tokenize", args.data, tokenized, "--max-length", args.max_length, "--obs-columns", args.label_key])
+    priors = {"fused": args.out / "prior_fused", "gene2vec": args.out / "prior_gene2vec"}
+    for name, folder in priors.items():
+        if not (folder / "prior_record.json").exists():
+            run(scgene + ["build-prior", "--adata", args.data, "--out", folder, "--hidden-size", args.hidden_size,
+                          "--gene2vec-dim", min(200, args.hidden_size // 2), "--threshold", "0.3",
+                          "--knowledge-genes", "adata", "--no-progress"] + (["--no-knowledge"] if name == "gene2vec" else []))
+    paths = {name: folder / "gene_prior.safetensors" for name, folder in priors.items()}
+    paths["none"] = args.out / "prior_none.safetensors"
+    if not paths["none"].exists():
+        save_file({"gene_prior": torch.zeros_like(load_file(paths["fused"])["gene_prior"])}, paths["none"])
+    return {"tokenized": tokenized, **paths}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="labelled raw-count .h5ad")
+    parser.add_argument("--label-key", required=True)
+    parser.add_argument("--batch-key")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--learning-rate", default="3e-4")
+    parser.add_argument("--leiden-resolution", type=float, default=1.0)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    inputs = prepare(args)
+
+    from scgene.evaluation import EvaluationSettings, evaluate
+
+    adata = anndata.read_h5ad(args.data)
+    log = args.out / "runs.jsonl"
+    done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
+
+    def record(variant, seed, report, row, seconds):
+        entry = {"variant": variant, "seed": seed, "seconds": round(seconds, 1), "scores": report.table.loc[row].to_dict(),
+                 "info": report.info}
+        with log.open("a") as handle:
+            handle.write(json.dumps(entry, default=float) + "\n")
+
+    for seed in args.seeds:
+        settings = EvaluationSettings(seed=seed, leiden_resolution=args.leiden_resolution)
+        for variant in args.variants:
+            if (variant, seed) in done:
+                continue
+            flags, prior = VARIANTS[variant]
+            checkpoint = args.out / "runs" / f"{variant.replace(' ', '_').replace(',', '')}-seed{seed}"
+            start = time.perf_counter()
+            if not (checkpoint / "model.safetensors").exists():
+                run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", inputs["tokenized"],
+                     "--prior", inputs[prior], "--output_dir", checkpoint, "--hidden_size", args.hidden_size,
+                     "--norm_position", "pre", "--pooling", "mean", "--max_steps", args.steps, "--warmup_steps", "20",
+                     "--learning_rate", args.learning_rate, "--per_device_train_batch_size", "32", "--use_cpu",
+                     "--report_to", "none", "--seed", seed, "--logging_steps", "50", "--save_strategy", "no",
+                     "--disable_tqdm", "true", *flags])
+            train_seconds = time.perf_counter() - start
+            wanted = (("untrained",) if (UNTRAINED, seed) not in done else ()) + (
+                ("prior", "pca", "expression") if not any(name in BASELINE_ROWS for name, _ in done) else ())
+            report = evaluate(adata, checkpoint, label_key=args.label_key, batch_key=args.batch_key, baselines=wanted,
+                              settings=settings, progress=False)
+            for row in report.table.index:
+                name = variant if row == "ScGene" else UNTRAINED if row == "ScGene untrained" else row
+                seconds = train_seconds if row == "ScGene" else 0.0
+                record(name, seed, report, row, seconds)
+                done.add((name, seed))
+            (args.out / "table.md").write_text(summary(log))
+    print((args.out / "table.md").read_text())
+
+
+def summary(log: Path) -> str:
+    """Mean ± sd over seeds per variant, in the order runs were first recorded."""
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    variants = list(dict.fromkeys(r["variant"] for r in runs))
+    shown = [m for m in SHOWN if any(r["scores"].get(m) is not None and not np.isnan(r["scores"][m]) for r in runs)]
+    lines = ["| variant | seeds | " + " | ".join(shown) + " | train s/run |", "|---" * (len(shown) + 3) + "|"]
+    for variant in variants:
+        rows = [r for r in runs if r["variant"] == variant]
+        cells = []
+        for metric in shown:
+            values = np.array([r["scores"].get(metric) for r in rows], dtype=float)
+            values = values[~np.isnan(values)]
+            cells.append("–" if not len(values) else f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""))
+        seconds = np.mean([r["seconds"] for r in rows])
+        lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+    first = runs[0]["info"]
+    return (f"{first['n_cells']} cells, {first['n_labels']} labels (`{first['label_key']}`); "
+            f"settings {json.dumps(first['settings'])}\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
