@@ -31,6 +31,7 @@ VARIANTS = {
     "masked + contrastive count views": (["--contrastive_loss_weight", "1"], "fused"),
     "contrastive only": (["--contrastive_loss_weight", "1", "--value_loss_weight", "0", "--bin_loss_weight", "0"], "fused"),
     "masked + contrastive, gene2vec prior only": (["--contrastive_loss_weight", "1"], "gene2vec"),
+    "masked + contrastive, knowledge prior only": (["--contrastive_loss_weight", "1"], "knowledge"),
     "masked + contrastive, no prior": (["--contrastive_loss_weight", "1"], "none"),
 }
 UNTRAINED = "untrained (step 0)"
@@ -44,17 +45,18 @@ def run(command: list) -> None:
 
 
 def prepare(args) -> dict[str, Path]:
-    """Tokenized cells and the three priors (fused, gene2vec only, none), each made once."""
+    """Tokenized cells and the four priors (fused, gene2vec only, knowledge only, none), each made once."""
     scgene = [sys.executable, "-m", "scgene.cli"]
     tokenized = args.out / "tokenized"
     if not tokenized.exists():
         run(scgene + ["tokenize", args.data, tokenized, "--max-length", args.max_length, "--obs-columns", args.label_key])
-    priors = {"fused": args.out / "prior_fused", "gene2vec": args.out / "prior_gene2vec"}
+    priors = {name: args.out / f"prior_{name}" for name in ("fused", "gene2vec", "knowledge")}
+    only = {"fused": [], "gene2vec": ["--no-knowledge"], "knowledge": ["--no-gene2vec"]}
     for name, folder in priors.items():
         if not (folder / "prior_record.json").exists():
             run(scgene + ["build-prior", "--adata", args.data, "--out", folder, "--hidden-size", args.hidden_size,
                           "--gene2vec-dim", min(200, args.hidden_size // 2), "--threshold", "0.3",
-                          "--knowledge-genes", "adata", "--no-progress"] + (["--no-knowledge"] if name == "gene2vec" else []))
+                          "--knowledge-genes", "adata", "--no-progress", *only[name]])
     paths = {name: folder / "gene_prior.safetensors" for name, folder in priors.items()}
     paths["none"] = args.out / "prior_none.safetensors"
     if not paths["none"].exists():

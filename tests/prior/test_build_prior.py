@@ -225,3 +225,18 @@ def test_knowledge_of_the_data_genes_only(pbmc_h5ad, knowledge_csv, tmp_path):
     with pytest.raises(SystemExit, match="--knowledge-genes adata needs --adata"):
         main(["build-prior", "--gene2vec", str(out / "gene2vec.txt"), "--knowledge-genes", "adata",
               "--out", str(tmp_path / "x"), "--hidden-size", "16"])
+
+
+def test_knowledge_only_prior_for_the_ablation(pbmc_h5ad, knowledge_csv, tmp_path):
+    """--no-gene2vec: the knowledge term alone (no co-expression outputs); the rows are the fused prior's knowledge part."""
+    out = tmp_path / "knowledge_only"
+    assert main(["build-prior", "--adata", str(pbmc_h5ad), "--knowledge", str(knowledge_csv), "--no-gene2vec",
+                 "--knowledge-genes", "adata", "--out", str(out), "--hidden-size", "16",
+                 "--text-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
+    record = json.loads((out / "prior_record.json").read_text())
+    assert "gene2vec" not in record["coverage"] and record["coverage"]["knowledge"]["vocab_genes_covered"] > 0
+    prior = load_prior(out / "gene_prior.safetensors")
+    assert (np.abs(prior).sum(axis=1) > 0).sum() == record["coverage"]["knowledge"]["vocab_genes_covered"]
+    with pytest.raises(SystemExit, match="nothing to fuse"):
+        main(["build-prior", "--adata", str(pbmc_h5ad), "--no-gene2vec", "--no-knowledge", "--out", str(tmp_path / "x")])

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the shipped human vocabulary)")
     io.add_argument("--knowledge", type=Path, default=DEFAULT_TABLE, help="knowledge table (.xlsx, .csv, .tsv)")
     io.add_argument("--no-knowledge", action="store_true", help="fuse gene2vec only")
+    io.add_argument("--no-gene2vec", action="store_true",
+                    help="fuse the knowledge embedding only (no co-expression step; --adata then only picks the genes "
+                         "with --knowledge-genes adata)")
     io.add_argument("--gene2vec", type=Path, help="use these word2vec-text gene vectors instead of training them")
     io.add_argument("--model", help="checkpoint to receive the prior; saved with it to DIR/model")
     io.add_argument("--gene-column", help="adata.var column with the gene names (default: var_names)")
@@ -117,7 +120,7 @@ def _check_shapes(args, tokenizer, model) -> None:
             f"{model.config.hidden_size}, but the prior would be {tokenizer.vocab_size} x {args.hidden_size}: "
             "pass the tokenizer saved with that model (--tokenizer) and leave --hidden-size unset."
         )
-    if args.gene2vec is None and args.gene2vec_dim > args.hidden_size:
+    if args.gene2vec is None and not args.no_gene2vec and args.gene2vec_dim > args.hidden_size:
         raise SystemExit(f"--gene2vec-dim {args.gene2vec_dim} exceeds the hidden size {args.hidden_size}.")
 
 
@@ -244,7 +247,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
     """Reject contradictory or out-of-range options and missing input files before any computation."""
     from scgene.prior.coexpression import check_threshold
 
-    if args.adata is None and args.gene2vec is None:
+    if args.no_gene2vec and args.no_knowledge:
+        raise SystemExit("--no-gene2vec with --no-knowledge leaves nothing to fuse; drop one of them.")
+    if args.no_gene2vec and args.gene2vec is not None:
+        raise SystemExit("--no-gene2vec contradicts --gene2vec FILE; drop one of them.")
+    if args.adata is None and args.gene2vec is None and not args.no_gene2vec:
         raise SystemExit("build-prior needs --adata IN.h5ad (or precomputed vectors with --gene2vec FILE).")
     if args.adata is not None and args.gene2vec is not None:
         raise SystemExit(
@@ -321,7 +328,9 @@ def _run(args: argparse.Namespace) -> int:
     }
     written: list[str] = []  # outputs of this run (older files in DIR are not vouched for by the record)
 
-    if args.gene2vec is not None:
+    if args.no_gene2vec:
+        vectors = None
+    elif args.gene2vec is not None:
         vectors = load_word2vec_text(args.gene2vec)
         record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": sha256_file(args.gene2vec)}
     else:
