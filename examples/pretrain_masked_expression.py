@@ -1,10 +1,13 @@
-"""Masked-expression pretraining of ScGene with the Hugging Face Trainer.
+"""Pretraining of ScGene with the Hugging Face Trainer: masked expression (values and bins), optionally with the
+contrastive objective on two count-downsampled views of each cell (`--contrastive_loss_weight 1`), which keeps the
+cell embedding on cell identity rather than sequencing depth (docs/cell-identity.md). Each loss is logged apart.
 
-Input: a folder written by `scgene tokenize` (a `datasets` dataset with the tokenizer saved next to it) and a prior
-from `scgene build-prior`. The same script runs on CPU, one GPU, or many through Accelerate / torchrun:
+Input: one or more folders written by `scgene tokenize` with the same vocabulary (a corpus of several datasets is
+concatenated) and a prior from `scgene build-prior`. The same script runs on CPU, one GPU, or many through
+Accelerate / torchrun:
 
-    python examples/pretrain_masked_expression.py --dataset DATA --prior PRIOR/gene_prior.safetensors \
-        --output_dir OUT --max_steps 300 [--use_cpu]
+    python examples/pretrain_masked_expression.py --dataset DATA [DATA2 ...] --prior PRIOR/gene_prior.safetensors \
+        --output_dir OUT --max_steps 300 [--contrastive_loss_weight 1] [--use_cpu]
     accelerate launch examples/pretrain_masked_expression.py ...        # multi-GPU (DDP), no code change
     torchrun --nproc_per_node 2 examples/pretrain_masked_expression.py ...
 
@@ -27,7 +30,8 @@ from scgene.training import ScGeneTrainer
 
 @dataclass
 class PretrainingArguments:
-    dataset: str = field(metadata={"help": "folder written by `scgene tokenize` (tokenizer saved inside)"})
+    dataset: list[str] = field(metadata={"help": "one or more folders written by `scgene tokenize` with the same "
+                                                 "vocabulary (e.g. the default human one): pretrained on together"})
     prior: str = field(metadata={"help": "gene_prior.safetensors from `scgene build-prior`"})
     eval_fraction: float = field(default=0.1, metadata={"help": "cells held out to report the eval loss"})
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of each cell's genes to mask"})
@@ -64,6 +68,25 @@ def build_model(model_args: ModelArguments, tokenizer: ScGeneTokenizer, prior_pa
     return model
 
 
+def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer, datasets.Dataset]:
+    """The token columns of every `scgene tokenize` folder, concatenated, and the first folder's tokenizer; the folders
+    must share its vocabulary and bins (gene ids mean the same genes), else a clear error."""
+    tokenizer = ScGeneTokenizer.from_pretrained(folders[0])
+    columns = ["input_ids", "expression_values", "expression_bins"] + (["total_counts"] if count_views else [])
+    parts = []
+    for folder in folders:
+        other = ScGeneTokenizer.from_pretrained(folder)
+        if other.ensembl_ids != tokenizer.ensembl_ids or other.n_bins != tokenizer.n_bins:
+            raise ValueError(f"{folder} was tokenized with another vocabulary or bin count than {folders[0]}: tokenize "
+                             "every dataset with the same tokenizer (the default human vocabulary by default).")
+        cells = datasets.load_from_disk(folder)
+        if count_views and "total_counts" not in cells.column_names:
+            raise ValueError(f"{folder} has no total_counts column (made before it existed): re-run `scgene "
+                             "tokenize` on the raw counts, or set --contrastive_loss_weight 0.")
+        parts.append(cells.select_columns(columns))
+    return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
 def main():
     parser = HfArgumentParser((PretrainingArguments, ModelArguments, TrainingArguments))
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
@@ -71,14 +94,9 @@ def main():
     if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank
         training_args.ddp_broadcast_buffers = False
 
-    tokenizer = ScGeneTokenizer.from_pretrained(data_args.dataset)
     count_views = model_args.contrastive_loss_weight > 0  # two count-downsampled views of each cell
-    cells = datasets.load_from_disk(data_args.dataset)
-    if count_views and "total_counts" not in cells.column_names:
-        raise ValueError(f"{data_args.dataset} has no total_counts column (made before it existed): re-run `scgene "
-                         "tokenize` on the raw counts, or set --contrastive_loss_weight 0.")
-    columns = ["input_ids", "expression_values", "expression_bins"] + (["total_counts"] if count_views else [])
-    splits = cells.select_columns(columns).train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
+    tokenizer, cells = load_corpus(data_args.dataset, count_views)
+    splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(

@@ -101,10 +101,23 @@ def test_pretraining_runs_as_two_process_ddp(tokenized):
     output_dir = tokenized / "ddp"
     output = run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
+         REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized", tokenized / "tokenized",
          "--prior", tokenized / "gene_prior.safetensors", "--output_dir", output_dir, "--max_steps", "3",
          "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", *TINY_MODEL, *COMMON],
         env={"OMP_NUM_THREADS": "1"},
     )
     assert output.count("pretraining eval loss") == 1  # printed by the main process only
     assert (output_dir / "model.safetensors").exists()
+
+
+def test_pretraining_corpus_must_share_one_vocabulary(tokenized, tmp_path):
+    """Several datasets pretrain together only when their gene ids mean the same genes."""
+    from scgene.data import export_dataset
+
+    cells = anndata.read_h5ad(tokenized / "cells.h5ad")[:40].copy()
+    export_dataset(cells, tmp_path / "own_vocabulary", ScGeneTokenizer.from_anndata(cells))
+    result = subprocess.run(
+        [sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
+         tmp_path / "own_vocabulary", "--prior", tokenized / "gene_prior.safetensors", "--output_dir", tmp_path / "out",
+         "--max_steps", "1", *TINY_MODEL, *COMMON], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "another vocabulary" in result.stderr
