@@ -49,6 +49,8 @@ class ModelArguments:
     expression_encoding: str = "binned"
     norm_position: str = "post"
     pooling: str = "cls"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
     value_loss_weight: float = 1.0
     bin_loss_weight: float = 1.0
     contrastive_loss_weight: float = 0.0

@@ -107,7 +107,7 @@ def main():
                      "--norm_position", "pre", "--pooling", "mean", "--max_steps", args.steps, "--warmup_steps", "20",
                      "--learning_rate", args.learning_rate, "--per_device_train_batch_size", "32", "--use_cpu",
                      "--report_to", "none", "--seed", seed, "--logging_steps", "50", "--save_strategy", "no",
-                     "--disable_tqdm", "true", *flags])
+                     "--disable_tqdm", "true", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0", *flags])
             train_seconds = time.perf_counter() - start
             wanted = (("untrained",) if (UNTRAINED, seed) not in done else ()) + (
                 ("prior", "pca", "expression") if not any(name in BASELINE_ROWS for name, _ in done) else ())
