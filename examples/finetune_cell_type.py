@@ -28,6 +28,7 @@ import scgene  # noqa: F401  (registers ScGene with the Auto classes)
 from scgene import ScGeneTokenizer
 from scgene.data import DataCollatorForCellClassification
 from scgene.fileio import write_json
+from scgene.inference import quiet_transformers_loading
 
 
 @dataclass
@@ -105,13 +106,18 @@ def main():
         test_size=args.test_fraction, seed=training_args.seed, stratify_by_column=args.label_column
     )
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        args.model,
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-        freeze_backbone=not args.full_finetune,
-    )
+    with quiet_transformers_loading():  # the pretraining heads are left out and the new head is new, as intended
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            args.model,
+            num_labels=len(names),
+            id2label=dict(enumerate(names)),
+            label2id={name: i for i, name in enumerate(names)},
+            freeze_backbone=not args.full_finetune,
+            output_loading_info=True,
+        )
+    missing = [key for key in loading["missing_keys"] if not key.startswith("classifier.")]
+    if missing:
+        raise ValueError(f"{args.model} lacks encoder weights {missing[:5]}...: is it an ScGene pretraining checkpoint?")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     collator = DataCollatorForCellClassification(tokenizer, label_column=args.label_column)
     metrics = lambda p: scores(p.label_ids, p.predictions.argmax(-1))  # noqa: E731
