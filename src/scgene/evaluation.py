@@ -35,6 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from .encoding_scgene import looks_log_normalized
 from .fileio import atomic_path
 from .inference import embed, iter_batches, load_model, load_tokenizer
 
@@ -190,7 +191,7 @@ def log1p_hvg_expression(adata, settings: EvaluationSettings) -> np.ndarray:
     import scanpy as sc
 
     view = sc.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32))
-    if not looks_log1p(view.X):
+    if not looks_log_normalized(view.X.data):
         sc.pp.normalize_total(view, target_sum=1e4)
         sc.pp.log1p(view)
     if view.n_vars > settings.n_top_genes:
@@ -198,11 +199,6 @@ def log1p_hvg_expression(adata, settings: EvaluationSettings) -> np.ndarray:
     view.X = view.X.toarray()
     sc.pp.scale(view, max_value=10)
     return np.asarray(view.X, np.float32)
-
-
-def looks_log1p(matrix) -> bool:
-    data = matrix.data if sp.issparse(matrix) else np.asarray(matrix).ravel()
-    return bool(data.size and not np.array_equal(data, np.round(data)) and data.max() < 30)
 
 
 def pca_embedding(expression: np.ndarray, settings: EvaluationSettings) -> np.ndarray:

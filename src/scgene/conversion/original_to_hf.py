@@ -295,9 +295,8 @@ def load_strictly(model: torch.nn.Module, renamed: dict[str, torch.Tensor], orig
     """Load with no missing or unexpected keys and matching shapes; the gene prior is already set on the model."""
     expected = model.state_dict()
     prior_key = next(key for key in expected if key.endswith("embeddings.gene_prior.weight"))
-    # the original head reads raw features: identity standardisation (mean 0, std 1)
-    standardisation = {key: torch.zeros_like(t) if key.endswith("feature_mean") else torch.ones_like(t)
-                       for key, t in expected.items() if key.endswith(("classifier.feature_mean", "classifier.feature_std"))}
+    # the original head reads raw features: keep the new head's identity standardisation (mean 0, std 1 at init)
+    standardisation = {key: t for key, t in expected.items() if key.endswith(("classifier.feature_mean", "classifier.feature_std"))}
     missing = sorted(set(expected) - set(renamed) - {prior_key} - set(standardisation))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:

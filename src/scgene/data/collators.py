@@ -106,11 +106,10 @@ class DataCollatorForMaskedExpression:
 
     def __call__(self, features: list[dict]) -> dict:
         views = {}
-        if self.count_views:
+        if self.count_views:  # two independent draws: the first is masked, the second is the contrastive partner
             rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=self.generator)))
-            second = pad_features(downsampled_cells(features, self.tokenizer, rng, self.min_count_rate), self.tokenizer,
-                                  self.pad_to_multiple_of)
-            views = {f"view_{name}": tensor for name, tensor in second.items()}
+            second = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate)
+            views = {f"view_{name}": tensor for name, tensor in pad_features(second, self.tokenizer, self.pad_to_multiple_of).items()}
             features = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate)
         batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of) | views
         ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
