@@ -1,7 +1,10 @@
 """Cell-type classification on top of a pretrained ScGene, with the Hugging Face Trainer.
 
 Seed 000's recipe: the backbone stays frozen and only the `Linear -> ReLU -> Dropout -> Linear` head trains
-(`--full_finetune` trains everything). A frozen backbone gives every cell the same embedding in every epoch, so the
+(`--full_finetune` trains everything, in two stages: first the head alone as in the frozen recipe, `--probe_epochs`
+at `--probe_learning_rate`, then backbone and head together with the Trainer's arguments; a fresh random head would
+otherwise send large gradients into the pretrained backbone, cf. "linear probing then fine-tuning", Kumar et al.
+2022). A frozen backbone gives every cell the same embedding in every epoch, so the
 script embeds each cell once and the Trainer trains the head on those cached embeddings: minutes on a CPU. Either way
 the head reads embeddings standardised with the training cells' mean and standard deviation (stored in the head). The saved
 checkpoint is the whole `ScGeneForCellClassification` (backbone + trained head), loadable with `AutoModel...`. Cells are split into train/test, stratified by label, and the script reports
@@ -14,6 +17,7 @@ values, the baseline that foundation models are too rarely compared with.
 Multi-GPU: `accelerate launch examples/finetune_cell_type.py ...` (DDP through the Trainer, no code change).
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +42,10 @@ class FinetuneArguments:
     label_column: str = field(default="cell_type", metadata={"help": "obs column with the cell labels"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out cells, stratified by label"})
     full_finetune: bool = field(default=False, metadata={"help": "train the backbone too (default: frozen)"})
+    probe_epochs: float = field(
+        default=30, metadata={"help": "--full_finetune: epochs of the first stage, the head alone on frozen embeddings"}
+    )
+    probe_learning_rate: float = field(default=1e-3, metadata={"help": "--full_finetune: learning rate of that stage"})
 
 
 def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
@@ -130,15 +138,20 @@ def main():
         train = cell_embeddings(model.scgene, splits["train"], collator)
         # the head reads embeddings standardised with the training cells' statistics (saved with the model)
         model.classifier.set_feature_statistics(train[:]["cell_embeddings"])
-        if args.full_finetune:
+        test = cell_embeddings(model.scgene, splits["test"], collator)
+        # a frozen backbone gives each cell the same embedding every epoch: embed once, train the head
+        probe_args = training_args if not args.full_finetune else dataclasses.replace(
+            training_args, num_train_epochs=args.probe_epochs, learning_rate=args.probe_learning_rate,
+            max_steps=-1, eval_strategy="no", output_dir=str(Path(training_args.output_dir, "probe")),
+        )
+        trainer = Trainer(model=CachedEmbeddingHead(model.classifier), args=probe_args, train_dataset=train,
+                          eval_dataset=test, compute_metrics=metrics)
+        if args.full_finetune:  # stage 2: everything, starting from the trained head
+            trainer.train()
             trainer = Trainer(
                 model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["test"],
                 data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
             )
-        else:  # a frozen backbone gives each cell the same embedding every epoch: embed once, train the head
-            test = cell_embeddings(model.scgene, splits["test"], collator)
-            trainer = Trainer(model=CachedEmbeddingHead(model.classifier), args=training_args, train_dataset=train,
-                              eval_dataset=test, compute_metrics=metrics)
     trainer.train()
     scgene_scores = trainer.evaluate()
     if trainer.is_world_process_zero():

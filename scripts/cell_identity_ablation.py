@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "masked expression (value + bin)": ([], "fused"),
     "masked + contrastive count views": (["--contrastive_loss_weight", "1"], "fused"),
+    "masked expression, gene2vec prior only": ([], "gene2vec"),
     "contrastive only": (["--contrastive_loss_weight", "1", "--value_loss_weight", "0", "--bin_loss_weight", "0"], "fused"),
     "masked + contrastive, gene2vec prior only": (["--contrastive_loss_weight", "1"], "gene2vec"),
     "masked + contrastive, knowledge prior only": (["--contrastive_loss_weight", "1"], "knowledge"),
@@ -44,24 +45,64 @@ def run(command: list) -> None:
     subprocess.run([str(part) for part in command], check=True)
 
 
-def prepare(args) -> dict[str, Path]:
-    """Tokenized cells and the four priors (fused, gene2vec only, knowledge only, none), each made once."""
+def prepare_data(args) -> Path:
+    """The cells the ablation uses: the input file itself, or (with --keep / --top-genes) a filtered copy in OUT."""
+    if not args.keep and not args.top_genes:
+        return args.data
+    prepared = args.out / "cells.h5ad"
+    if prepared.exists():
+        return prepared
+    import scanpy as sc
+
+    adata = anndata.read_h5ad(args.data)
+    for condition in args.keep:
+        key, value = condition.split("=", 1)
+        adata = adata[adata.obs[key].astype(str) == value].copy()
+    if args.top_genes:
+        sc.pp.filter_genes(adata, min_cells=3)
+        logged = sc.pp.log1p(sc.pp.normalize_total(adata, target_sum=1e4, copy=True), copy=True)
+        sc.pp.highly_variable_genes(logged, n_top_genes=args.top_genes)
+        adata = adata[:, logged.var["highly_variable"].to_numpy()].copy()
+    adata.uns["ablation_subset"] = {"source": str(args.data), "keep": list(args.keep), "top_genes": args.top_genes or 0}
+    adata.write_h5ad(prepared)
+    return prepared
+
+
+def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
+    """Tokenized cells and the priors the variants need (fused, gene2vec only, knowledge only, none), each made once.
+
+    With --vocabulary data the tokenizer is the dataset's own gene list (e.g. mouse genes, which the default human
+    vocabulary does not hold); the knowledge table is human, so such a run should use gene2vec-only variants.
+    """
     scgene = [sys.executable, "-m", "scgene.cli"]
+    tokenizer = []
+    if args.vocabulary == "data":
+        folder = args.out / "tokenizer"
+        if not folder.exists():
+            from scgene import ScGeneTokenizer
+
+            ScGeneTokenizer.from_anndata(anndata.read_h5ad(data, backed="r")).save_pretrained(folder)
+        tokenizer = ["--tokenizer", folder]
     tokenized = args.out / "tokenized"
     if not tokenized.exists():
-        run(scgene + ["tokenize", args.data, tokenized, "--max-length", args.max_length, "--obs-columns", args.label_key])
-    priors = {name: args.out / f"prior_{name}" for name in ("fused", "gene2vec", "knowledge")}
+        run(scgene + ["tokenize", data, tokenized, "--max-length", args.max_length, "--obs-columns", args.label_key,
+                      *tokenizer])
+    needed = {VARIANTS[variant][1] for variant in variants}
     only = {"fused": [], "gene2vec": ["--no-knowledge"], "knowledge": ["--no-gene2vec"]}
-    for name, folder in priors.items():
+    paths = {"tokenized": tokenized}
+    for name in sorted(needed - {"none"}) or ["gene2vec"]:
+        folder = args.out / f"prior_{name}"
         if not (folder / "prior_record.json").exists():
-            run(scgene + ["build-prior", "--adata", args.data, "--out", folder, "--hidden-size", args.hidden_size,
+            run(scgene + ["build-prior", "--adata", data, "--out", folder, "--hidden-size", args.hidden_size,
                           "--gene2vec-dim", min(200, args.hidden_size // 2), "--threshold", "0.3",
-                          "--knowledge-genes", "adata", "--no-progress", *only[name]])
-    paths = {name: folder / "gene_prior.safetensors" for name, folder in priors.items()}
-    paths["none"] = args.out / "prior_none.safetensors"
-    if not paths["none"].exists():
-        save_file({"gene_prior": torch.zeros_like(load_file(paths["fused"])["gene_prior"])}, paths["none"])
-    return {"tokenized": tokenized, **paths}
+                          "--knowledge-genes", "adata", "--no-progress", *tokenizer, *only[name]])
+        paths[name] = folder / "gene_prior.safetensors"
+    if "none" in needed:
+        paths["none"] = args.out / "prior_none.safetensors"
+        if not paths["none"].exists():
+            some_prior = next(path for name, path in paths.items() if name != "tokenized")
+            save_file({"gene_prior": torch.zeros_like(load_file(some_prior)["gene_prior"])}, paths["none"])
+    return paths
 
 
 def main():
@@ -70,6 +111,10 @@ def main():
     parser.add_argument("--label-key", required=True)
     parser.add_argument("--batch-key")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--keep", nargs="*", default=[], metavar="KEY=VALUE", help="keep only cells with obs[KEY] == VALUE")
+    parser.add_argument("--top-genes", type=int, help="keep this many highly variable genes (of log-normalised counts)")
+    parser.add_argument("--vocabulary", choices=("human", "data"), default="human",
+                        help="the default human vocabulary, or one made of the dataset's genes (non-human data)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
@@ -79,11 +124,12 @@ def main():
     parser.add_argument("--leiden-resolution", type=float, default=1.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    inputs = prepare(args)
+    data = prepare_data(args)
+    inputs = prepare(args, data, args.variants)
 
     from scgene.evaluation import EvaluationSettings, evaluate
 
-    adata = anndata.read_h5ad(args.data)
+    adata = anndata.read_h5ad(data)
     log = args.out / "runs.jsonl"
     done = {(r["variant"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
 

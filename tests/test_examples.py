@@ -70,6 +70,23 @@ def test_pretrain_then_finetune_scripts(tokenized):
     config = json.loads((classifier / "config.json").read_text())
     assert config["architectures"] == ["ScGeneForCellClassification"] and len(config["id2label"]) == len(results["labels"])
     check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
+    check_full_finetune_trains_head_then_backbone(tokenized, pretrained)
+
+
+def check_full_finetune_trains_head_then_backbone(tokenized, pretrained):
+    """--full_finetune: stage 1 trains the head on frozen embeddings, stage 2 everything; the saved model's backbone
+    differs from the pretrained one and its config no longer freezes the backbone."""
+    finetuned = tokenized / "full_finetune"
+    output = run([sys.executable, REPO / "examples" / "finetune_cell_type.py", "--model", pretrained,
+                  "--dataset", tokenized / "tokenized", "--label_column", "cell_type", "--output_dir", finetuned,
+                  "--full_finetune", "--probe_epochs", "2", "--num_train_epochs", "1", "--learning_rate", "1e-3",
+                  "--per_device_train_batch_size", "32", *COMMON])
+    assert "ScGene (fine-tuned)" in output
+    assert json.loads((finetuned / "config.json").read_text())["freeze_backbone"] is False
+    before = ScGeneModel.from_pretrained(pretrained).state_dict()
+    after = ScGeneForCellClassification.from_pretrained(finetuned).scgene.state_dict()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert len(changed) > len(before) // 2, changed
 
 
 def check_inference_uses_training_settings(cells_path, pretrained, classifier):
