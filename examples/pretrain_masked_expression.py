@@ -36,6 +36,10 @@ class PretrainingArguments:
     eval_fraction: float = field(default=0.1, metadata={"help": "cells held out to report the eval loss"})
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of each cell's genes to mask"})
     min_count_rate: float = field(default=0.3, metadata={"help": "contrastive views keep U(rate, 1) of the counts"})
+    matched_depth_views: bool = field(
+        default=False, metadata={"help": "thin every cell's views to the same depths (between the batch's lowest and "
+                                         "median total) instead of a fraction of its own depth"}
+    )
 
 
 @dataclass
@@ -103,7 +107,7 @@ def main():
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(
         tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value,
-        count_views=count_views, min_count_rate=data_args.min_count_rate,
+        count_views=count_views, min_count_rate=data_args.min_count_rate, matched_depth=data_args.matched_depth_views,
     )
     training_args.prediction_loss_only = True  # evaluation reports the loss; predictions are not kept
 

@@ -92,13 +92,15 @@ def test_classification_collator_names_a_missing_label_column(tokenizer):
         DataCollatorForCellClassification(tokenizer)(cells)
 
 
-def count_cells(tokenizer, n_cells=24, seed=0, max_length=None):
-    """Tokenized real-looking cells from integer counts (with `total_counts`), as `scgene tokenize` writes them."""
+def count_cells(tokenizer, n_cells=24, seed=0, max_length=None, deep_scale=1):
+    """Tokenized real-looking cells from integer counts (with `total_counts`), as `scgene tokenize` writes them; the
+    second half of the cells has `deep_scale` times the counts."""
     import anndata
     import scipy.sparse as sp
 
     rng = np.random.default_rng(seed)
     counts = sp.random(n_cells, 300, density=0.3, random_state=seed, data_rvs=lambda n: rng.negative_binomial(2, 0.3, n) + 1)
+    counts = sp.diags(np.where(np.arange(n_cells) < n_cells // 2, 1, deep_scale)) @ counts
     adata = anndata.AnnData(X=sp.csr_matrix(counts, dtype=np.float32))
     adata.var_names = [f"G{i}" for i in range(300)]
     chunk = next(tokenizer.iter_encoded(adata, max_length=max_length, truncation=max_length is not None))
@@ -135,6 +137,24 @@ def test_count_views_are_shallower_copies_of_the_same_cells(tokenizer):
         assert bins.min() >= 1 and bins.max() <= tokenizer.n_bins  # mask bin only in the masked view
     assert not torch.equal(batch["view_attention_mask"].sum(1), batch["attention_mask"].sum(1))  # two different draws
     assert (batch["labels"] != -100).any() and "view_labels" not in batch
+
+
+def test_matched_depth_views_give_deep_and_shallow_cells_the_same_depth(tokenizer):
+    """Cells 12..23 carry 20x the counts of cells 0..11. Views that keep a fraction of each cell's own counts keep
+    that gap (depth separates the cells); matched-depth views thin the deep cells to the shallow cells' depths."""
+    from scgene.data.collators import downsampled_cells, matched_depth_rates
+
+    cells, adata = count_cells(tokenizer, deep_scale=20)
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    assert totals[12:].mean() > 15 * totals[:12].mean()
+    rng = np.random.default_rng(0)
+    matched = np.stack([matched_depth_rates(totals, rng) * totals for _ in range(200)])  # (draws, cells) view depths
+    assert 0.7 < matched[:, 12:].mean() / matched[:, :12].mean() < 1.3
+    assert (matched <= totals + 1e-9).all()  # a view never has more counts than its cell
+    own_fraction = np.stack([rng.uniform(0.3, 1.0, size=24) * totals for _ in range(200)])
+    assert own_fraction[:, 12:].mean() / own_fraction[:, :12].mean() > 15
+    views = downsampled_cells(cells, tokenizer, rng, min_rate=0.3, matched_depth=True)
+    assert np.mean([len(v["input_ids"]) for v in views[12:]]) < np.mean([len(c["input_ids"]) for c in cells[12:]])
 
 
 def test_count_views_need_raw_totals(tokenizer):

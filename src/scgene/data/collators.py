@@ -31,24 +31,39 @@ def pad_features(features: list[dict], tokenizer: ScGeneTokenizer, pad_to_multip
     return batch
 
 
-def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rng: np.random.Generator, min_rate: float) -> list[dict]:
+def cell_totals(features: list[dict]) -> np.ndarray:
+    totals = np.array([float(feature.get("total_counts", np.nan)) for feature in features])
+    if not (np.isfinite(totals) & (totals > 0)).all():
+        raise ValueError(
+            "Count-downsampled views need each cell's raw total (the `total_counts` column of `scgene tokenize` "
+            "output, NaN when the input was log1p-normalised): tokenize raw counts, or set contrastive_loss_weight=0."
+        )
+    return totals
+
+
+def matched_depth_rates(totals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per cell, the fraction of counts that leaves it with a target depth T, drawn log-uniformly between a quarter of
+    the batch's first-quartile total and that quartile (min(1, T / total)): the views of three quarters of the cells
+    then have the same depth distribution, whatever their own depth, so depth cannot tell cells apart."""
+    high = np.quantile(totals, 0.25)
+    return np.minimum(1.0, np.exp(rng.uniform(np.log(high / 4), np.log(high), size=len(totals))) / totals)
+
+
+def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rng: np.random.Generator, min_rate: float,
+                      matched_depth: bool = False) -> list[dict]:
     """Each tokenized cell as if sequenced less deeply: its counts (recovered from the log1p values and the cell's
-    `total_counts`) thinned binomially at a rate drawn from U(min_rate, 1), renormalised and re-binned as tokenization
-    does; genes that lose all their counts drop out. Two such views of a cell differ in depth, not in identity."""
+    `total_counts`) thinned binomially at a rate drawn from U(min_rate, 1) (or `matched_depth_rates`), renormalised
+    and re-binned as tokenization does; genes that lose all their counts drop out. Two such views of a cell differ in
+    depth, not in identity."""
     views, values_out, lengths = [], [], []
-    for feature in features:
-        total = float(feature.get("total_counts", np.nan))
-        if not np.isfinite(total) or total <= 0:
-            raise ValueError(
-                "Count-downsampled views need each cell's raw total (the `total_counts` column of `scgene tokenize` "
-                "output, NaN when the input was log1p-normalised): tokenize raw counts, or set "
-                "contrastive_loss_weight=0."
-            )
+    totals = cell_totals(features)
+    rates = matched_depth_rates(totals, rng) if matched_depth else None
+    for index, (feature, total) in enumerate(zip(features, totals)):
         ids = np.asarray(feature["input_ids"], np.int64)
         values = np.asarray(feature["expression_values"], np.float32)
         is_gene = ids != tokenizer.cls_token_id
         counts = np.rint(np.expm1(values[is_gene].astype(np.float64)) * total / tokenizer.target_sum).astype(np.int64)
-        rate = rng.uniform(min_rate, 1.0)
+        rate = rng.uniform(min_rate, 1.0) if rates is None else rates[index]
         thinned = rng.binomial(counts, rate)
         if not thinned.any():  # a cell never loses all its genes
             thinned = counts
@@ -79,7 +94,8 @@ class DataCollatorForMaskedExpression:
 
     `count_views=True` (for the contrastive objective) masks a downsampled copy of each cell (`downsampled_cells`)
     and adds a second, unmasked one as `view_input_ids`, `view_expression_values`, `view_expression_bins`,
-    `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes.
+    `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes. Views keep
+    U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell.
     `seed` makes masking and views reproducible (private generators); None draws from torch's global generator.
     """
 
@@ -91,6 +107,7 @@ class DataCollatorForMaskedExpression:
     pad_to_multiple_of: int | None = None
     count_views: bool = False
     min_count_rate: float = 0.3
+    matched_depth: bool = False
     seed: int | None = None
     generator: torch.Generator | None = field(default=None, init=False, repr=False)
 
@@ -108,9 +125,9 @@ class DataCollatorForMaskedExpression:
         views = {}
         if self.count_views:  # two independent draws: the first is masked, the second is the contrastive partner
             rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=self.generator)))
-            second = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate)
+            second = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate, self.matched_depth)
             views = {f"view_{name}": tensor for name, tensor in pad_features(second, self.tokenizer, self.pad_to_multiple_of).items()}
-            features = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate)
+            features = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate, self.matched_depth)
         batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of) | views
         ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
         maskable = batch["attention_mask"].bool() & (ids != self.tokenizer.cls_token_id) & (ids != self.tokenizer.pad_token_id)
