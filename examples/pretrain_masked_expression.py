@@ -10,11 +10,16 @@ Accelerate / torchrun:
         --output_dir OUT --max_steps 300 [--contrastive_loss_weight 1] [--use_cpu]
     accelerate launch examples/pretrain_masked_expression.py ...        # multi-GPU (DDP), no code change
     torchrun --nproc_per_node 2 examples/pretrain_masked_expression.py ...
+    ... --save_steps 100 --resume_from_checkpoint last                  # continue from OUT's newest checkpoint
 
-Model size and design come from the ScGeneConfig fields given on the command line (`--hidden_size 256`,
-`--encoder_type dual_branch`, ...); every TrainingArguments flag works (`--gradient_checkpointing`, `--bf16`, ...).
+Model size and design come from the ScGeneConfig fields given on the command line (`--encoder_type dual_branch`,
+...); the width is the prior's unless `--hidden_size` is given. Every TrainingArguments flag works
+(`--gradient_checkpointing`, `--bf16`, ...). Masks and count views are drawn per cell from (`--seed`, epoch, cell), so
+a batch split over N processes trains like the same global batch on one, and a resumed run ends with the weights
+of an uninterrupted one.
 """
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import datasets
 import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
 
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
@@ -44,10 +50,10 @@ class PretrainingArguments:
 
 @dataclass
 class ModelArguments:
-    hidden_size: int = 128
+    hidden_size: int | None = field(default=None, metadata={"help": "default: the prior's width"})
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
-    intermediate_size: int = 256
+    intermediate_size: int | None = field(default=None, metadata={"help": "default: 2 x hidden_size"})
     encoder_type: str = "standard"
     attention_type: str = "mha"
     expression_encoding: str = "binned"
@@ -63,7 +69,9 @@ class ModelArguments:
 
 def build_model(model_args: ModelArguments, tokenizer: ScGeneTokenizer, prior_path: str) -> ScGeneForMaskedExpression:
     prior = load_file(prior_path)["gene_prior"]
-    config = ScGeneConfig(vocab_size=tokenizer.vocab_size, n_bins=tokenizer.n_bins, **vars(model_args))
+    sizes = vars(model_args) | {"hidden_size": model_args.hidden_size or prior.shape[1]}
+    sizes["intermediate_size"] = model_args.intermediate_size or 2 * sizes["hidden_size"]
+    config = ScGeneConfig(vocab_size=tokenizer.vocab_size, n_bins=tokenizer.n_bins, **sizes)
     if tuple(prior.shape) != (config.vocab_size, config.hidden_size):
         raise ValueError(
             f"The prior in {prior_path} is {tuple(prior.shape)}, the model needs ({config.vocab_size}, "
@@ -93,7 +101,17 @@ def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer,
     return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def main():
+def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
+    """--resume_from_checkpoint DIR, or `last` for the newest checkpoint in --output_dir (None when there is none)."""
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+    elif resume is not None and not Path(resume, "trainer_state.json").is_file():
+        raise SystemExit(f"--resume_from_checkpoint {resume} is not a Trainer checkpoint (no trainer_state.json).")
+    return resume
+
+
+def main() -> ScGeneTrainer:
     parser = HfArgumentParser((PretrainingArguments, ModelArguments, TrainingArguments))
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False  # the collator reads the ragged token columns itself
@@ -108,8 +126,12 @@ def main():
     collator = DataCollatorForMaskedExpression(
         tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value,
         count_views=count_views, min_count_rate=data_args.min_count_rate, matched_depth=data_args.matched_depth_views,
+        seed=training_args.seed,
     )
     training_args.prediction_loss_only = True  # evaluation reports the loss; predictions are not kept
+    # the loss before training, measured inside train() once the model is prepared: an evaluate() before train()
+    # would leave the model marked as prepared and the ranks of a DDP run unsynchronised
+    training_args.eval_on_start = True
 
     trainer = ScGeneTrainer(
         model=model,
@@ -119,14 +141,19 @@ def main():
         data_collator=collator,
         processing_class=tokenizer,
     )
-    initial = trainer.evaluate()["eval_loss"]
-    trainer.train()
+    resume = checkpoint_to_resume(training_args)
+    if resume and trainer.is_world_process_zero():
+        step = json.loads(Path(resume, "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {resume} at step {step}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    initial = next(log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log)
     final = trainer.evaluate()["eval_loss"]
     trainer.save_model()  # safetensors + config + code + tokenizer
     Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)  # no pickles in a checkpoint
     if trainer.is_world_process_zero():
         print(f"pretraining eval loss: {initial:.4f} before training -> {final:.4f} after")
         print(f"saved to {training_args.output_dir}")
+    return trainer
 
 
 if __name__ == "__main__":

@@ -66,6 +66,22 @@ def test_masking_is_seeded(tokenizer):
     assert not torch.equal(first["labels"], other["labels"])
 
 
+def test_a_cells_draws_do_not_depend_on_its_batch_mates_but_on_the_epoch(tokenizer):
+    """What makes DDP and resumed runs match one uninterrupted process: a cell gets the same masks and views in a
+    batch of 24 and in any half of it, in any order; another epoch draws again."""
+    cells, _ = count_cells(tokenizer)
+    collator = DataCollatorForMaskedExpression(tokenizer, count_views=True, seed=3)
+    whole = collator(cells)
+    halves = [collator(cells[12:][::-1]), collator(cells[:12])]
+    for name in ("labels", "expression_values", "expression_bins", "view_input_ids", "view_expression_values"):
+        for row in range(24):
+            half, half_row = (halves[1], row) if row < 12 else (halves[0], 23 - row)
+            n = int(half["attention_mask" if not name.startswith("view_") else "view_attention_mask"][half_row].sum())
+            assert torch.equal(whole[name][row, :n], half[name][half_row, :n]), (name, row)
+    collator.epoch = 1
+    assert not torch.equal(collator(cells)["labels"], whole["labels"])
+
+
 def test_padding_dtypes_and_multiple(tokenizer):
     cells = features(5)
     batch = DataCollatorForMaskedExpression(tokenizer, pad_to_multiple_of=64, seed=0)(cells)
@@ -116,7 +132,7 @@ def test_full_rate_count_view_is_the_tokenized_cell(tokenizer):
 
     cells, adata = count_cells(tokenizer)
     np.testing.assert_allclose([c["total_counts"] for c in cells], np.asarray(adata.X.sum(axis=1)).ravel())
-    for cell, view in zip(cells, downsampled_cells(cells, tokenizer, np.random.default_rng(0), min_rate=1.0)):
+    for cell, view in zip(cells, downsampled_cells(cells, tokenizer, [np.random.default_rng(0)] * len(cells), min_rate=1.0)):
         np.testing.assert_array_equal(view["input_ids"], cell["input_ids"])
         np.testing.assert_array_equal(view["expression_bins"], cell["expression_bins"])
         np.testing.assert_allclose(view["expression_values"], cell["expression_values"], atol=1e-5)
@@ -148,12 +164,12 @@ def test_matched_depth_views_give_deep_and_shallow_cells_the_same_depth(tokenize
     totals = np.asarray(adata.X.sum(axis=1)).ravel()
     assert totals[12:].mean() > 15 * totals[:12].mean()
     rng = np.random.default_rng(0)
-    matched = np.stack([matched_depth_rates(totals, rng) * totals for _ in range(200)])  # (draws, cells) view depths
+    matched = np.stack([matched_depth_rates(totals, [rng] * 24) * totals for _ in range(200)])  # (draws, cells) view depths
     assert 0.7 < matched[:, 12:].mean() / matched[:, :12].mean() < 1.3
     assert (matched <= totals + 1e-9).all()  # a view never has more counts than its cell
     own_fraction = np.stack([rng.uniform(0.3, 1.0, size=24) * totals for _ in range(200)])
     assert own_fraction[:, 12:].mean() / own_fraction[:, :12].mean() > 15
-    views = downsampled_cells(cells, tokenizer, rng, min_rate=0.3, matched_depth=True)
+    views = downsampled_cells(cells, tokenizer, [rng] * 24, min_rate=0.3, matched_depth=True)
     assert np.mean([len(v["input_ids"]) for v in views[12:]]) < np.mean([len(c["input_ids"]) for c in cells[12:]])
 
 

@@ -3,18 +3,21 @@
 import ast
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import scgene
-from scgene import ScGeneForCellClassification, ScGeneModel, ScGeneTokenizer
+from scgene import ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
 from scgene.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,18 +116,71 @@ def check_inference_uses_training_settings(cells_path, pretrained, classifier):
     assert (annotated["scgene_label"].astype(str).to_numpy() == expected).all()
 
 
-def test_pretraining_runs_as_two_process_ddp(tokenized):
-    """torchrun with 2 CPU processes (gloo): the Trainer wraps the model in DDP with no code change."""
-    output_dir = tokenized / "ddp"
-    output = run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-         REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized", tokenized / "tokenized",
-         "--prior", tokenized / "gene_prior.safetensors", "--output_dir", output_dir, "--max_steps", "3",
-         "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", *TINY_MODEL, *COMMON],
-        env={"OMP_NUM_THREADS": "1"},
-    )
+LAUNCHERS = {  # 2 local CPU processes; `accelerate launch --cpu --num_processes 2` would start only one
+    "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29534"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_ddp_trains_like_one_process_on_the_same_global_batch(tokenized, tmp_path, launcher):
+    """torchrun / accelerate launch with 2 CPU processes (gloo), 4 cells each: both ranks end with the same weights
+    (DDP really synchronises them), and those are the weights of 1 process trained on the same 8-cell global batches
+    (masks are drawn per cell, losses are means over cells). No dropout: its draws differ between the layouts."""
+    arguments = ["--dataset", tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors",
+                 "--max_steps", "3", "--learning_rate", "1e-3", "--hidden_dropout_prob", "0",
+                 "--attention_probs_dropout_prob", "0", *TINY_MODEL, *COMMON]
+    helper = REPO / "tests" / "rank_weights.py"
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    output = run([sys.executable, *LAUNCHERS[launcher], helper, "--output_dir", tmp_path / "ddp",
+                  "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", *arguments],
+                 env={"OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(tmp_path / "ddp")})
     assert output.count("pretraining eval loss") == 1  # printed by the main process only
-    assert (output_dir / "model.safetensors").exists()
+    run([sys.executable, helper, "--output_dir", tmp_path / "single", "--per_device_train_batch_size", "8", *arguments],
+        env={"OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(tmp_path / "single")})
+    before, after = map(float, re.search(r"eval loss: ([\d.]+) before training -> ([\d.]+)", output).groups())
+    assert after < before  # the weights compared below were trained
+    rank0, rank1 = (load_file(tmp_path / "ddp" / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    saved = ScGeneForMaskedExpression.from_pretrained(tmp_path / "ddp").state_dict()
+    assert all(torch.equal(rank0[name], saved[name]) for name in saved)
+    single = load_file(tmp_path / "single" / "rank0.safetensors")
+    difference = max((rank0[name] - single[name]).abs().max().item() for name in rank0)
+    print(f"DDP vs 1 process: max abs weight difference {difference:.2e}")
+    assert difference < 1e-5
+
+
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tokenized, tmp_path):
+    """kill -9 once checkpoint-5 is written, then --resume_from_checkpoint: the run ends with the weights of one that
+    was never interrupted (dropout on, count views on: every random draw that shapes training is restored). No
+    --hidden_size: the model takes the prior's width."""
+    arguments = [sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
+                 "--prior", tokenized / "gene_prior.safetensors", "--max_steps", "30", "--save_strategy", "steps",
+                 "--save_steps", "5", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                 "--contrastive_loss_weight", "0.5", "--num_hidden_layers", "1", "--num_attention_heads", "2",
+                 "--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]  # width: the prior's
+    run(arguments + ["--output_dir", tmp_path / "uninterrupted"], env={"OMP_NUM_THREADS": "1"})
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([str(part) for part in arguments + ["--output_dir", interrupted]],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = interrupted / "checkpoint-5"
+    while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert not (interrupted / "model.safetensors").exists()
+
+    output = run(arguments + ["--output_dir", interrupted, "--resume_from_checkpoint", checkpoint], env={"OMP_NUM_THREADS": "1"})
+    assert f"resuming from {checkpoint} at step 5" in output
+    expected, resumed = (load_file(folder / "model.safetensors") for folder in (tmp_path / "uninterrupted", interrupted))
+    difference = max((expected[name] - resumed[name]).abs().max().item() for name in expected)
+    print(f"resumed vs uninterrupted: max abs weight difference {difference:.2e}")
+    assert difference <= 1e-6
+    config = json.loads((interrupted / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"]) == (16, 32)  # the prior's width, 2x in the MLP
 
 
 def test_pretraining_corpus_must_share_one_vocabulary(tokenized, tmp_path):

@@ -217,6 +217,26 @@ def test_masked_expression_loss_uses_masked_positions_only():
     assert out.predicted_values.shape == (2, 7) and out.bin_logits is None
 
 
+def test_masked_losses_average_cells_not_tokens():
+    """Cell 0 has 1 masked gene, cell 1 has 4: each cell's mean error counts once (a token mean would weigh cell 1
+    four times), so the loss of a batch is the mean of its halves' losses, as DDP and gradient accumulation assume."""
+    model = with_prior(ScGeneForMaskedExpression(tiny_config(expression_encoding="binned"))).eval()
+    cells = random_cells(2, 6, seed=13)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    bin_labels = torch.full_like(cells["expression_bins"], -100)
+    labels[0, 2], labels[1, 1:5] = 1.0, 2.0
+    bin_labels[0, 2], bin_labels[1, 1:5] = 1, 2
+    with torch.no_grad():
+        out = model(**cells, labels=labels, bin_labels=bin_labels)
+        halves = [model(**{name: tensor[i : i + 1] for name, tensor in cells.items()}, labels=labels[i : i + 1],
+                        bin_labels=bin_labels[i : i + 1]) for i in (0, 1)]
+    predicted = out.predicted_values
+    expected = 0.5 * ((predicted[0, 2] - 1.0) ** 2 + ((predicted[1, 1:5] - 2.0) ** 2).mean())
+    torch.testing.assert_close(out.value_loss, expected)
+    for name in ("value_loss", "bin_loss"):
+        torch.testing.assert_close(getattr(out, name), 0.5 * (getattr(halves[0], name) + getattr(halves[1], name)))
+
+
 def test_contrastive_loss_matches_two_views_and_is_reported_apart():
     model = with_prior(ScGeneForMaskedExpression(tiny_config(contrastive_loss_weight=0.5, pooling="mean"))).eval()
     cells, other = random_cells(4, 6, seed=11), random_cells(4, 5, seed=12)

@@ -459,7 +459,7 @@ class ScGenePreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules = ["gene_prior"]
     _supports_sdpa = True
     _supports_attention_backend = True
-    accepts_loss_kwargs = False  # losses are means over masked positions; Trainer must scale for accumulation
+    accepts_loss_kwargs = False  # losses are means over cells; the Trainer scales them for accumulation
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -628,6 +628,13 @@ class ScGeneModel(ScGenePreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def mean_per_cell(errors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`errors (B, G)` averaged over each cell's `positions (B, G)`, then over the cells that have any."""
+    counts = positions.sum(dim=1)  # (B,)
+    per_cell = torch.where(positions, errors, torch.zeros_like(errors)).sum(dim=1)[counts > 0] / counts[counts > 0]
+    return per_cell.mean()
+
+
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE: row i of `first` should match row i of `second` among all rows of the batch."""
     first, second = F.normalize(first.float(), dim=-1), F.normalize(second.float(), dim=-1)
@@ -642,6 +649,8 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
 
     `labels (B, G)` hold the true values at masked positions and -100 elsewhere; the loss is `value_loss_weight` ×
     the MSE over masked positions, plus `bin_loss_weight` × cross-entropy over bins against `bin_labels` when binned,
+    each averaged over a cell's masked positions, then over cells (every cell weighs the same however many genes it
+    expresses, and a batch split over processes or accumulation steps gives the same loss as the whole batch),
     plus `contrastive_loss_weight` × InfoNCE between the projected cell embeddings of the (masked) input and of a
     second view of the same cells (`view_input_ids`, ... from `DataCollatorForMaskedExpression(count_views=True)`).
     """
@@ -690,9 +699,11 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
             masked = labels != -100
             if not bool(masked.any()):
                 raise ValueError("`labels` mark no masked position (all -100): mask some genes before computing a loss.")
-            losses["value_loss"] = F.mse_loss(predicted_values[masked].float(), labels[masked].float())
+            squared_errors = (predicted_values.float() - labels.float()).square()  # (B, G)
+            losses["value_loss"] = mean_per_cell(squared_errors, masked)
             if bin_logits is not None and bin_labels is not None:
-                losses["bin_loss"] = F.cross_entropy(bin_logits.flatten(0, 1).float(), bin_labels.flatten(), ignore_index=-100)
+                bin_errors = F.cross_entropy(bin_logits.transpose(1, 2).float(), bin_labels, ignore_index=-100, reduction="none")
+                losses["bin_loss"] = mean_per_cell(bin_errors, bin_labels != -100)
         if self.contrastive_projection is not None and labels is not None:
             if view_input_ids is None:
                 raise ValueError(

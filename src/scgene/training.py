@@ -1,22 +1,40 @@
 """Training helpers on top of the Hugging Face `Trainer`.
 
 `ScGeneTrainer` logs each pretraining objective apart (`value_loss`, `bin_loss`, `contrastive_loss`, averaged over
-the steps since the last log and over processes) next to the combined `loss`, so a recipe's parts can be watched.
+the steps since the last log and over processes) next to the combined `loss`, so a recipe's parts can be watched,
+and tells a seeded collator the epoch (`CollatorEpochCallback`), so that masks are a function of (seed, epoch, cell)
+and a resumed run draws what the uninterrupted one did.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 LOSS_COMPONENTS = ("value_loss", "bin_loss", "contrastive_loss")
 
 
+class CollatorEpochCallback(TrainerCallback):
+    """Sets `collator.epoch` to the epoch about to start (also the resumed one: `state.epoch` comes from the
+    checkpoint), before the epoch's first batch is drawn."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = math.floor((state.epoch or 0) + 1e-9)
+
+
 class ScGeneTrainer(Trainer):
-    """A `Trainer` that also logs the loss components an ScGene model returns (see `LOSS_COMPONENTS`)."""
+    """A `Trainer` that also logs the loss components an ScGene model returns (see `LOSS_COMPONENTS`) and keeps an
+    epoch-aware collator (one with an `epoch` field, like `DataCollatorForMaskedExpression`) told the epoch."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if hasattr(self.data_collator, "epoch"):
+            self.add_callback(CollatorEpochCallback(self.data_collator))
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
 
@@ -39,4 +57,4 @@ class ScGeneTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["LOSS_COMPONENTS", "ScGeneTrainer"]
+__all__ = ["LOSS_COMPONENTS", "CollatorEpochCallback", "ScGeneTrainer"]

@@ -3,7 +3,8 @@ cell classification. They read the ragged columns that `ScGeneTokenizer` / `scge
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,24 +42,33 @@ def cell_totals(features: list[dict]) -> np.ndarray:
     return totals
 
 
-def matched_depth_rates(totals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def cell_fingerprint(feature: dict) -> int:
+    """A 64-bit hash of a tokenized cell's genes and values: with the seed and the epoch, it seeds the cell's draws."""
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(np.ascontiguousarray(feature["input_ids"], dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(feature["expression_values"], dtype=np.float32).tobytes())
+    return int.from_bytes(digest.digest(), "little")
+
+
+def matched_depth_rates(totals: np.ndarray, rngs: list[np.random.Generator]) -> np.ndarray:
     """Per cell, the fraction of counts that leaves it with a target depth T, drawn log-uniformly between a quarter of
     the batch's first-quartile total and that quartile (min(1, T / total)): the views of three quarters of the cells
     then have the same depth distribution, whatever their own depth, so depth cannot tell cells apart."""
     high = np.quantile(totals, 0.25)
-    return np.minimum(1.0, np.exp(rng.uniform(np.log(high / 4), np.log(high), size=len(totals))) / totals)
+    targets = np.exp([rng.uniform(np.log(high / 4), np.log(high)) for rng in rngs])
+    return np.minimum(1.0, targets / totals)
 
 
-def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rng: np.random.Generator, min_rate: float,
-                      matched_depth: bool = False) -> list[dict]:
+def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rngs: list[np.random.Generator],
+                      min_rate: float, matched_depth: bool = False) -> list[dict]:
     """Each tokenized cell as if sequenced less deeply: its counts (recovered from the log1p values and the cell's
     `total_counts`) thinned binomially at a rate drawn from U(min_rate, 1) (or `matched_depth_rates`), renormalised
     and re-binned as tokenization does; genes that lose all their counts drop out. Two such views of a cell differ in
-    depth, not in identity."""
+    depth, not in identity. `rngs` holds one generator per cell."""
     views, values_out, lengths = [], [], []
     totals = cell_totals(features)
-    rates = matched_depth_rates(totals, rng) if matched_depth else None
-    for index, (feature, total) in enumerate(zip(features, totals)):
+    rates = matched_depth_rates(totals, rngs) if matched_depth else None
+    for index, (feature, total, rng) in enumerate(zip(features, totals, rngs)):
         ids = np.asarray(feature["input_ids"], np.int64)
         values = np.asarray(feature["expression_values"], np.float32)
         is_gene = ids != tokenizer.cls_token_id
@@ -89,14 +99,19 @@ class DataCollatorForMaskedExpression:
 
     In each cell, `round(mlm_probability * n)` of its n gene tokens (at least one) are chosen, never pad or
     `<cls>`. Of those, `mask_replace_prob` get `mask_value` and the mask bin `n_bins`,
-    `random_replace_prob` get the value and bin of a random gene token of the batch, the rest stay.
+    `random_replace_prob` get the value and bin of a random gene token of the same cell, the rest stay.
     `labels` / `bin_labels` hold the original value / bin at chosen positions and -100 elsewhere.
 
     `count_views=True` (for the contrastive objective) masks a downsampled copy of each cell (`downsampled_cells`)
     and adds a second, unmasked one as `view_input_ids`, `view_expression_values`, `view_expression_bins`,
     `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes. Views keep
     U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell.
-    `seed` makes masking and views reproducible (private generators); None draws from torch's global generator.
+
+    Every draw for a cell comes from its own generator, seeded by (`seed`, `epoch`, the cell's content): a cell is
+    masked and thinned the same way whatever its batch mates, process or position in the run, so a batch split over
+    processes and a run resumed from a checkpoint see the same draws as one uninterrupted process. `ScGeneTrainer`
+    sets `epoch` at each epoch so that masks change between epochs. With `seed=None` the seed of each batch comes from
+    torch's global generator (reproducible under `torch.manual_seed`, not across resumes).
     """
 
     tokenizer: ScGeneTokenizer
@@ -109,7 +124,7 @@ class DataCollatorForMaskedExpression:
     min_count_rate: float = 0.3
     matched_depth: bool = False
     seed: int | None = None
-    generator: torch.Generator | None = field(default=None, init=False, repr=False)
+    epoch: int = 0
 
     def __post_init__(self):
         if not 0 < self.mlm_probability <= 1:
@@ -118,38 +133,34 @@ class DataCollatorForMaskedExpression:
             raise ValueError("mask_replace_prob + random_replace_prob must not exceed 1.")
         if not 0 < self.min_count_rate <= 1:
             raise ValueError(f"min_count_rate is the lowest fraction of counts a view keeps, in (0, 1]; got {self.min_count_rate}")
-        if self.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.seed)
+
+    def cell_generators(self, features: list[dict]) -> list[np.random.Generator]:
+        seed = self.seed if self.seed is not None else int(torch.randint(1 << 62, (1,)))
+        return [np.random.default_rng([seed, self.epoch, cell_fingerprint(feature)]) for feature in features]
 
     def __call__(self, features: list[dict]) -> dict:
+        rngs = self.cell_generators(features)
         views = {}
         if self.count_views:  # two independent draws: the first is masked, the second is the contrastive partner
-            rng = np.random.default_rng(int(torch.randint(1 << 62, (1,), generator=self.generator)))
-            second = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate, self.matched_depth)
+            second = downsampled_cells(features, self.tokenizer, rngs, self.min_count_rate, self.matched_depth)
             views = {f"view_{name}": tensor for name, tensor in pad_features(second, self.tokenizer, self.pad_to_multiple_of).items()}
-            features = downsampled_cells(features, self.tokenizer, rng, self.min_count_rate, self.matched_depth)
+            features = downsampled_cells(features, self.tokenizer, rngs, self.min_count_rate, self.matched_depth)
         batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of) | views
         ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
         maskable = batch["attention_mask"].bool() & (ids != self.tokenizer.cls_token_id) & (ids != self.tokenizer.pad_token_id)
-        n_maskable = maskable.sum(dim=1)
-        n_masked = torch.clamp(torch.round(n_maskable * self.mlm_probability), min=1).minimum(n_maskable).long()
-        # the n_masked lowest random scores among the maskable tokens of each row
-        scores = torch.rand(ids.shape, generator=self.generator).masked_fill(~maskable, 2.0)
-        ranks = scores.argsort(dim=1).argsort(dim=1)
-        masked = maskable & (ranks < n_masked[:, None])
-
-        batch["labels"] = torch.where(masked, values, torch.full_like(values, -100.0))
-        batch["bin_labels"] = torch.where(masked, bins, torch.full_like(bins, -100))
-        draw = torch.rand(ids.shape, generator=self.generator)
-        replace = masked & (draw < self.mask_replace_prob)
-        randomise = masked & ~replace & (draw < self.mask_replace_prob + self.random_replace_prob)
-        if randomise.any():
-            pool = maskable.nonzero(as_tuple=True)
-            source = torch.randint(len(pool[0]), (int(randomise.sum()),), generator=self.generator)
-            values[randomise] = values[pool][source]
-            bins[randomise] = bins[pool][source]
-        values[replace] = self.mask_value
-        bins[replace] = self.tokenizer.n_bins
+        labels, bin_labels = torch.full_like(values, -100.0), torch.full_like(bins, -100)
+        for row, rng in enumerate(rngs):
+            positions = maskable[row].nonzero().squeeze(1).numpy()
+            n_masked = min(max(round(len(positions) * self.mlm_probability), 1), len(positions))
+            chosen = torch.from_numpy(rng.choice(positions, n_masked, replace=False))
+            labels[row, chosen], bin_labels[row, chosen] = values[row, chosen], bins[row, chosen]
+            draw = torch.from_numpy(rng.random(n_masked))
+            replace = chosen[draw < self.mask_replace_prob]
+            randomise = chosen[(draw >= self.mask_replace_prob) & (draw < self.mask_replace_prob + self.random_replace_prob)]
+            source = torch.from_numpy(rng.choice(positions, len(randomise)))
+            values[row, randomise], bins[row, randomise] = values[row, source], bins[row, source]  # reads before writes
+            values[row, replace], bins[row, replace] = self.mask_value, self.tokenizer.n_bins
+        batch["labels"], batch["bin_labels"] = labels, bin_labels
         return batch
 
 

@@ -1,0 +1,16 @@
+"""Runs examples/pretrain_masked_expression.py with the given arguments, then saves the weights this process ends
+with to $RANK_WEIGHTS_DIR/rank{RANK}.safetensors, so that a test can compare what every DDP rank trained."""
+
+import os
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import pretrain_masked_expression  # noqa: E402
+
+trainer = pretrain_masked_expression.main()
+model = trainer.accelerator.unwrap_model(trainer.model)
+weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+save_file(weights, Path(os.environ["RANK_WEIGHTS_DIR"], f"rank{os.environ.get('RANK', '0')}.safetensors"))
