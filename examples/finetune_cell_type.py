@@ -12,7 +12,12 @@ accuracy and macro-F1 on the test cells next to a logistic-regression baseline o
 values, the baseline that foundation models are too rarely compared with.
 
     python examples/finetune_cell_type.py --model PRETRAINED --dataset DATA --label_column cell_type \
-        --output_dir OUT --num_train_epochs 3 [--use_cpu]
+        --output_dir OUT --num_train_epochs 3 [--use_cpu] [--split_column split]
+
+`--split_column` takes a predefined split instead (a column tokenized with the cells, values `train` / `test`; e.g.
+one batch as test cells for cross-batch evaluation). The head is initialised from `--seed`, so the same seed gives
+the same model and scores. Each test cell's true and predicted label and the prediction's probability are written to
+OUT/test_predictions.csv next to the model.
 
 Multi-GPU: `accelerate launch examples/finetune_cell_type.py ...` (DDP through the Trainer, no code change).
 """
@@ -22,11 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 import scgene  # noqa: F401  (registers ScGene with the Auto classes)
 from scgene import ScGeneTokenizer
@@ -41,6 +48,9 @@ class FinetuneArguments:
     dataset: str = field(metadata={"help": "folder written by `scgene tokenize` with the label obs column kept"})
     label_column: str = field(default="cell_type", metadata={"help": "obs column with the cell labels"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out cells, stratified by label"})
+    split_column: str | None = field(
+        default=None, metadata={"help": "column with `train` / `test` per cell: a predefined split (default: random)"}
+    )
     full_finetune: bool = field(default=False, metadata={"help": "train the backbone too (default: frozen)"})
     probe_epochs: float = field(
         default=30, metadata={"help": "--full_finetune: epochs of the first stage, the head alone on frozen embeddings"}
@@ -93,6 +103,37 @@ def cell_embeddings(backbone, cells: datasets.Dataset, collator, batch_size: int
     return datasets.Dataset.from_dict({"cell_embeddings": embeddings, "labels": labels}).with_format("torch")
 
 
+def split_cells(cells: datasets.Dataset, args, seed: int) -> datasets.DatasetDict:
+    """Train/test cells: the `split_column`'s own split, else a random one stratified by label."""
+    if args.split_column is None:
+        return cells.train_test_split(test_size=args.test_fraction, seed=seed, stratify_by_column=args.label_column)
+    require_column(cells, args.split_column, "--split_column")
+    split = np.asarray(cells[args.split_column], dtype=str)
+    unknown = sorted(set(split) - {"train", "test"})
+    if unknown or not {"train", "test"} <= set(split):
+        raise SystemExit(f"--split_column {args.split_column} must hold `train` and `test` for every cell; found "
+                         f"{sorted(set(split))[:10]}.")
+    return datasets.DatasetDict({name: cells.select(np.flatnonzero(split == name)) for name in ("train", "test")})
+
+
+def require_column(cells: datasets.Dataset, column: str, flag: str) -> None:
+    if column not in cells.column_names:
+        tokens = {"input_ids", "expression_values", "expression_bins", "total_counts"}
+        kept = [name for name in cells.column_names if name not in tokens]
+        raise SystemExit(f"{flag} {column}: the tokenized cells have no such column; they have {kept or 'none'}. "
+                         "Keep obs columns when tokenizing: `scgene tokenize ... --obs-columns COLUMN`.")
+
+
+def write_predictions(path: Path, labels: np.ndarray, logits: np.ndarray, names: list[str]) -> None:
+    """One row per test cell: true label, predicted label, its probability (written whole, then renamed)."""
+    probabilities = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=-1).numpy()
+    table = pd.DataFrame({"label": [names[i] for i in labels], "predicted": [names[i] for i in logits.argmax(-1)],
+                          "probability": probabilities.max(-1)})
+    partial = path.with_name(path.name + ".partial")
+    table.to_csv(partial, index_label="test_cell")
+    partial.replace(path)
+
+
 def scores(labels, predictions) -> dict:
     return {"accuracy": accuracy_score(labels, predictions), "macro_f1": f1_score(labels, predictions, average="macro")}
 
@@ -106,14 +147,14 @@ def main():
 
     tokenizer = ScGeneTokenizer.from_pretrained(args.dataset)
     cells = datasets.load_from_disk(args.dataset)
+    require_column(cells, args.label_column, "--label_column")
     names = label_names(cells, args.label_column)
     if not isinstance(cells.features[args.label_column], datasets.ClassLabel):
         cells = cells.class_encode_column(args.label_column)
         cells = cells.cast_column(args.label_column, datasets.ClassLabel(names=names))
-    splits = cells.train_test_split(
-        test_size=args.test_fraction, seed=training_args.seed, stratify_by_column=args.label_column
-    )
+    splits = split_cells(cells, args, training_args.seed)
 
+    set_seed(training_args.seed)  # the new head's initial weights
     with quiet_transformers_loading():  # the pretraining heads are left out and the new head is new, as intended
         model, loading = AutoModelForSequenceClassification.from_pretrained(
             args.model,
@@ -153,9 +194,12 @@ def main():
                 data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
             )
     trainer.train()
-    scgene_scores = trainer.evaluate()
+    test_output = trainer.predict(trainer.eval_dataset)
+    scgene_scores = test_output.metrics
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code
+        write_predictions(Path(training_args.output_dir, "test_predictions.csv"), test_output.label_ids,
+                          test_output.predictions, names)
         tokenizer.save_pretrained(training_args.output_dir)
         baseline = LogisticRegression(max_iter=2000)
         baseline.fit(as_sparse(splits["train"], tokenizer.vocab_size), splits["train"][args.label_column])
@@ -165,7 +209,7 @@ def main():
             "test_cells": len(splits["test"]),
             "labels": names,
             "trainable_parameters": trainable,
-            "scgene": {"accuracy": scgene_scores["eval_accuracy"], "macro_f1": scgene_scores["eval_macro_f1"]},
+            "scgene": {"accuracy": scgene_scores["test_accuracy"], "macro_f1": scgene_scores["test_macro_f1"]},
             "logistic_regression_baseline": baseline_scores,
         }
         write_json(Path(training_args.output_dir, "cell_type_results.json"), results)  # atomically

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,6 +75,39 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert config["architectures"] == ["ScGeneForCellClassification"] and len(config["id2label"]) == len(results["labels"])
     check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
     check_full_finetune_trains_head_then_backbone(tokenized, pretrained)
+
+
+def test_finetuning_is_seeded_takes_a_predefined_split_and_names_missing_columns(tokenized, tmp_path):
+    """The same seed twice gives the same weights, scores and predictions; `--split_column` takes its own test cells
+    (here the first 50); a missing label column is named with the columns that exist."""
+    from scgene.data import export_dataset
+
+    cells = anndata.read_h5ad(tokenized / "cells.h5ad")[:200].copy()
+    cells.obs["split"] = np.where(np.arange(cells.n_obs) < 50, "test", "train")
+    export_dataset(cells, tmp_path / "tokenized", ScGeneTokenizer.from_pretrained(tokenized / "tokenized"),
+                   obs_columns=["cell_type", "split"], max_length=256)
+    pretrained = tmp_path / "pretrained"
+    run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tmp_path / "tokenized",
+         "--prior", tokenized / "gene_prior.safetensors", "--output_dir", pretrained, "--max_steps", "2",
+         "--per_device_train_batch_size", "8", "--pooling", "mean", *TINY_MODEL, *COMMON])
+    finetune = [sys.executable, REPO / "examples" / "finetune_cell_type.py", "--model", pretrained, "--dataset",
+                tmp_path / "tokenized", "--label_column", "cell_type", "--split_column", "split",
+                "--full_finetune", "--probe_epochs", "2", "--num_train_epochs", "1", "--per_device_train_batch_size",
+                "16", *COMMON]
+    for name in ("first", "second"):
+        run(finetune + ["--output_dir", tmp_path / name])
+    first, second = (load_file(tmp_path / name / "model.safetensors") for name in ("first", "second"))
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    for artifact in ("cell_type_results.json", "test_predictions.csv"):
+        assert (tmp_path / "first" / artifact).read_text() == (tmp_path / "second" / artifact).read_text()
+    predictions = pd.read_csv(tmp_path / "first" / "test_predictions.csv")
+    assert len(predictions) == 50 and list(predictions["label"]) == list(cells.obs["cell_type"][:50].astype(str))
+    assert predictions["probability"].between(0, 1).all()
+
+    result = subprocess.run([str(part) for part in finetune[:-len(COMMON)]] + ["--label_column", "celltype",
+                            "--output_dir", str(tmp_path / "bad"), *COMMON], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "--label_column celltype" in result.stderr and "'cell_type'" in result.stderr and "Traceback" not in result.stderr
 
 
 def check_full_finetune_trains_head_then_backbone(tokenized, pretrained):
