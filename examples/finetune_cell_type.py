@@ -15,9 +15,12 @@ values, the baseline that foundation models are too rarely compared with.
         --output_dir OUT --num_train_epochs 3 [--use_cpu] [--split_column split]
 
 `--split_column` takes a predefined split instead (a column tokenized with the cells, values `train` / `test`; e.g.
-one batch as test cells for cross-batch evaluation). The head is initialised from `--seed`, so the same seed gives
-the same model and scores. Each test cell's true and predicted label and the prediction's probability are written to
-OUT/test_predictions.csv next to the model.
+one batch as test cells for cross-batch evaluation). `--validation_fraction 0.1` holds training cells out for the
+Trainer's evaluations (`--eval_strategy steps --eval_steps 50 --load_best_model_at_end --metric_for_best_model
+macro_f1`), and `--early_stopping_patience N` stops after N evaluations without improvement; the test cells are only
+scored at the end. `--class_weighting balanced` weighs each type's loss by the inverse of its share of training
+cells, for imbalanced labels. The head is initialised from `--seed`, so the same seed gives the same model and scores.
+Each test cell's true and predicted label and the prediction's probability are written to OUT/test_predictions.csv.
 
 Multi-GPU: `accelerate launch examples/finetune_cell_type.py ...` (DDP through the Trainer, no code change).
 """
@@ -33,7 +36,14 @@ import scipy.sparse as sp
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import AutoModelForSequenceClassification, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import (
+    AutoModelForSequenceClassification,
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 import scgene  # noqa: F401  (registers ScGene with the Auto classes)
 from scgene import ScGeneTokenizer
@@ -50,6 +60,16 @@ class FinetuneArguments:
     test_fraction: float = field(default=0.2, metadata={"help": "held-out cells, stratified by label"})
     split_column: str | None = field(
         default=None, metadata={"help": "column with `train` / `test` per cell: a predefined split (default: random)"}
+    )
+    validation_fraction: float = field(
+        default=0.0, metadata={"help": "training cells held out for the Trainer's evaluations (stratified)"}
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "stop after this many evaluations without improvement (needs validation)"}
+    )
+    class_weighting: str = field(
+        default="none", metadata={"help": "`balanced`: weigh each label's loss by 1 / its share of training cells",
+                                  "choices": ["none", "balanced"]}
     )
     full_finetune: bool = field(default=False, metadata={"help": "train the backbone too (default: frozen)"})
     probe_epochs: float = field(
@@ -75,6 +95,29 @@ def as_sparse(dataset: datasets.Dataset, vocab_size: int) -> sp.csr_matrix:
     return sp.csr_matrix((vals, (rows, cols)), shape=(len(dataset), vocab_size))
 
 
+class WeightedLossTrainer(Trainer):
+    """A `Trainer` whose loss is cross-entropy with per-label weights (None: plain cross-entropy)."""
+
+    def __init__(self, *args, class_weights: torch.Tensor | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights = class_weights
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        weights = self.class_weights.to(outputs["logits"].device) if self.class_weights is not None else None
+        loss = torch.nn.functional.cross_entropy(outputs["logits"].float(), labels, weight=weights)
+        return (loss, outputs) if return_outputs else loss
+
+
+def balanced_class_weights(labels: list[int], n_labels: int) -> torch.Tensor:
+    """n_cells / (n_labels x cells of the label) per label (sklearn's "balanced"); 0 for a label with no cells."""
+    counts = np.bincount(np.asarray(labels), minlength=n_labels).astype(np.float64)
+    weights = np.divide(len(labels), n_labels * counts, out=np.zeros(n_labels), where=counts > 0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
 class CachedEmbeddingHead(torch.nn.Module):
     """The classification head of a frozen-backbone model, trained on precomputed cell embeddings."""
 
@@ -82,10 +125,8 @@ class CachedEmbeddingHead(torch.nn.Module):
         super().__init__()
         self.classifier = classifier
 
-    def forward(self, cell_embeddings, labels=None):
-        logits = self.classifier(cell_embeddings)
-        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return {"loss": loss, "logits": logits} if loss is not None else {"logits": logits}
+    def forward(self, cell_embeddings):
+        return {"logits": self.classifier(cell_embeddings)}
 
 
 @torch.no_grad()
@@ -142,6 +183,7 @@ def main():
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses()
     training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]  # WeightedLossTrainer computes the loss from the logits and these
     if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank
         training_args.ddp_broadcast_buffers = False
 
@@ -153,6 +195,13 @@ def main():
         cells = cells.class_encode_column(args.label_column)
         cells = cells.cast_column(args.label_column, datasets.ClassLabel(names=names))
     splits = split_cells(cells, args, training_args.seed)
+    if args.validation_fraction > 0:
+        held_out = splits["train"].train_test_split(
+            test_size=args.validation_fraction, seed=training_args.seed, stratify_by_column=args.label_column
+        )
+        splits["train"], splits["validation"] = held_out["train"], held_out["test"]
+    elif args.early_stopping_patience:
+        raise SystemExit("--early_stopping_patience needs validation cells: add --validation_fraction 0.1.")
 
     set_seed(training_args.seed)  # the new head's initial weights
     with quiet_transformers_loading():  # the pretraining heads are left out and the new head is new, as intended
@@ -169,32 +218,36 @@ def main():
         raise ValueError(f"{args.model} lacks encoder weights {missing[:5]}...: is it an ScGene pretraining checkpoint?")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     collator = DataCollatorForCellClassification(tokenizer, label_column=args.label_column)
-    metrics = lambda p: scores(p.label_ids, p.predictions.argmax(-1))  # noqa: E731
+    weights = balanced_class_weights(splits["train"][args.label_column], len(names)) if args.class_weighting == "balanced" else None
+    callbacks = [EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else []
+
+    def trainer_for(trained, arguments, cells_by_split, data_collator=None, stop_early=True):
+        """The Trainer of one stage: evaluations on the validation cells if any (else the test cells)."""
+        return WeightedLossTrainer(
+            model=trained, args=arguments, train_dataset=cells_by_split["train"],
+            eval_dataset=cells_by_split.get("validation", cells_by_split["test"]), data_collator=data_collator,
+            processing_class=tokenizer if data_collator else None, class_weights=weights,
+            compute_metrics=lambda p: scores(p.label_ids, p.predictions.argmax(-1)), callbacks=callbacks if stop_early else [],
+        )
+
     if model.config.classifier_pooling != "cell":
-        trainer = Trainer(
-            model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["test"],
-            data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
-        )
+        trainer, test_cells = trainer_for(model, training_args, splits, collator), splits["test"]
     else:
-        train = cell_embeddings(model.scgene, splits["train"], collator)
-        # the head reads embeddings standardised with the training cells' statistics (saved with the model)
-        model.classifier.set_feature_statistics(train[:]["cell_embeddings"])
-        test = cell_embeddings(model.scgene, splits["test"], collator)
         # a frozen backbone gives each cell the same embedding every epoch: embed once, train the head
-        probe_args = training_args if not args.full_finetune else dataclasses.replace(
-            training_args, num_train_epochs=args.probe_epochs, learning_rate=args.probe_learning_rate,
-            max_steps=-1, eval_strategy="no", output_dir=str(Path(training_args.output_dir, "probe")),
-        )
-        trainer = Trainer(model=CachedEmbeddingHead(model.classifier), args=probe_args, train_dataset=train,
-                          eval_dataset=test, compute_metrics=metrics)
-        if args.full_finetune:  # stage 2: everything, starting from the trained head
-            trainer.train()
-            trainer = Trainer(
-                model=model, args=training_args, train_dataset=splits["train"], eval_dataset=splits["test"],
-                data_collator=collator, processing_class=tokenizer, compute_metrics=metrics,
+        embedded = {name: cell_embeddings(model.scgene, part, collator) for name, part in splits.items()}
+        # the head reads embeddings standardised with the training cells' statistics (saved with the model)
+        model.classifier.set_feature_statistics(embedded["train"][:]["cell_embeddings"])
+        trainer, test_cells = trainer_for(CachedEmbeddingHead(model.classifier), training_args, embedded), embedded["test"]
+        if args.full_finetune:  # stage 1: the head alone; stage 2: everything, starting from the trained head
+            probe_args = dataclasses.replace(
+                training_args, num_train_epochs=args.probe_epochs, learning_rate=args.probe_learning_rate,
+                max_steps=-1, eval_strategy="no", load_best_model_at_end=False,
+                output_dir=str(Path(training_args.output_dir, "probe")),
             )
+            trainer_for(CachedEmbeddingHead(model.classifier), probe_args, embedded, stop_early=False).train()
+            trainer, test_cells = trainer_for(model, training_args, splits, collator), splits["test"]
     trainer.train()
-    test_output = trainer.predict(trainer.eval_dataset)
+    test_output = trainer.predict(test_cells)
     scgene_scores = test_output.metrics
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code

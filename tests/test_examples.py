@@ -104,6 +104,18 @@ def test_finetuning_is_seeded_takes_a_predefined_split_and_names_missing_columns
     assert len(predictions) == 50 and list(predictions["label"]) == list(cells.obs["cell_type"][:50].astype(str))
     assert predictions["probability"].between(0, 1).all()
 
+    # frozen backbone, balanced class weights, 20% of the training cells for validation; with a learning rate of 0
+    # the validation macro-F1 never improves, so patience 1 stops at the second evaluation (step 4 of 40)
+    output = run(finetune[:-len(COMMON)] + [
+        "--output_dir", tmp_path / "early", "--full_finetune", "false", "--class_weighting", "balanced",
+        "--validation_fraction", "0.2", "--early_stopping_patience", "1", "--learning_rate", "0", "--max_steps", "40",
+        "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--load_best_model_at_end", "--metric_for_best_model", "macro_f1", "--use_cpu", "--report_to", "none", "--seed", "0",
+        "--disable_tqdm", "true"])
+    evaluations = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'eval_loss'")]
+    assert len(evaluations) == 2 and float(evaluations[-1]["epoch"]) < 1
+    assert json.loads((tmp_path / "early" / "cell_type_results.json").read_text())["test_cells"] == 50
+
     result = subprocess.run([str(part) for part in finetune[:-len(COMMON)]] + ["--label_column", "celltype",
                             "--output_dir", str(tmp_path / "bad"), *COMMON], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
