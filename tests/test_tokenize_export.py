@@ -147,3 +147,52 @@ def test_saved_tokenizer_carries_the_export_settings(tmp_path, tokenizer, pbmc):
     np.testing.assert_array_equal(inference["input_ids"], highest["input_ids"])
     unlimited = export_dataset(pbmc[:5], tmp_path / "all", tokenizer, truncation=False)
     assert ScGeneTokenizer.from_pretrained(unlimited).max_length is None
+
+
+def test_cli_tokenizes_a_corpus_of_files_folders_and_globs_into_one_dataset(tmp_path, tokenizer, pbmc, capsys):
+    """Files with different gene panels and label sets become one dataset: one vocabulary, shards over all cells,
+    labels merged into one category list, and a `source` column naming each cell's file."""
+    first = pbmc[:30].copy()
+    second = pbmc[30:50, ::-1].copy()  # genes in another order: each file is mapped to the vocabulary on its own
+    second = second[:, second.var_names[:1500]].copy()  # and a smaller panel
+    second.obs["cell_type"] = second.obs["cell_type"].cat.rename_categories(lambda c: f"{c} (study 2)")
+    folder = tmp_path / "study2"
+    folder.mkdir()
+    first.write_h5ad(tmp_path / "study1.h5ad")
+    second.write_h5ad(folder / "part_a.h5ad")
+    second[:5].write_h5ad(folder / "part_b.h5ad")
+    out = tmp_path / "corpus"
+    code = main(["tokenize", str(tmp_path / "study1.h5ad"), str(folder), str(out), "--obs-columns", "cell_type",
+                 "--num-shards", "3", "--max-length", "128"])
+    assert code == 0, capsys.readouterr().err
+    corpus = datasets.load_from_disk(str(out))
+    assert corpus.num_rows == 55 and len(list(out.glob("data-*.arrow"))) == 3
+    assert corpus.features["source"].names == ["study1", "part_a", "part_b"]
+    assert corpus["source"] == [0] * 30 + [1] * 20 + [2] * 5
+    labels = corpus.features["cell_type"]
+    assert labels.names == list(first.obs["cell_type"].cat.categories) + list(second.obs["cell_type"].cat.categories)
+    decoded = [labels.int2str(code) for code in corpus["cell_type"]]
+    assert decoded == [*map(str, first.obs["cell_type"]), *map(str, second.obs["cell_type"]), *map(str, second.obs["cell_type"][:5])]
+    for row, (cells, index) in {0: (first, 0), 29: (first, 29), 30: (second, 0), 54: (second, 4)}.items():
+        expected = tokenizer(cells[index : index + 1], max_length=128, return_tensors="np")
+        length = expected["attention_mask"][0].sum()
+        np.testing.assert_array_equal(corpus[row]["input_ids"], expected["input_ids"][0, :length])
+        np.testing.assert_allclose(corpus[row]["expression_values"], expected["expression_values"][0, :length], rtol=1e-6)
+    # a quoted glob names the same files; an input named twice is refused
+    assert main(["tokenize", str(tmp_path / "study*" / "part_*.h5ad"), str(tmp_path / "glob")]) == 0
+    assert datasets.load_from_disk(str(tmp_path / "glob"))["source"] == [0] * 20 + [1] * 5
+    assert main(["tokenize", str(folder), str(folder / "part_a.h5ad"), str(tmp_path / "twice")]) == 1
+    assert "given more than once" in capsys.readouterr().err
+    assert main(["tokenize", str(tmp_path / "nothing_*.h5ad"), str(tmp_path / "none")]) == 1
+    assert "matches no file" in capsys.readouterr().err
+
+
+def test_a_corpus_refuses_columns_that_differ_in_type_or_are_missing(tmp_path, tokenizer, pbmc):
+    first, second = pbmc[:10].copy(), pbmc[10:20].copy()
+    second.obs["cell_type"] = second.obs["cell_type"].astype(str)
+    with pytest.raises(ValueError, match="'cell_type' is categorical in a but string in b"):
+        export_dataset({"a": first, "b": second}, tmp_path / "mixed", tokenizer, obs_columns=["cell_type"])
+    with pytest.raises(KeyError, match=r"not found in b: \['donor'\]"):
+        first.obs["donor"] = "d1"
+        export_dataset({"a": first, "b": second}, tmp_path / "missing", tokenizer, obs_columns=["donor"])
+    assert list(tmp_path.iterdir()) == []

@@ -1,19 +1,24 @@
-"""`scgene tokenize IN.h5ad OUT_DIR`: tokenize an .h5ad (read backed, chunk by chunk) into a Hugging Face
-`datasets` folder with the tokenizer saved alongside."""
+"""`scgene tokenize IN [IN ...] OUT_DIR`: tokenize .h5ad files (read backed, chunk by chunk) into a Hugging Face
+`datasets` folder with the tokenizer saved alongside. Several inputs (files, folders of .h5ad files, quoted globs)
+become one corpus: one vocabulary, shards over all cells, and a `source` column naming each cell's file."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import logging
 import os
 import sys
+from pathlib import Path
 
 from . import USER_ERRORS, user_error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X)")
+    parser.add_argument("inputs", nargs="+", metavar="input",
+                        help=".h5ad files (raw counts or log1p-normalised in X), folders of them, or quoted globs; "
+                             "several make one corpus with a `source` column")
     parser.add_argument("output", help="the dataset folder to create")
     parser.add_argument("--tokenizer", help="a saved tokenizer folder or Hub id (default: the human vocabulary)")
     parser.add_argument("--gene-selection", choices=("all", "nonzero", "top_k"), help="default: the tokenizer's")
@@ -54,12 +59,15 @@ def _tokenize(args: argparse.Namespace) -> int:
 
     try:
         tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
-        if not os.path.isfile(args.input):
-            raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad file.")
-        adata = read_h5ad_backed(args.input)
-        print(f"{adata.n_obs} cells x {adata.n_vars} genes")
+        files = input_files(args.inputs)
+        if len(files) == 1:
+            cells = read_h5ad_backed(files[0])
+            print(f"{cells.n_obs} cells x {cells.n_vars} genes")
+        else:
+            cells = source_names(files)
+            print(f"{len(files)} files, tokenized into one dataset with a `source` column")
         output = export_dataset(
-            adata,
+            cells,
             args.output,
             tokenizer,
             obs_columns=args.obs_columns,
@@ -80,3 +88,33 @@ def _tokenize(args: argparse.Namespace) -> int:
         return 1
     print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
     return 0
+
+
+def input_files(inputs: list[str]) -> list[str]:
+    """The .h5ad files named by `inputs`: files as given, the .h5ad files of a folder (sorted), glob matches (sorted)."""
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(str(path) for path in Path(item).glob("*.h5ad"))
+            if not found:
+                raise FileNotFoundError(f"{item} is a folder without .h5ad files; pass .h5ad files or their folder.")
+            files += found
+        elif glob.has_magic(item) and not os.path.exists(item):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise FileNotFoundError(f"{item} matches no file; check the pattern (quoted globs are expanded here).")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item} is not a file; pass the path of an .h5ad file.")
+    duplicates = sorted({f for f in files if files.count(f) > 1})
+    if duplicates:
+        raise ValueError(f"{duplicates} given more than once; name each input once.")
+    return files
+
+
+def source_names(files: list[str]) -> dict[str, str]:
+    """{source name: path}: the file name without `.h5ad`, or the whole path where two files share a name."""
+    stems = [Path(f).name.removesuffix(".h5ad") for f in files]
+    return {stem if stems.count(stem) == 1 else f: f for stem, f in zip(stems, files)}

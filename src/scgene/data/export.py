@@ -1,6 +1,7 @@
 """Write tokenized cells as a Hugging Face `datasets` dataset, atomically.
 
-Cells are encoded chunk by chunk and streamed straight into `--num-shards` Arrow shards (the layout of
+The cells come from one AnnData or from a corpus of several (`{source name: AnnData or .h5ad path}`, files opened
+backed one at a time), written into one dataset with one vocabulary and a `source` column. Cells are encoded chunk by chunk and streamed straight into `--num-shards` Arrow shards (the layout of
 `save_to_disk`, so `load_from_disk` reads it) or Parquet shards, in a temporary folder next to the output;
 the tokenizer is saved into the same folder. Only a complete result is renamed into place, so an
 interrupted run leaves no half-written output (with `overwrite`, the previous output stays until then).
@@ -8,9 +9,11 @@ interrupted run leaves no half-written output (with `overwrite`, the previous ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import datasets
@@ -19,9 +22,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from tqdm.auto import tqdm
 
 from ..fileio import atomic_directory
-from ..tokenization_scgene import ScGeneTokenizer
+from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
 
 TOKEN_FEATURES = {
     "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -44,16 +48,54 @@ def obs_feature(column: pd.Series) -> datasets.features.FeatureType:
     return datasets.Value("string")
 
 
+def corpus_obs_feature(column_name: str, columns: dict[str, pd.Series]) -> datasets.features.FeatureType:
+    """One feature for an obs column over every source: a `ClassLabel` over the union of the sources' categories (in
+    order of appearance), else the first source's type, which the others must share."""
+    kinds = {source: describe(obs_feature(column)) for source, column in columns.items()}
+    first_source = next(iter(columns))
+    for source, kind in kinds.items():
+        if kind != kinds[first_source]:
+            raise ValueError(
+                f"obs column {column_name!r} is {kinds[first_source]} in {first_source} but {kind} in {source}: give it "
+                "one type in every input (e.g. adata.obs[col] = adata.obs[col].astype('category')), or leave it out."
+            )
+    first = obs_feature(columns[first_source])
+    if isinstance(first, datasets.ClassLabel):
+        categories = (str(c) for column in columns.values() for c in column.cat.categories)
+        return datasets.ClassLabel(names=list(dict.fromkeys(categories)))
+    return first
+
+
+def describe(feature) -> str:
+    return "categorical" if isinstance(feature, datasets.ClassLabel) else feature.dtype
+
+
 def obs_array(column: pd.Series, feature) -> pa.Array:
-    if isinstance(feature, datasets.ClassLabel):
-        return pa.array(column.cat.codes.to_numpy(), type=pa.int64())
+    if isinstance(feature, datasets.ClassLabel):  # codes in the corpus-wide category list
+        codes = pd.Categorical(column.astype(str), categories=feature.names).codes
+        return pa.array(codes.astype(np.int64), type=pa.int64())
     if feature.dtype == "string":
         return pa.array(column.astype(str).to_numpy(), type=pa.string())
     return pa.array(column.to_numpy(), type=feature.pa_type)
 
 
+@contextlib.contextmanager
+def opened_cells(cells) -> Iterator:
+    """An AnnData as it is, or an .h5ad path opened backed (read only) and closed afterwards."""
+    if not isinstance(cells, (str, os.PathLike)):
+        yield cells
+        return
+    if not os.path.isfile(cells):
+        raise FileNotFoundError(f"{cells} is not a file; pass the path of an .h5ad file.")
+    adata = read_h5ad_backed(cells)
+    try:
+        yield adata
+    finally:
+        adata.file.close()
+
+
 def export_dataset(
-    adata,
+    cells,
     output_dir: str | os.PathLike,
     tokenizer: ScGeneTokenizer,
     *,
@@ -61,13 +103,16 @@ def export_dataset(
     num_shards: int = 1,
     file_format: str = "arrow",
     overwrite: bool = False,
+    progress: bool = False,
     **encode_kwargs,
 ) -> Path:
-    """Tokenize `adata` into `output_dir` (columns `input_ids`, `expression_values`, `expression_bins`,
+    """Tokenize `cells` into `output_dir` (columns `input_ids`, `expression_values`, `expression_bins`,
     `total_counts` and `obs_columns`), with the tokenizer saved alongside. `encode_kwargs` go to `tokenizer.iter_encoded`.
 
-    Read back with `datasets.load_from_disk(output_dir)` (Arrow) or `load_dataset("parquet",
-    data_files=f"{output_dir}/data-*.parquet")`; either format also streams with `streaming=True`.
+    `cells` is an AnnData, or a corpus `{source name: AnnData or .h5ad path}`: its sources are written one after the
+    other into the same shards, with a `source` column (a `ClassLabel` over the source names); each obs column must
+    exist in every source, and categories are merged. Read back with `datasets.load_from_disk(output_dir)` (Arrow)
+    or `load_dataset("parquet", data_files=f"{output_dir}/data-*.parquet")`; both also stream (`streaming=True`).
     """
     if file_format not in ("arrow", "parquet"):
         raise ValueError(f"file_format must be 'arrow' or 'parquet', got {file_format!r}")
@@ -76,19 +121,37 @@ def export_dataset(
     output_dir = Path(output_dir)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} exists; choose a new folder or pass overwrite=True (--overwrite).")
-    missing = [c for c in obs_columns if c not in adata.obs.columns]
-    if set(obs_columns) & set(TOKEN_FEATURES):
-        raise ValueError(f"obs columns {sorted(set(obs_columns) & set(TOKEN_FEATURES))} clash with the token columns "
-                         f"{list(TOKEN_FEATURES)} (total_counts is always written); rename them or leave them out.")
-    if missing:
-        raise KeyError(f"obs columns not found: {missing}; available: {list(adata.obs.columns)}")
-    features = datasets.Features(TOKEN_FEATURES | {c: obs_feature(adata.obs[c]) for c in obs_columns})
+    corpus = isinstance(cells, Mapping)
+    sources = dict(cells) if corpus else {"cells": cells}
+    if not sources:
+        raise ValueError("The corpus has no sources: pass at least one AnnData or .h5ad file.")
+    reserved = set(TOKEN_FEATURES) | ({"source"} if corpus else set())
+    if set(obs_columns) & reserved:
+        raise ValueError(f"obs columns {sorted(set(obs_columns) & reserved)} clash with the columns written anyway "
+                         f"{sorted(reserved)}; rename them or leave them out.")
+    obs_tables, n_cells = {}, {}
+    for name, source in sources.items():  # first pass: sizes and obs columns, so shards and labels span the corpus
+        with opened_cells(source) as adata:
+            missing = [c for c in obs_columns if c not in adata.obs.columns]
+            if missing:
+                where = f" in {name}" if corpus else ""
+                raise KeyError(f"obs columns not found{where}: {missing}; available: {list(adata.obs.columns)}")
+            obs_tables[name], n_cells[name] = adata.obs[list(obs_columns)].copy(), adata.n_obs
+    features = TOKEN_FEATURES | {c: corpus_obs_feature(c, {n: t[c] for n, t in obs_tables.items()}) for c in obs_columns}
+    if corpus:
+        features["source"] = datasets.ClassLabel(names=[str(name) for name in sources])
+    features = datasets.Features(features)
     names = [f"data-{index:05d}-of-{num_shards:05d}.{file_format}" for index in range(num_shards)]
+    total = sum(n_cells.values())
     with atomic_directory(output_dir) as staged:  # an older output_dir is replaced only once this one is complete
-        with ShardWriter(staged, names, shard_sizes(adata.n_obs, num_shards), features.arrow_schema, file_format) as shards:
-            for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
-                obs = adata.obs.iloc[chunk.start : chunk.start + len(chunk.lengths)]
-                shards.write(chunk_record_batch(chunk, obs, features))
+        with ShardWriter(staged, names, shard_sizes(total, num_shards), features.arrow_schema, file_format) as shards, \
+                tqdm(total=total, unit="cells", desc="Tokenizing", disable=not (progress and corpus)) as bar:
+            for index, (name, source) in enumerate(sources.items()):
+                with opened_cells(source) as adata:
+                    for chunk in tokenizer.iter_encoded(adata, progress=progress and not corpus, **encode_kwargs):
+                        obs = obs_tables[name].iloc[chunk.start : chunk.start + len(chunk.lengths)]
+                        shards.write(chunk_record_batch(chunk, obs, features, source_index=index))
+                        bar.update(len(chunk.lengths))
         if file_format == "arrow":
             write_dataset_state(staged, names, features)
         dataset_tokenizer(tokenizer, encode_kwargs).save_pretrained(staged)
@@ -176,8 +239,9 @@ def write_dataset_state(folder: Path, names: list[str], features: datasets.Featu
     shutil.rmtree(template)
 
 
-def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features) -> pa.RecordBatch:
-    """One `EncodedChunk` as an Arrow record batch of list columns (zero-copy over the flat arrays)."""
+def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features, source_index: int = 0) -> pa.RecordBatch:
+    """One `EncodedChunk` as an Arrow record batch of list columns (zero-copy over the flat arrays); the `source`
+    column, when the features have one, holds `source_index`."""
     offsets = pa.array(np.concatenate([[0], np.cumsum(chunk.lengths)]).astype(np.int32))
     columns = {
         "input_ids": pa.ListArray.from_arrays(offsets, pa.array(chunk.input_ids.astype(np.int32, copy=False))),
@@ -185,6 +249,8 @@ def chunk_record_batch(chunk, obs: pd.DataFrame, features: datasets.Features) ->
         "expression_bins": pa.ListArray.from_arrays(offsets, pa.array(chunk.expression_bins)),
         "total_counts": pa.array(chunk.total_counts.astype(np.float32, copy=False)),
     }
+    if "source" in features:
+        columns["source"] = pa.array(np.full(len(chunk.lengths), source_index, dtype=np.int64))
     for name in features:
         if name not in columns:
             columns[name] = obs_array(obs[name], features[name])
