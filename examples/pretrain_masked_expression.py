@@ -11,15 +11,24 @@ Accelerate / torchrun:
     accelerate launch examples/pretrain_masked_expression.py ...        # multi-GPU (DDP), no code change
     torchrun --nproc_per_node 2 examples/pretrain_masked_expression.py ...
     ... --save_steps 100 --resume_from_checkpoint last                  # continue from OUT's newest checkpoint
+    ... --streaming --max_steps 100000                                  # a corpus larger than memory, many nodes
 
 Model size and design come from the ScGeneConfig fields given on the command line (`--encoder_type dual_branch`,
 ...); the width is the prior's unless `--hidden_size` is given. Every TrainingArguments flag works
 (`--gradient_checkpointing`, `--bf16`, ...). Masks and count views are drawn per cell from (`--seed`, epoch, cell), so
 a batch split over N processes trains like the same global batch on one, and a resumed run ends with the weights
 of an uninterrupted one.
+
+With `--streaming` the cells are read as an `IterableDataset` over the memory-mapped Arrow shards (never loaded, never
+merged): `--stream_shards` contiguous shards, each process reading its own (accelerate's `IterableDataset.shard`, as
+`split_dataset_by_node` splits; needs a multiple of the process count, which the script rounds to), shuffled in shard
+order and through a `--shuffle_buffer` of cells, for `--max_steps` steps. The evaluation cells are the ones whose
+content hash falls in `--eval_fraction` (the same cells on every node and in every run; a cell repeated in the corpus
+is never on both sides), at most `--max_eval_cells` of them.
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
+from scgene.data.collators import cell_fingerprint
 from scgene.training import ScGeneTrainer
 
 
@@ -42,6 +52,12 @@ class PretrainingArguments:
     eval_fraction: float = field(default=0.1, metadata={"help": "cells held out to report the eval loss"})
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of each cell's genes to mask"})
     min_count_rate: float = field(default=0.3, metadata={"help": "contrastive views keep U(rate, 1) of the counts"})
+    streaming: bool = field(default=False, metadata={"help": "stream the cells (IterableDataset, each process reading "
+                                                               "its own shards, shuffle buffer); needs --max_steps"})
+    stream_shards: int = field(default=64, metadata={"help": "shards of a streamed corpus (rounded up to a multiple "
+                                                             "of the process count)"})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "cells in a streamed corpus's shuffle buffer"})
+    max_eval_cells: int = field(default=1_000, metadata={"help": "evaluation cells of a streamed corpus"})
     matched_depth_views: bool = field(
         default=False, metadata={"help": "thin every cell's views to the same depths (between the batch's lowest and "
                                          "median total) instead of a fraction of its own depth"}
@@ -101,6 +117,22 @@ def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer,
     return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def held_out(cell: dict, eval_fraction: float) -> bool:
+    """Whether a cell is an evaluation cell: decided by its content hash, so by every process and every run alike."""
+    return cell_fingerprint(cell) % 1_000_000 < eval_fraction * 1_000_000
+
+
+def streamed_splits(cells: datasets.Dataset, data_args: PretrainingArguments, seed: int, world_size: int):
+    """(train, eval) `IterableDataset`s over the memory-mapped cells: shards that divide among the processes, the
+    training stream shuffled (shard order and a buffer, reshuffled every epoch), the evaluation stream in order."""
+    num_shards = min(cells.num_rows, world_size * math.ceil(data_args.stream_shards / world_size))
+    stream = cells.to_iterable_dataset(num_shards=num_shards)
+    fraction = data_args.eval_fraction
+    train = stream.filter(lambda cell: not held_out(cell, fraction)).shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+    evaluation = stream.filter(lambda cell: held_out(cell, fraction)).take(data_args.max_eval_cells)
+    return train, evaluation
+
+
 def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
     """--resume_from_checkpoint DIR, or `last` for the newest checkpoint in --output_dir (None when there is none)."""
     resume = training_args.resume_from_checkpoint
@@ -120,7 +152,14 @@ def main() -> ScGeneTrainer:
 
     count_views = model_args.contrastive_loss_weight > 0  # two count-downsampled views of each cell
     tokenizer, cells = load_corpus(data_args.dataset, count_views)
-    splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
+    if data_args.streaming:
+        if training_args.max_steps <= 0:
+            raise SystemExit("--streaming needs --max_steps: a stream has no length to count epochs in.")
+        train_cells, eval_cells = streamed_splits(cells, data_args, training_args.seed, training_args.world_size)
+        training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
+    else:
+        splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
+        train_cells, eval_cells = splits["train"], splits["test"]
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(
@@ -136,8 +175,8 @@ def main() -> ScGeneTrainer:
     trainer = ScGeneTrainer(
         model=model,
         args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["test"],
+        train_dataset=train_cells,
+        eval_dataset=eval_cells,
         data_collator=collator,
         processing_class=tokenizer,
     )

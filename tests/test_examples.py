@@ -198,6 +198,40 @@ def test_two_process_ddp_trains_like_one_process_on_the_same_global_batch(tokeni
     assert difference < 1e-5
 
 
+def test_streamed_pretraining_gives_each_process_its_own_shards(tokenized, tmp_path):
+    """--streaming under torchrun with 2 CPU processes: the ranks end with the same weights and read their own cells:
+    of the corpus's 8 contiguous shards, 4 per process (which 4 is shuffled with the seed), never an evaluation cell
+    in training."""
+    sys.path.insert(0, str(REPO / "examples"))
+    from pretrain_masked_expression import held_out
+
+    output = run([sys.executable, *LAUNCHERS["torchrun"], REPO / "tests" / "rank_weights.py",
+                  "--dataset", tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors",
+                  "--output_dir", tmp_path, "--streaming", "--stream_shards", "8", "--shuffle_buffer", "64",
+                  "--max_steps", "6", "--per_device_train_batch_size", "4", "--ddp_backend", "gloo",
+                  "--eval_strategy", "no", *TINY_MODEL, *COMMON],
+                 env={"OMP_NUM_THREADS": "1", "RANK_WEIGHTS_DIR": str(tmp_path)})
+    assert "pretraining eval loss" in output
+    rank0, rank1 = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+
+    import datasets
+
+    corpus = datasets.load_from_disk(str(tokenized / "tokenized"))
+    row_of = {scgene.data.collators.cell_fingerprint(cell): row for row, cell in enumerate(corpus)}
+    evaluation = {fingerprint for fingerprint, row in row_of.items() if held_out(corpus[row], 0.1)}
+    shard_starts = np.cumsum([0] + scgene.data.export.shard_sizes(corpus.num_rows, 8))[1:-1]  # as Dataset.shard cuts
+    shards_read = []
+    for rank in (0, 1):
+        read = json.loads((tmp_path / f"rank{rank}_cells.json").read_text())
+        training = [fingerprint for fingerprint in read if fingerprint not in evaluation]
+        # 6 steps of 4 cells, and one batch that accelerate's loader reads ahead; none twice within a pass
+        assert len(training) == 7 * 4 and len(set(training)) == 28
+        shards_read.append({int(np.searchsorted(shard_starts, row_of[f], side="right")) for f in training})
+    assert len(shards_read[0] | shards_read[1]) > 4 and not shards_read[0] & shards_read[1]
+    assert all(len(shards) <= 4 for shards in shards_read)
+
+
 def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tokenized, tmp_path):
     """kill -9 once checkpoint-5 is written, then --resume_from_checkpoint: the run ends with the weights of one that
     was never interrupted (dropout on, count views on: every random draw that shapes training is restored). No
