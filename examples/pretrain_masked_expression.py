@@ -158,7 +158,8 @@ def main() -> ScGeneTrainer:
         train_cells, eval_cells = streamed_splits(cells, data_args, training_args.seed, training_args.world_size)
         training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
     else:
-        splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed)
+        # indices kept in memory (8 bytes a cell): nothing is written into the dataset folders
+        splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed, keep_in_memory=True)
         train_cells, eval_cells = splits["train"], splits["test"]
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
