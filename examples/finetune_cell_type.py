@@ -182,6 +182,7 @@ def scores(labels, predictions) -> dict:
 def main():
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses()
+    datasets.disable_caching()  # splits and label encodings cached in a temporary folder, not in the user's dataset
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]  # WeightedLossTrainer computes the loss from the logits and these
     if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import HfArgumentParser, TrainingArguments
@@ -117,6 +118,14 @@ def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer,
     return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def random_split(cells: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval) cells drawn with `seed`, their indices kept in memory (8 bytes a cell): unlike
+    `train_test_split`, which caches them in the dataset's folder, nothing is written next to the user's data."""
+    order = np.random.default_rng(seed).permutation(cells.num_rows)
+    n_eval = max(1, round(eval_fraction * cells.num_rows))
+    return cells.select(order[n_eval:], keep_in_memory=True), cells.select(order[:n_eval], keep_in_memory=True)
+
+
 def held_out(cell: dict, eval_fraction: float) -> bool:
     """Whether a cell is an evaluation cell: decided by its content hash, so by every process and every run alike."""
     return cell_fingerprint(cell) % 1_000_000 < eval_fraction * 1_000_000
@@ -158,9 +167,7 @@ def main() -> ScGeneTrainer:
         train_cells, eval_cells = streamed_splits(cells, data_args, training_args.seed, training_args.world_size)
         training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
     else:
-        # indices kept in memory (8 bytes a cell): nothing is written into the dataset folders
-        splits = cells.train_test_split(test_size=data_args.eval_fraction, seed=training_args.seed, keep_in_memory=True)
-        train_cells, eval_cells = splits["train"], splits["test"]
+        train_cells, eval_cells = random_split(cells, data_args.eval_fraction, training_args.seed)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(

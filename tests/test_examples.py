@@ -60,6 +60,7 @@ def test_pretrain_then_finetune_scripts(tokenized):
     logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
     assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
     assert {"model.safetensors", "config.json", "modeling_scgene.py", "vocab.json"} <= {p.name for p in pretrained.iterdir()}
+    assert not list((tokenized / "tokenized").glob("cache-*"))  # nothing written into the dataset folder
     assert not (pretrained / "training_args.bin").exists()
 
     classifier = tokenized / "classifier"
@@ -71,6 +72,7 @@ def test_pretrain_then_finetune_scripts(tokenized):
     for model in ("scgene", "logistic_regression_baseline"):
         assert 0.0 <= results[model]["accuracy"] <= 1.0
     assert "logistic regression baseline" in output
+    assert not list((tokenized / "tokenized").glob("cache-*"))
     config = json.loads((classifier / "config.json").read_text())
     assert config["architectures"] == ["ScGeneForCellClassification"] and len(config["id2label"]) == len(results["labels"])
     check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
