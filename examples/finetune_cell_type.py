@@ -50,6 +50,7 @@ from scgene import ScGeneTokenizer
 from scgene.data import DataCollatorForCellClassification
 from scgene.fileio import write_json
 from scgene.inference import quiet_transformers_loading
+from scgene.training import check_processes_train_together
 
 
 @dataclass
@@ -182,6 +183,7 @@ def scores(labels, predictions) -> dict:
 def main():
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses()
+    check_processes_train_together(training_args)
     datasets.disable_caching()  # splits and label encodings cached in a temporary folder, not in the user's dataset
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]  # WeightedLossTrainer computes the loss from the logits and these

@@ -42,7 +42,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
 from scgene.data.collators import cell_fingerprint
-from scgene.training import ScGeneTrainer
+from scgene.training import ScGeneTrainer, check_processes_train_together
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PretrainingArguments:
     stream_shards: int = field(default=64, metadata={"help": "shards of a streamed corpus (rounded up to a multiple "
                                                              "of the process count)"})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "cells in a streamed corpus's shuffle buffer"})
-    max_eval_cells: int = field(default=1_000, metadata={"help": "evaluation cells of a streamed corpus"})
+    max_eval_cells: int = field(default=1_000, metadata={"help": "at most this many evaluation cells"})
     matched_depth_views: bool = field(
         default=False, metadata={"help": "thin every cell's views to the same depths (between the batch's lowest and "
                                          "median total) instead of a fraction of its own depth"}
@@ -118,11 +118,12 @@ def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer,
     return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def random_split(cells: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """(train, eval) cells drawn with `seed`, their indices kept in memory (8 bytes a cell): unlike
-    `train_test_split`, which caches them in the dataset's folder, nothing is written next to the user's data."""
+def random_split(cells: datasets.Dataset, eval_fraction: float, max_eval_cells: int, seed: int):
+    """(train, eval) cells drawn with `seed`, `eval_fraction` of them (at most `max_eval_cells`) for evaluation, their
+    indices kept in memory (8 bytes a cell): unlike `train_test_split`, which caches them in the dataset's folder,
+    nothing is written next to the user's data."""
     order = np.random.default_rng(seed).permutation(cells.num_rows)
-    n_eval = max(1, round(eval_fraction * cells.num_rows))
+    n_eval = min(max_eval_cells, max(1, round(eval_fraction * cells.num_rows)))
     return cells.select(order[n_eval:], keep_in_memory=True), cells.select(order[:n_eval], keep_in_memory=True)
 
 
@@ -155,6 +156,7 @@ def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
 def main() -> ScGeneTrainer:
     parser = HfArgumentParser((PretrainingArguments, ModelArguments, TrainingArguments))
     data_args, model_args, training_args = parser.parse_args_into_dataclasses()
+    check_processes_train_together(training_args)
     training_args.remove_unused_columns = False  # the collator reads the ragged token columns itself
     if training_args.ddp_broadcast_buffers is None:  # the only buffer is the frozen prior, the same on every rank
         training_args.ddp_broadcast_buffers = False
@@ -167,7 +169,7 @@ def main() -> ScGeneTrainer:
         train_cells, eval_cells = streamed_splits(cells, data_args, training_args.seed, training_args.world_size)
         training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
     else:
-        train_cells, eval_cells = random_split(cells, data_args.eval_fraction, training_args.seed)
+        train_cells, eval_cells = random_split(cells, data_args.eval_fraction, data_args.max_eval_cells, training_args.seed)
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(

@@ -26,7 +26,12 @@ def recording_collate(self, features):
 
 DataCollatorForMaskedExpression.__call__ = recording_collate
 trainer = pretrain_masked_expression.main()
-model = trainer.accelerator.unwrap_model(trainer.model)
-weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-save_file(weights, Path(os.environ["RANK_WEIGHTS_DIR"], f"rank{os.environ.get('RANK', '0')}.safetensors"))
-Path(os.environ["RANK_WEIGHTS_DIR"], f"rank{os.environ.get('RANK', '0')}_cells.json").write_text(json.dumps(cells_read))
+out, rank = Path(os.environ["RANK_WEIGHTS_DIR"]), os.environ.get("RANK", "0")
+distributed_type = trainer.accelerator.distributed_type
+wrappers = sorted({type(module).__name__ for module in trainer.model_wrapped.modules()} - {"ScGeneLayer"})
+(out / f"rank{rank}_setup.json").write_text(json.dumps({"distributed_type": str(distributed_type), "modules": wrappers}))
+if distributed_type != "FSDP":  # FSDP ranks hold shards: compare the model it saves instead
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    weights = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    save_file(weights, out / f"rank{rank}.safetensors")
+(out / f"rank{rank}_cells.json").write_text(json.dumps(cells_read))

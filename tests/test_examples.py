@@ -200,6 +200,35 @@ def test_two_process_ddp_trains_like_one_process_on_the_same_global_batch(tokeni
     assert difference < 1e-5
 
 
+CONFIGS = REPO / "examples" / "configs"
+
+
+def test_accelerate_configs_parse_and_name_scgene_layers():
+    """The DDP, FSDP and DeepSpeed configs load as accelerate configs; FSDP wraps the layers ScGene has."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {name: ClusterConfig.from_yaml_file(CONFIGS / f"{name}.yaml") for name in ("ddp", "fsdp", "deepspeed_zero2")}
+    assert [config.distributed_type.value for config in kinds.values()] == ["MULTI_GPU", "FSDP", "DEEPSPEED"]
+    assert all(config.mixed_precision == "bf16" for config in kinds.values())
+    wrapped = kinds["fsdp"].fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert wrapped == ScGeneForMaskedExpression._no_split_modules
+    assert kinds["fsdp"].fsdp_config["fsdp_version"] == 2 and kinds["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+
+
+def test_processes_that_would_train_apart_are_stopped(tokenized, tmp_path):
+    """The FSDP config on a machine without GPUs and without --use_cpu: accelerate starts 2 processes that do not
+    synchronise (it shards only on GPU backends); the script stops with what to do instead of training 2 copies."""
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / "fsdp.yaml",
+         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29535",
+         REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
+         "--prior", tokenized / "gene_prior.safetensors", "--output_dir", tmp_path, "--max_steps", "1", *TINY_MODEL,
+         "--report_to", "none"], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0 and "unsynchronised copies" in result.stderr and "--use_cpu" in result.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 def test_streamed_pretraining_gives_each_process_its_own_shards(tokenized, tmp_path):
     """--streaming under torchrun with 2 CPU processes: the ranks end with the same weights and read their own cells:
     of the corpus's 8 contiguous shards, 4 per process (which 4 is shuffled with the seed), never an evaluation cell

@@ -9,11 +9,27 @@ and a resumed run draws what the uninterrupted one did.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.training_args import ParallelMode
 
 LOSS_COMPONENTS = ("value_loss", "bin_loss", "contrastive_loss")
+
+
+def check_processes_train_together(args) -> None:
+    """Stop when several processes were launched but would each train a copy of its own: what happens on a machine
+    without GPUs under `accelerate launch --multi_gpu` without `--use_cpu`, or with an FSDP / DeepSpeed config
+    (accelerate shards only on GPU backends; on CPU such a run is either plain DDP or unsynchronised)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+        raise SystemExit(
+            f"{launched} processes were launched, but they would train {launched} unsynchronised copies of the model "
+            f"(accelerate set up {args.distributed_state.distributed_type}). Without GPUs, pass --use_cpu "
+            "(`accelerate launch --multi_gpu --num_processes N ... --use_cpu`, or torchrun): the processes then run "
+            "DDP over gloo; FSDP and DeepSpeed configs need GPUs."
+        )
 
 
 class CollatorEpochCallback(TrainerCallback):
@@ -57,4 +73,4 @@ class ScGeneTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["LOSS_COMPONENTS", "CollatorEpochCallback", "ScGeneTrainer"]
+__all__ = ["LOSS_COMPONENTS", "CollatorEpochCallback", "ScGeneTrainer", "check_processes_train_together"]
