@@ -46,11 +46,11 @@ def folder_gb(folder: Path) -> float:
 
 
 def measure_tokenize(sources: list[str], output: str) -> dict:
-    from scgene.data import export_dataset
-    from scgene.tokenization_scgene import ScGeneTokenizer
-
     import anndata
     import datasets
+
+    from scgene.data import export_dataset
+    from scgene.tokenization_scgene import ScGeneTokenizer
 
     if len(sources) == 1:
         cells = anndata.read_h5ad(sources[0], backed="r")
@@ -127,9 +127,9 @@ def main() -> None:
               f"{row['cells_per_s'] / rows['one file']['cells_per_s']:.2f} | {row['peak_gb']:.2f} GB | "
               f"{row['disk_gb']:.2f} GB |", flush=True)
 
+    import torch
     from safetensors.torch import save_file
 
-    import torch
     from scgene import ScGeneTokenizer
 
     vocab_size = ScGeneTokenizer.from_pretrained(one).vocab_size
