@@ -22,6 +22,10 @@ scored at the end. `--class_weighting balanced` weighs each type's loss by the i
 cells, for imbalanced labels. The head is initialised from `--seed`, so the same seed gives the same model and scores.
 Each test cell's true and predicted label and the prediction's probability are written to OUT/test_predictions.csv.
 
+`--lora_rank 8` trains low-rank adapters (peft LoRA) on the attention projections instead of the whole backbone, in
+the same two stages as `--full_finetune`; the adapters are merged into the saved model, a plain
+`ScGeneForCellClassification` again (no peft needed to use it).
+
 Multi-GPU: `accelerate launch examples/finetune_cell_type.py ...` (DDP through the Trainer, no code change).
 """
 
@@ -77,6 +81,14 @@ class FinetuneArguments:
         default=30, metadata={"help": "--full_finetune: epochs of the first stage, the head alone on frozen embeddings"}
     )
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "--full_finetune: learning rate of that stage"})
+    lora_rank: int = field(
+        default=0, metadata={"help": "train LoRA adapters of this rank on the attention projections (after the "
+                                     "head-only stage, as --full_finetune) and merge them into the saved model; 0: off"}
+    )
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA scaling numerator (the update is alpha / rank x BA)"})
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q_b_proj", "kv_b_proj"]  # those the attention type has
 
 
 def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
@@ -117,6 +129,19 @@ def balanced_class_weights(labels: list[int], n_labels: int) -> torch.Tensor:
     counts = np.bincount(np.asarray(labels), minlength=n_labels).astype(np.float64)
     weights = np.divide(len(labels), n_labels * counts, out=np.zeros(n_labels), where=counts > 0)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def with_lora_adapters(model, rank: int, alpha: float):
+    """`model` with LoRA adapters on its attention projections (peft); the adapters and the head train, the rest
+    stays frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as error:
+        raise SystemExit("--lora_rank needs peft: pip install 'scgene[lora]' (or pip install peft).") from error
+    adapted = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    for parameter in model.classifier.parameters():
+        parameter.requires_grad_(True)
+    return adapted
 
 
 class CachedEmbeddingHead(torch.nn.Module):
@@ -241,17 +266,21 @@ def main():
         # the head reads embeddings standardised with the training cells' statistics (saved with the model)
         model.classifier.set_feature_statistics(embedded["train"][:]["cell_embeddings"])
         trainer, test_cells = trainer_for(CachedEmbeddingHead(model.classifier), training_args, embedded), embedded["test"]
-        if args.full_finetune:  # stage 1: the head alone; stage 2: everything, starting from the trained head
+        if args.full_finetune or args.lora_rank:  # stage 1: the head alone; stage 2: everything (or adapters)
             probe_args = dataclasses.replace(
                 training_args, num_train_epochs=args.probe_epochs, learning_rate=args.probe_learning_rate,
                 max_steps=-1, eval_strategy="no", load_best_model_at_end=False,
                 output_dir=str(Path(training_args.output_dir, "probe")),
             )
             trainer_for(CachedEmbeddingHead(model.classifier), probe_args, embedded, stop_early=False).train()
-            trainer, test_cells = trainer_for(model, training_args, splits, collator), splits["test"]
+            tuned = with_lora_adapters(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model
+            trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+            trainer, test_cells = trainer_for(tuned, training_args, splits, collator), splits["test"]
     trainer.train()
     test_output = trainer.predict(test_cells)
     scgene_scores = test_output.metrics
+    if args.lora_rank:
+        model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()  # adapters folded into the weights
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code
         write_predictions(Path(training_args.output_dir, "test_predictions.csv"), test_output.label_ids,
@@ -270,8 +299,8 @@ def main():
         }
         write_json(Path(training_args.output_dir, "cell_type_results.json"), results)  # atomically
         print(f"{'model':<32} {'accuracy':>9} {'macro-F1':>9}   ({len(splits['test'])} test cells, {len(names)} types)")
-        for name, result in (("ScGene (frozen backbone)" if not args.full_finetune else "ScGene (fine-tuned)",
-                              results["scgene"]), ("logistic regression baseline", baseline_scores)):
+        recipe = "LoRA" if args.lora_rank else "fine-tuned" if args.full_finetune else "frozen backbone"
+        for name, result in ((f"ScGene ({recipe})", results["scgene"]), ("logistic regression baseline", baseline_scores)):
             print(f"{name:<32} {result['accuracy']:>9.3f} {result['macro_f1']:>9.3f}")
 
 

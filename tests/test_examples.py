@@ -77,6 +77,7 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert config["architectures"] == ["ScGeneForCellClassification"] and len(config["id2label"]) == len(results["labels"])
     check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
     check_full_finetune_trains_head_then_backbone(tokenized, pretrained)
+    check_lora_adapters_merge_into_a_plain_checkpoint(tokenized, pretrained)
 
 
 def test_finetuning_is_seeded_takes_a_predefined_split_and_names_missing_columns(tokenized, tmp_path):
@@ -138,6 +139,27 @@ def check_full_finetune_trains_head_then_backbone(tokenized, pretrained):
     after = ScGeneForCellClassification.from_pretrained(finetuned).scgene.state_dict()
     changed = [name for name in before if not torch.equal(before[name], after[name])]
     assert len(changed) > len(before) // 2, changed
+
+
+def check_lora_adapters_merge_into_a_plain_checkpoint(tokenized, pretrained):
+    """--lora_rank: adapters on the attention projections train with the head, then merge into the saved weights:
+    a plain checkpoint whose attention projections changed and whose other backbone weights did not."""
+    finetuned = tokenized / "lora"
+    output = run([sys.executable, REPO / "examples" / "finetune_cell_type.py", "--model", pretrained,
+                  "--dataset", tokenized / "tokenized", "--label_column", "cell_type", "--output_dir", finetuned,
+                  "--lora_rank", "4", "--probe_epochs", "2", "--num_train_epochs", "1", "--learning_rate", "1e-2",
+                  "--per_device_train_batch_size", "32", *COMMON])
+    assert "ScGene (LoRA)" in output
+    saved = load_file(finetuned / "model.safetensors")
+    assert not [name for name in saved if "lora" in name or "base_layer" in name]
+    before = ScGeneModel.from_pretrained(pretrained).state_dict()
+    after = ScGeneForCellClassification.from_pretrained(finetuned).scgene.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    attention = {name for name in before if re.search(r"\.(q|k|v|o)_proj\.weight$", name)}
+    assert changed == attention, sorted(changed ^ attention)
+    trainable = json.loads((finetuned / "cell_type_results.json").read_text())["trainable_parameters"]
+    head = sum(p.numel() for p in ScGeneForCellClassification.from_pretrained(finetuned).classifier.parameters())
+    assert head < trainable < head + sum(before[name].numel() for name in attention)
 
 
 def check_inference_uses_training_settings(cells_path, pretrained, classifier):
