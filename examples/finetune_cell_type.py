@@ -81,6 +81,7 @@ class FinetuneArguments:
         default=30, metadata={"help": "--full_finetune: epochs of the first stage, the head alone on frozen embeddings"}
     )
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "--full_finetune: learning rate of that stage"})
+    classifier_dropout: float | None = field(default=None, metadata={"help": "dropout in the head (default: the config's)"})
     lora_rank: int = field(
         default=0, metadata={"help": "train LoRA adapters of this rank on the attention projections (after the "
                                      "head-only stage, as --full_finetune) and merge them into the saved model; 0: off"}
@@ -240,6 +241,7 @@ def main():
             label2id={name: i for i, name in enumerate(names)},
             freeze_backbone=not args.full_finetune,
             output_loading_info=True,
+            **({} if args.classifier_dropout is None else {"classifier_dropout": args.classifier_dropout}),
         )
     missing = [key for key in loading["missing_keys"] if not key.startswith("classifier.")]
     if missing:

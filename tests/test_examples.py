@@ -222,6 +222,28 @@ def test_two_process_ddp_trains_like_one_process_on_the_same_global_batch(tokeni
     assert difference < 1e-5
 
 
+def test_finetuning_under_torchrun_trains_like_one_process(tokenized, tmp_path):
+    """The fine-tuning script with 2 CPU processes (12 cells each) saves the head that 1 process trains on the same
+    24-cell batches (240 training cells: no uneven last batch), and reports once. No head dropout: its draws differ."""
+    run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
+         "--prior", tokenized / "gene_prior.safetensors", "--output_dir", tmp_path / "pretrained", "--max_steps", "2",
+         *TINY_MODEL, *COMMON])
+    finetune = [REPO / "examples" / "finetune_cell_type.py", "--model", tmp_path / "pretrained", "--dataset",
+                tokenized / "tokenized", "--label_column", "cell_type", "--num_train_epochs", "2",
+                "--classifier_dropout", "0", *COMMON]
+    output = run([sys.executable, *LAUNCHERS["torchrun"], *finetune, "--output_dir", tmp_path / "ddp",
+                  "--per_device_train_batch_size", "12", "--ddp_backend", "gloo"], env={"OMP_NUM_THREADS": "1"})
+    assert output.count("logistic regression baseline") == 1
+    run([sys.executable, *finetune, "--output_dir", tmp_path / "single", "--per_device_train_batch_size", "24"],
+        env={"OMP_NUM_THREADS": "1"})
+    ddp, single = (load_file(tmp_path / folder / "model.safetensors") for folder in ("ddp", "single"))
+    difference = max((ddp[name] - single[name]).abs().max().item() for name in single)
+    print(f"fine-tuning, DDP vs 1 process: max abs weight difference {difference:.2e}")
+    assert difference < 1e-6
+    results = [json.loads((tmp_path / folder / "cell_type_results.json").read_text()) for folder in ("ddp", "single")]
+    assert results[0]["scgene"] == pytest.approx(results[1]["scgene"])
+
+
 CONFIGS = REPO / "examples" / "configs"
 
 
