@@ -307,21 +307,26 @@ def test_streamed_pretraining_gives_each_process_its_own_shards(tokenized, tmp_p
     assert all(len(shards) <= 4 for shards in shards_read)
 
 
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tokenized, tmp_path):
-    """kill -9 once checkpoint-5 is written, then --resume_from_checkpoint: the run ends with the weights of one that
-    was never interrupted (dropout on, count views on: every random draw that shapes training is restored). No
-    --hidden_size: the model takes the prior's width."""
+@pytest.mark.parametrize(("loading", "steps", "checkpoint_step"), [("map-style", 30, 5), ("streaming", 45, 40)])
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(tokenized, tmp_path, loading, steps,
+                                                                             checkpoint_step):
+    """kill -9 once a checkpoint is written, then --resume_from_checkpoint: the run ends with the weights of one that
+    was never interrupted (dropout on, count views on: every random draw that shapes training is restored). Streamed,
+    the checkpoint is in the second pass over the 270 training cells (34 steps a pass): the resumed run continues that
+    pass, with that pass's masks. No --hidden_size: the model takes the prior's width."""
     arguments = [sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", tokenized / "tokenized",
-                 "--prior", tokenized / "gene_prior.safetensors", "--max_steps", "30", "--save_strategy", "steps",
-                 "--save_steps", "5", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                 "--prior", tokenized / "gene_prior.safetensors", "--max_steps", steps, "--save_strategy", "steps",
+                 "--save_steps", checkpoint_step, "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
                  "--contrastive_loss_weight", "0.5", "--num_hidden_layers", "1", "--num_attention_heads", "2",
                  "--use_cpu", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]  # width: the prior's
+    if loading == "streaming":
+        arguments += ["--streaming", "--stream_shards", "4", "--shuffle_buffer", "32"]
     run(arguments + ["--output_dir", tmp_path / "uninterrupted"], env={"OMP_NUM_THREADS": "1"})
 
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([str(part) for part in arguments + ["--output_dir", interrupted]],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    checkpoint = interrupted / "checkpoint-5"
+    checkpoint = interrupted / f"checkpoint-{checkpoint_step}"
     while not (checkpoint / "trainer_state.json").exists() and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
@@ -329,7 +334,7 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weights(to
     assert not (interrupted / "model.safetensors").exists()
 
     output = run(arguments + ["--output_dir", interrupted, "--resume_from_checkpoint", checkpoint], env={"OMP_NUM_THREADS": "1"})
-    assert f"resuming from {checkpoint} at step 5" in output
+    assert f"resuming from {checkpoint} at step {checkpoint_step}" in output
     expected, resumed = (load_file(folder / "model.safetensors") for folder in (tmp_path / "uninterrupted", interrupted))
     difference = max((expected[name] - resumed[name]).abs().max().item() for name in expected)
     print(f"resumed vs uninterrupted: max abs weight difference {difference:.2e}")

@@ -3,7 +3,7 @@
 `ScGeneTrainer` logs each pretraining objective apart (`value_loss`, `bin_loss`, `contrastive_loss`, averaged over
 the steps since the last log and over processes) next to the combined `loss`, so a recipe's parts can be watched,
 and tells a seeded collator the epoch (`CollatorEpochCallback`), so that masks are a function of (seed, epoch, cell)
-and a resumed run draws what the uninterrupted one did.
+and a resumed run draws what the uninterrupted one did; a resumed stream continues from the pass it was in.
 """
 
 from __future__ import annotations
@@ -33,14 +33,18 @@ def check_processes_train_together(args) -> None:
 
 
 class CollatorEpochCallback(TrainerCallback):
-    """Sets `collator.epoch` to the epoch about to start (also the resumed one: `state.epoch` comes from the
-    checkpoint), before the epoch's first batch is drawn."""
+    """Keeps `collator.epoch` at the index of the pass over the data being drawn: at the start of training the
+    checkpoint's (0 for a new run), then one more at each epoch's end. (Not `floor(state.epoch)` at each epoch's
+    start: for a stream the Trainer counts epochs in fractions of max_steps, so that floor is not the pass.)"""
 
     def __init__(self, collator):
         self.collator = collator
 
-    def on_epoch_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs):
         self.collator.epoch = math.floor((state.epoch or 0) + 1e-9)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.collator.epoch += 1
 
 
 class ScGeneTrainer(Trainer):
@@ -53,6 +57,31 @@ class ScGeneTrainer(Trainer):
             self.add_callback(CollatorEpochCallback(self.data_collator))
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
+
+    def _init_training_state(self, max_steps, *args, **kwargs) -> tuple[int, int]:
+        """Where a resumed run starts: (epochs done, batches of the current epoch done). A stream has no length, so
+        the Trainer counts a whole run as one epoch and, resumed past the first pass, would skip `global_step`
+        batches of the first pass instead of continuing the current one; the checkpoint's epoch (passes done plus
+        the current pass's batches / max_steps, as the Trainer counts it for a stream) says where the stream was."""
+        epochs_trained, batches_trained = super()._init_training_state(max_steps, *args, **kwargs)
+        stream = isinstance(self.train_dataset, torch.utils.data.IterableDataset)
+        if stream and self.state.global_step and not self.args.ignore_data_skip:
+            epochs_trained = math.floor(self.state.epoch + 1e-9)
+            batches_per_epoch = max_steps * self.args.gradient_accumulation_steps
+            batches_trained = round((self.state.epoch - epochs_trained) * batches_per_epoch)
+        return epochs_trained, batches_trained
+
+    def evaluate(self, *args, **kwargs):
+        """Every evaluation masks the same positions (the collator's epoch-0 draws), so evaluation losses compare
+        across the run."""
+        epoch = getattr(self.data_collator, "epoch", None)
+        if epoch is None:
+            return super().evaluate(*args, **kwargs)
+        self.data_collator.epoch = 0
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator.epoch = epoch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
