@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/tokenizer.py
 	$(BIN)/python bench/coexpression.py
 	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/corpus.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples bench conversion scripts
