@@ -12,7 +12,7 @@ import sys
 
 # sub-command -> (module, one-line help)
 COMMANDS = {
-    "tokenize": ("scgene.commands.tokenize", "Tokenize an .h5ad into a Hugging Face datasets folder."),
+    "tokenize": ("scgene.commands.tokenize", "Tokenize .h5ad files (one or a corpus) into a Hugging Face datasets folder."),
     "build-prior": ("scgene.commands.build_prior", "Build the fused prior gene embedding from data."),
     "convert": ("scgene.commands.convert", "Convert an original ScGene checkpoint to a Hugging Face checkpoint."),
     "embed": ("scgene.commands.embed", "Cell embeddings of an .h5ad into obsm (and a UMAP plot)."),
