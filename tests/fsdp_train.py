@@ -16,7 +16,6 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from modeling_helpers import random_cells, tiny_config, with_prior  # noqa: E402
-
 from scgene import ScGeneForMaskedExpression  # noqa: E402
 from scgene.modeling_scgene import ScGeneLayer  # noqa: E402
 
