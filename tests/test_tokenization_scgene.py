@@ -333,6 +333,66 @@ def test_negative_nan_and_inf_are_rejected(tokenizer, bad, message):
         tokenizer(small_adata([[1, 2, 3], [4, bad, 6]], ["TP53", "KRAS", "CD4"]))
 
 
+def test_counts_with_a_leftover_log1p_flag_are_used_as_counts(tokenizer, pbmc, caplog):
+    """scanpy leaves uns['log1p'] on copies; integer values are counts whatever the flag says."""
+    flagged = pbmc[:20].copy()
+    flagged.uns["log1p"] = {"base": None}
+    with caplog.at_level(logging.WARNING):
+        batch = tokenizer(flagged)
+    assert "uns['log1p'] is set, but X holds integer counts" in caplog.text
+    assert_same_batch(batch, tokenizer(pbmc[:20].copy()))
+    assert tokenizer.last_coverage.count_fraction > 0.9  # measured on counts, not NaN
+
+
+def test_min_max_scaled_values_are_rejected(tokenizer, pbmc):
+    scaled = pbmc[:20].copy()
+    scaled.X = (scaled.X / scaled.X.max()).astype(np.float32)
+    with pytest.raises(ValueError, match="look min-max scaled"):
+        tokenizer(scaled)
+
+
+def test_implausibly_large_values_are_rejected(tokenizer):
+    with pytest.raises(ValueError, match=r"values up to 3e\+38.*corrupt or wrongly scaled"):
+        tokenizer(small_adata([[1, 2, 3], [4, 3e38, 6]], ["TP53", "KRAS", "CD4"]))
+
+
+def test_cells_without_counts_are_encoded_with_a_warning(tokenizer, pbmc, caplog):
+    cells = pbmc[:6].copy()
+    keep = sp.diags(np.array([1, 0, 1, 1, 0, 1], dtype=np.float32))
+    cells.X = sp.csr_matrix(keep @ cells.X)
+    with caplog.at_level(logging.WARNING):
+        batch = tokenizer(cells)
+    assert "2 of 6 cells have no counts at all" in caplog.text and "filter_cells" in caplog.text
+    assert batch["attention_mask"].sum(axis=1).tolist()[1] == 1  # <cls> alone
+
+
+@pytest.mark.parametrize("cells, error, message", [
+    (np.ones((2, 3), dtype=np.float32), TypeError, "Expected an AnnData.*numpy.ndarray"),
+    (ad.AnnData(obs=pd.DataFrame(index=["a", "b"]), var=pd.DataFrame(index=["TP53", "CD4"])), ValueError, "adata.X is None"),
+])
+def test_what_is_not_an_anndata_with_counts_is_named(tokenizer, cells, error, message):
+    with pytest.raises(error, match=message):
+        tokenizer(cells)
+    with pytest.raises(error, match=message):
+        next(tokenizer.iter_encoded(cells))
+
+
+def test_lower_case_symbols_get_a_letter_case_hint(tokenizer, pbmc):
+    lower = pbmc[:10].copy()
+    lower.var_names = lower.var_names.str.lower()
+    with pytest.raises(ValueError, match=r"symbols are lower case; upper-cased, \d+ of 2000 match.*str.upper\(\)"):
+        tokenizer(lower)
+
+
+def test_a_truncated_h5ad_is_named_with_what_to_check(tmp_path, tokenizer, pbmc):
+    path = tmp_path / "cells.h5ad"
+    pbmc[:50].write_h5ad(path)
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"{truncated} could not be read as an .h5ad file.*truncated"):
+        tokenizer(truncated)
+
+
 def test_input_anndata_is_not_modified(tokenizer, pbmc):
     adata = pbmc.copy()
     before = (adata.X.copy(), adata.obs.copy(), adata.var.copy(), dict(adata.uns))

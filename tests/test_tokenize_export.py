@@ -5,6 +5,7 @@ import datasets
 import numpy as np
 import pytest
 
+import scgene
 from scgene.cli import main
 from scgene.data import DataCollatorForCellClassification, export_dataset
 from scgene.tokenization_scgene import ScGeneTokenizer
@@ -196,3 +197,14 @@ def test_a_corpus_refuses_columns_that_differ_in_type_or_are_missing(tmp_path, t
         first.obs["donor"] = "d1"
         export_dataset({"a": first, "b": second}, tmp_path / "missing", tokenizer, obs_columns=["donor"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_names_an_unreadable_file_in_one_line_and_has_a_version(tmp_path, pbmc, capsys):
+    (tmp_path / "notes.h5ad").write_text("not an h5ad file")
+    assert main(["tokenize", str(tmp_path / "notes.h5ad"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"scgene tokenize: error: {tmp_path / 'notes.h5ad'} could not be read as an .h5ad file")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"scgene {scgene.__version__}"

@@ -22,7 +22,10 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="scgene", description="ScGene single-cell foundation model tools.")
+    parser.add_argument("--version", action="version", version=f"scgene {version('scgene')}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)

@@ -10,6 +10,7 @@ standard library and numpy at module level only; scipy inside a `try` block.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,10 +23,14 @@ except ImportError:  # only needed to tokenize
 # log1p values are ranked on a fixed grid of 1/4096 (about 0.02% in count ratio), so ranks and ties do
 # not depend on how cells are chunked; values above 16 (unreachable after normalize_total) share the top.
 QUANT_SCALE, QUANT_MAX = 4096.0, 65534
+# no gene has this many counts in one cell: larger values are corrupt or scaled input
+MAX_PLAUSIBLE_VALUE = 1e9
+
+logger = logging.getLogger(__name__)
 
 
 def check_expression_values(data: np.ndarray) -> None:
-    """Raise a clear error for NaN, infinite or negative expression values (scaled or corrupt input)."""
+    """Raise a clear error for NaN, infinite, negative or implausibly large expression values (scaled or corrupt input)."""
     if data.size == 0:
         return
     low, high = data.min(), data.max()  # NaN propagates through min, inf shows in max
@@ -39,14 +44,33 @@ def check_expression_values(data: np.ndarray) -> None:
             "The expression matrix contains negative values, so it looks scaled or batch-corrected. Pass raw "
             "counts (e.g. `adata.layers['counts']` or `adata.raw`) or log1p-normalised counts."
         )
+    if high > MAX_PLAUSIBLE_VALUE:
+        raise ValueError(
+            f"The expression matrix holds values up to {high:.3g}, more than any gene's counts in one cell: the "
+            "input looks corrupt or wrongly scaled. Pass raw counts or log1p-normalised counts."
+        )
 
 
-def looks_log_normalized(data: np.ndarray) -> bool:
-    """Heuristic: non-integer values that all stay below 30 are log1p-normalised, not counts."""
+def is_log_normalized(data: np.ndarray, marked_log1p: bool = False) -> bool:
+    """Whether expression values are log1p-normalised (True) or counts (False), decided from the values:
+    integers are counts (a leftover `uns['log1p']`, `marked_log1p`, is then ignored with a warning); non-integer
+    values below 30 are log1p; non-integer values that all lie in [0, 1] are neither (min-max scaled, fractions):
+    an error. Non-integer values from 30 up (e.g. CPM) are normalised counts."""
     if data.size == 0:
+        return marked_log1p
+    if np.array_equal(data, np.round(data)):
+        if marked_log1p:
+            logger.warning("adata.uns['log1p'] is set, but X holds integer counts: they are used as raw counts "
+                           "(normalised and log1p-transformed here). Delete uns['log1p'] to silence this.")
         return False
-    fractional = not np.array_equal(data, np.round(data))
-    return bool(fractional and data.max() < 30)
+    high = float(data.max())
+    if high <= 1.0:
+        raise ValueError(
+            f"The expression values are non-integers between 0 and {high:.3g}: they look min-max scaled or like "
+            "fractions, neither raw counts nor log1p-normalised counts (log1p of counts normalised to 1e4 per cell "
+            "reaches well above 1). Pass raw counts (e.g. adata.layers['counts'] or adata.raw) or log1p(normalize_total)."
+        )
+    return high < 30
 
 
 @dataclass

@@ -35,7 +35,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .encoding_scgene import looks_log_normalized
+from .encoding_scgene import is_log_normalized
 from .fileio import atomic_path
 from .inference import embed, iter_batches, load_model, load_tokenizer
 
@@ -191,7 +191,7 @@ def log1p_hvg_expression(adata, settings: EvaluationSettings) -> np.ndarray:
     import scanpy as sc
 
     view = sc.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32))
-    if not looks_log_normalized(view.X.data):
+    if not is_log_normalized(view.X.data):
         sc.pp.normalize_total(view, target_sum=1e4)
         sc.pp.log1p(view)
     if view.n_vars > settings.n_top_genes:

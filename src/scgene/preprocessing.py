@@ -15,7 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .encoding_scgene import check_expression_values, looks_log_normalized
+from .encoding_scgene import check_expression_values, is_log_normalized
 from .tokenization_scgene import ScGeneTokenizer
 from .vocabulary_scgene import is_ensembl_id, is_text_column, strip_ensembl_version
 
@@ -51,10 +51,10 @@ def preprocess(
     matrix = adata.X
     adata.X = sp.csr_matrix(matrix, dtype=np.float32) if not sp.issparse(matrix) else matrix.tocsr().astype(np.float32)
     check_expression_values(adata.X.data)
-    already_log = "log1p" in adata.uns or looks_log_normalized(adata.X.data)
+    already_log = is_log_normalized(adata.X.data, "log1p" in adata.uns)
     if already_log:
         logger.warning(
-            "The input looks log1p-normalised already (non-integer values below 30, or uns['log1p']): it is "
+            "The input looks log1p-normalised already (non-integer values below 30): it is "
             "not normalised again, and QC metrics are computed on the log values."
         )
 

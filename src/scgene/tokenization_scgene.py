@@ -32,8 +32,8 @@ from .encoding_scgene import (
     check_expression_values,
     drop_entries,
     insert_at,
+    is_log_normalized,
     log1p_scaled,
-    looks_log_normalized,
     pad_chunks,
     to_csr,
 )
@@ -286,7 +286,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                 f"{coverage.id_type}s (read from {coverage.source}). If another `var` column holds "
                 f"{other}, pass `gene_column=`; check the species matches the vocabulary "
                 f"({self.species or 'custom'}); or build a vocabulary with `ScGeneTokenizer.from_anndata` "
-                f"(or lower `min_coverage`)."
+                f"(or lower `min_coverage`)." + (f" {coverage.case_hint}" if coverage.case_hint else "")
             )
 
     # ------------------------------------------------------------------ binning
@@ -305,7 +305,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             if len(rows) == 0:
                 continue
             counts = to_csr(part.X[rows])
-            log_normalized = "log1p" in part.uns or looks_log_normalized(counts.data)
+            log_normalized = is_log_normalized(counts.data, "log1p" in part.uns)
             values.append(self._normalized_chunk(counts, self.map_genes(part), log_normalized)[0].data)
         values = np.concatenate(values) if values else np.zeros(0, np.float32)
         if values.size == 0:
@@ -358,6 +358,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         min_width = max_length if padding == "max_length" else 0
         opened = isinstance(adata, (str, os.PathLike))
         adata = read_h5ad_backed(adata) if opened else adata
+        check_cells(adata)
         try:
             chunks = self.iter_encoded(adata, **encode_kwargs)
             batch = pad_chunks(chunks, adata.n_obs, min_width, pad_to_multiple_of or 1, return_attention_mask)
@@ -397,6 +398,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         """
         if sp is None:
             raise ImportError("Tokenizing needs scipy: pip install scipy")
+        check_cells(adata)
         gene_selection = gene_selection or self.gene_selection
         if gene_selection not in GENE_SELECTIONS:
             raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}")
@@ -419,21 +421,23 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             limit = min(limit, top_k)
         first = to_csr(adata.X[: min(chunk_size, adata.n_obs)])
         check_expression_values(first.data)
-        log_normalized = "log1p" in adata.uns or looks_log_normalized(first.data)
+        log_normalized = is_log_normalized(first.data, "log1p" in adata.uns)
         if log_normalized:
             logger.warning("The input looks log1p-normalised already; it is not normalised again.")
         first_matched, first_total = self._normalized_chunk(first, mapping, log_normalized)[1:3]
         self._check_coverage(mapping.coverage, first_matched, first_total, first.shape[0], final=False)
 
         def encode(start, counts):
+            empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())  # values are >= 0: sum 0 = all zero
             matrix, matched, total, cell_totals = self._normalized_chunk(counts, mapping, log_normalized)
             sampling = seed is not None and gene_selection == "nonzero"
             rng = np.random.default_rng([seed, start]) if sampling else None
             chunk = self._encode_chunk(matrix, mapping, gene_selection, limit, rng, start)
             chunk.total_counts = cell_totals
-            return chunk, matched, total
+            return chunk, matched, total, empty
 
         sums = np.zeros(2)  # counts carried by matched genes, all counts
+        empty_cells = 0
         with ThreadPoolExecutor(max(1, num_threads)) as pool, tqdm(
             total=adata.n_obs, unit="cells", desc="Tokenizing", disable=not progress
         ) as bar:
@@ -441,11 +445,17 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             for start, counts in read_chunks(adata, chunk_size, first):
                 pending.append(pool.submit(encode, start, counts))
                 while pending and (len(pending) > num_threads or start + chunk_size >= adata.n_obs):
-                    chunk, matched, total = pending.popleft().result()
+                    chunk, matched, total, empty = pending.popleft().result()
                     sums += (matched, total)
+                    empty_cells += empty
                     bar.update(len(chunk.lengths))
                     yield chunk
         self._check_coverage(mapping.coverage, sums[0], sums[1], adata.n_obs, final=True)
+        if empty_cells:
+            logger.warning(
+                f"{empty_cells} of {adata.n_obs} cells have no counts at all: each is encoded as <cls> alone, and its "
+                "embedding carries nothing about the cell. Remove them first: sc.pp.filter_cells(adata, min_genes=1)."
+            )
 
     def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool):
         """Raw (or log1p) chunk -> (CSR of log1p(normalize_total) values over the matched genes, no zeros;
@@ -560,6 +570,17 @@ def obs_labels(obs, column: str, label2id: dict | None = None) -> np.ndarray:
     return np.unique(array.astype(str), return_inverse=True)[1].astype(np.int64)
 
 
+def check_cells(adata) -> None:
+    """A clear error for what is not a tokenizable AnnData: another type, or no X. (No cells is fine: an empty batch.)"""
+    if not all(hasattr(adata, name) for name in ("X", "var", "n_obs")):
+        raise TypeError(
+            f"Expected an AnnData (or an .h5ad path), got {type(adata).__module__}.{type(adata).__name__}. Wrap a "
+            "matrix with its gene names: anndata.AnnData(X, var=pandas.DataFrame(index=gene_names))."
+        )
+    if adata.X is None:
+        raise ValueError("adata.X is None: put the counts in X first (e.g. adata.X = adata.layers['counts']).")
+
+
 def read_chunks(adata, chunk_size: int, first):
     """(first cell, counts) per chunk of `chunk_size` cells, in order; `first` is the first chunk, already read.
     A backed file is read in blocks of `BACKED_READ_CHUNKS` chunks, each cut into chunks in memory; an in-memory X
@@ -580,4 +601,10 @@ def read_h5ad_backed(path):
         import anndata
     except ImportError as error:
         raise ImportError("Reading .h5ad files needs anndata: pip install anndata") from error
-    return anndata.read_h5ad(path, backed="r")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is not a file; pass the path of an .h5ad file.")
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except Exception as error:  # h5py / anndata speak HDF5 ("file signature not found", "bad heap index")
+        raise ValueError(f"{path} could not be read as an .h5ad file ({type(error).__name__}: {error}). Is it "
+                         "complete (not truncated by a copy or download) and written by anndata?") from error

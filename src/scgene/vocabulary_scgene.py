@@ -88,6 +88,7 @@ class GeneCoverage:
     n_duplicated: int
     count_fraction: float | None = None
     n_cells: int = 0
+    case_hint: str = ""  # what to do when the symbols are lower case and upper-casing them would match more
 
     def __str__(self) -> str:
         if self.count_fraction is None:
@@ -169,6 +170,16 @@ class GeneVocabulary:
             found = self.by_ensembl.get(target, self.by_symbol.get(target))
         return found
 
+    def letter_case_hint(self, names: list[str], n_matched: int) -> str:
+        """For symbols written in lower case (e.g. 'cd3e'): how many would match upper-cased, and how to do it."""
+        if sum(map(_lower_case, names)) <= len(names) / 2:
+            return ""
+        n_upper = sum(self.lookup(name.upper()) is not None for name in names)
+        if n_upper <= n_matched:
+            return ""
+        return (f"The gene symbols are lower case; upper-cased, {n_upper} of {len(names)} match (human symbols are "
+                "upper case): adata.var_names = adata.var_names.str.upper(), if these are human genes.")
+
     def map_genes(self, adata, gene_column: str | None = None) -> GeneMapping:
         """Match `adata`'s genes, from `gene_column` or the best of var_names and the string `var` columns."""
         if gene_column is not None:
@@ -194,6 +205,7 @@ class GeneVocabulary:
         mapping = np.full(len(names), -1, dtype=np.int32)
         mapping[columns] = column_to_matched
         coverage = GeneCoverage(id_type, source, len(names), len(vocab_ids), int(matched.sum() - len(vocab_ids)))
+        coverage.case_hint = self.letter_case_hint(names, len(vocab_ids)) if id_type == "symbol" else ""
         by_first_column = None
         if coverage.n_duplicated:
             logger.warning(
@@ -204,6 +216,10 @@ class GeneVocabulary:
             np.minimum.at(first_column, column_to_matched, columns)
             by_first_column = np.argsort(first_column).astype(np.int32)
         return GeneMapping(columns, vocab_ids, mapping, coverage, by_first_column)
+
+
+def _lower_case(name: str) -> bool:
+    return name == name.lower() and name != name.upper()
 
 
 def vocab_from_gene_list(genes, reference: GeneVocabulary | None) -> dict:
