@@ -81,6 +81,33 @@ def test_checkpoint_without_prior_fails_loudly(tmp_path):
         ScGeneModel.from_pretrained(tmp_path)
 
 
+def test_pretraining_heads_left_behind_are_not_reported_but_missing_weights_are(tmp_path):
+    with_prior(ScGeneForMaskedExpression(tiny_config(contrastive_loss_weight=1.0))).save_pretrained(tmp_path)
+    _, info = ScGeneModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["unexpected_keys"]  # value_head, bin_head, contrastive_projection: expected to stay behind
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["scgene.encoder.layers.0.attention.q_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _, info = ScGeneModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert "encoder.layers.0.attention.q_proj.weight" in info["missing_keys"]
+
+
+def test_a_non_finite_prior_is_refused_and_an_unset_one_warned_about(tmp_path, caplog):
+    import logging
+
+    model = ScGeneModel(tiny_config())  # prior never set: zeros
+    with caplog.at_level(logging.WARNING):
+        model.save_pretrained(tmp_path / "unset")
+        ScGeneModel.from_pretrained(tmp_path / "unset")
+    assert caplog.text.count("all zeros") == 2  # on saving, and on loading
+    with_prior(model).save_pretrained(tmp_path / "broken")
+    weights = load_file(tmp_path / "broken" / "model.safetensors")
+    weights["embeddings.gene_prior.weight"][5, 3] = float("nan")
+    save_file(weights, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="prior gene embedding contains NaN"):
+        ScGeneModel.from_pretrained(tmp_path / "broken")
+
+
 def test_set_gene_prior_checks_shape_and_values():
     model = ScGeneModel(tiny_config())
     with pytest.raises(ValueError, match="vocab_size, hidden_size"):
@@ -282,6 +309,8 @@ def test_loss_weights_turn_objectives_off():
         ({"pad_token_id": 5}, "Special token ids"),
         ({"attention_type": "mla", "kv_lora_rank": 0}, "kv_lora_rank"),
         ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'; in config.json write numbers"),
     ],
 )
 def test_bad_configs_raise_clear_errors(overrides, message):
@@ -305,6 +334,8 @@ def test_config_round_trips_through_json(tmp_path):
         (lambda c: c.update(input_ids=c["input_ids"] + 100), r"\[0, 40\)"),
         (lambda c: c.update(expression_bins=None), "expression_bins"),
         (lambda c: c.update(expression_bins=c["expression_bins"] + N_BINS), "mask bin"),
+        (lambda c: c["expression_values"].__setitem__((1, 2), float("nan")), "NaN or infinite"),
+        (lambda c: c.update({name: tensor[:, :0] for name, tensor in c.items()}), "no tokens"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(change, message):

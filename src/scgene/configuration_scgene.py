@@ -105,6 +105,12 @@ class ScGeneConfig(PreTrainedConfig):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ScGeneConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_bins")
+        for name in sizes:  # e.g. "64" from a hand-edited config.json, or 0
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                quoted = "; in config.json write numbers without quotes" if isinstance(value, str) else ""
+                raise ValueError(f"ScGeneConfig.{name} must be a positive integer, got {value!r}{quoted}.")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "

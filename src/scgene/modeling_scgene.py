@@ -23,9 +23,11 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_scgene import ScGeneConfig
+
+logger = logging.get_logger(__name__)
 
 NUM_SPECIAL_TOKENS = 3  # <pad>, <cls>, <mask> hold ids 0, 1, 2
 HUB_AUTO_MAP = {
@@ -460,6 +462,8 @@ class ScGenePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     accepts_loss_kwargs = False  # losses are means over cells; the Trainer scales them for accumulation
+    # a pretraining checkpoint loaded as the encoder or a classifier leaves its pretraining heads behind, as intended
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)value_head\.", r"(^|\.)bin_head\.", r"(^|\.)contrastive_projection\."]
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -488,6 +492,13 @@ class ScGenePreTrainedModel(PreTrainedModel):
                 "corrupt. Re-save the model with `save_pretrained`, or build a prior (`scgene build-prior`) and set it "
                 "with `model.set_gene_prior(matrix)` on a freshly initialised model."
             )
+        prior = model.get_gene_prior()
+        if not torch.isfinite(prior).all():
+            raise ValueError("The checkpoint's prior gene embedding contains NaN or infinite values: the file is corrupt "
+                             "or the prior was built from broken data. Rebuild it (`scgene build-prior`).")
+        if not prior.any():
+            logger.warning("The checkpoint's prior gene embedding is all zeros: it was never set before saving, so the "
+                           "model has no gene identities. Set one with `model.set_gene_prior(matrix)`.")
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -495,6 +506,9 @@ class ScGenePreTrainedModel(PreTrainedModel):
         class, so a pretraining checkpoint also loads as `AutoModel` or `AutoModelForSequenceClassification`."""
         if self._auto_class is not None:
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **HUB_AUTO_MAP}
+        if not self.get_gene_prior().any():
+            logger.warning("Saving a model whose prior gene embedding is all zeros (never set): it knows no gene "
+                           "identities. Set the prior with `model.set_gene_prior(matrix)` first.")
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_gene_prior(self) -> torch.Tensor:
@@ -530,6 +544,12 @@ def check_inputs(config: ScGeneConfig, input_ids, expression_values, expression_
         raise ValueError(f"`input_ids` must be an integer tensor (batch, genes); got {input_ids.dtype} {tuple(input_ids.shape)}.")
     if not expression_values.dtype.is_floating_point:
         raise ValueError(f"`expression_values` must be floating point (log1p expression); got {expression_values.dtype}.")
+    if input_ids.shape[1] == 0:
+        raise ValueError(f"The batch has no tokens (input_ids of shape {tuple(input_ids.shape)}): each cell needs at "
+                         "least its <cls> token or one gene; tokenize the cells with ScGeneTokenizer.")
+    if not torch.isfinite(expression_values).all():
+        raise ValueError("`expression_values` contain NaN or infinite values: they would make every embedding NaN. "
+                         "Check the input matrix (the tokenizer rejects such values) or what was computed from it.")
     named = {"expression_values": expression_values, "expression_bins": expression_bins, "attention_mask": attention_mask}
     for name, tensor in named.items():
         if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
