@@ -116,7 +116,7 @@ def test_cli_user_errors_are_one_line_messages(tmp_path, pbmc, capsys):
     err = capsys.readouterr().err
     assert err.startswith("scgene tokenize: error: obs columns not found: ['celltype']") and "Traceback" not in err
     assert main(["tokenize", str(source), str(tmp_path / "out"), "--num-shards", "0"]) == 1
-    assert "num_shards must be a positive integer" in capsys.readouterr().err
+    assert "--num-shards must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
@@ -208,3 +208,21 @@ def test_cli_names_an_unreadable_file_in_one_line_and_has_a_version(tmp_path, pb
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"scgene {scgene.__version__}"
+
+
+def test_cli_messages_speak_in_flags(tmp_path, pbmc, capsys):
+    """The coverage error names --gene-column and --min-coverage (a real flag), not Python arguments; a missing
+    --tokenizer folder is named as such, not as a Hub id."""
+    lower = pbmc[:20].copy()
+    lower.var_names = lower.var_names.str.lower()
+    lower.write_h5ad(tmp_path / "lower.h5ad")
+    assert main(["tokenize", str(tmp_path / "lower.h5ad"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--gene-column" in err and "--min-coverage" in err and "str.upper()" in err
+    assert "gene_column" not in err and "min_coverage" not in err and "overwrite=True" not in err
+    assert main(["tokenize", str(tmp_path / "lower.h5ad"), str(tmp_path / "out"), "--min-coverage", "0"]) == 0
+    assert main(["tokenize", str(tmp_path / "lower.h5ad"), str(tmp_path / "out")]) == 1
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["tokenize", str(tmp_path / "lower.h5ad"), str(tmp_path / "other"), "--tokenizer",
+                 str(tmp_path / "nonexistent")]) == 1
+    assert f"--tokenizer {tmp_path / 'nonexistent'}: no such folder" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 # sub-command -> (module, one-line help)
@@ -35,9 +36,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, `kill`) ends the command like Ctrl-C: staging folders are removed on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return int(args._run(args) or 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

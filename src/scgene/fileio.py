@@ -2,6 +2,7 @@
 
 Every output is written to a temporary file (or directory) next to its target and renamed into place only when it is
 complete, so a crash or an interrupt never leaves a half-written file and never destroys a finished older result.
+Temporary entries carry their process id; the next write to the same target removes those of processes that are gone.
 """
 
 from __future__ import annotations
@@ -24,12 +25,52 @@ def _default_mode(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def staging_prefix(target: Path) -> str:
+    """Temporary entries next to `target` are named `.{name}.{pid}.…`: the process that owns them is known."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove what a killed run (kill -9, power loss) left next to `target`: staging entries whose process is gone.
+    A killed replacement whose previous output sits moved aside (`.old`) with no `target` in place is put back."""
+    if not target.parent.is_dir():
+        return
+    for entry in target.parent.glob(f".{glob_escape(target.name)}.*"):
+        parts = entry.name[len(target.name) + 2 :].split(".")
+        if len(parts) < 2 or not parts[0].isdigit() or entry.suffix not in (".tmp", ".old"):
+            continue
+        if process_alive(int(parts[0])):
+            continue  # a run in progress
+        previous = entry / target.name
+        if entry.suffix == ".old" and previous.exists() and not target.exists():
+            os.replace(previous, target)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto `path` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    remove_stale_staging(target)
+    fd, tmp_name = tempfile.mkstemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -46,12 +87,13 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     not deleted, until the new one is in place, and removed after."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_staging(target)
+    tmp = Path(tempfile.mkdtemp(prefix=staging_prefix(target), suffix=".tmp", dir=target.parent))
     try:
         yield tmp
         _default_mode(tmp, 0o777)
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=staging_prefix(target), suffix=".old", dir=target.parent))
             os.replace(target, old / target.name)
             os.replace(tmp, target)
             shutil.rmtree(old)

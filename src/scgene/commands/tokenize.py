@@ -31,7 +31,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--format", choices=("arrow", "parquet"), default="arrow")
     parser.add_argument("--chunk-size", type=int, default=512, help="cells read and encoded at a time")
+    parser.add_argument("--min-coverage", type=float,
+                        help="fewest share of the counts that vocabulary genes must carry (default: the tokenizer's, 0.5)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+
+# the library's argument names, as this command's flags, in its error messages
+FLAGS = {
+    "pass overwrite=True (--overwrite)": "pass --overwrite",
+    "`gene_column=`": "--gene-column",
+    "lower `min_coverage`": "lower --min-coverage",
+    "min_coverage=": "--min-coverage ",
+    "num_shards": "--num-shards",
+    "chunk_size": "--chunk-size",
+    "gene_selection": "--gene-selection",
+    "max_length": "--max-length",
+    "top_k": "--top-k",
+    "`ScGeneTokenizer.from_anndata`": "a tokenizer saved from `ScGeneTokenizer.from_anndata` (--tokenizer)",
+}
+
+
+def load_tokenizer(name: str | None):
+    """The tokenizer of --tokenizer: a local folder (a path that starts with /, . or ~ must be one) or a Hub id."""
+    from ..tokenization_scgene import ScGeneTokenizer
+
+    if name is None:
+        return ScGeneTokenizer()
+    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(f"--tokenizer {name}: no such folder (a saved tokenizer is a folder with vocab.json).")
+    try:
+        return ScGeneTokenizer.from_pretrained(os.path.expanduser(name))
+    except OSError as error:
+        raise FileNotFoundError(f"--tokenizer {name} is neither a saved tokenizer folder nor a Hub repository that "
+                                f"could be loaded ({str(error).splitlines()[0]}).") from error
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,10 +87,12 @@ def coverage_report_shown():
 
 def _tokenize(args: argparse.Namespace) -> int:
     from ..data.export import export_dataset
-    from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
+    from ..tokenization_scgene import read_h5ad_backed
 
     try:
-        tokenizer = ScGeneTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else ScGeneTokenizer()
+        tokenizer = load_tokenizer(args.tokenizer)
+        if args.min_coverage is not None:
+            tokenizer = tokenizer.with_settings(min_coverage=args.min_coverage)
         files = input_files(args.inputs)
         if len(files) == 1:
             cells = read_h5ad_backed(files[0])
@@ -84,7 +118,7 @@ def _tokenize(args: argparse.Namespace) -> int:
             progress=True,
         )
     except USER_ERRORS as error:  # the message says what to do
-        print(user_error_message("tokenize", error), file=sys.stderr)
+        print(user_error_message("tokenize", error, FLAGS), file=sys.stderr)
         return 1
     print(f"Wrote {output} (load with datasets.load_from_disk or load_dataset(..., streaming=True)).")
     return 0
