@@ -56,7 +56,7 @@ def main():
     # |r| >= 0.7 (the seed's threshold) keeps 27 gene pairs of sparse PBMC 3k single cells; 0.3 keeps 3,167
     run(scgene + ["build-prior", "--adata", args.data, "--out", out / "prior",
                   "--hidden-size", args.hidden_size, "--gene2vec-dim", min(200, args.hidden_size // 2),
-                  "--threshold", "0.3", "--knowledge-genes", "adata"],
+                  "--threshold", "0.3", "--knowledge-genes", "adata", "--overwrite"],  # only run when no record
         out / "prior" / "prior_record.json")
     common = ["--use_cpu", "--report_to", "none", "--seed", "0", "--logging_steps", "50", "--save_strategy", "no"]
     run(python + [REPO / "examples" / "pretrain_masked_expression.py", "--dataset", out / "tokenized",

@@ -151,17 +151,39 @@ def test_dense_and_sparse_h5ad_give_the_same_prior(pbmc_h5ad, tmp_path):
         assert (tmp_path / "from_sparse" / name).read_bytes() == (tmp_path / "from_dense" / name).read_bytes()
 
 
-def test_record_lists_only_this_runs_outputs(checkpoint, pbmc_h5ad, tmp_path):
+def test_an_existing_prior_is_replaced_only_with_overwrite_and_whole(checkpoint, pbmc_h5ad, tmp_path):
+    """A second run into the same --out needs --overwrite; it then replaces the folder whole: no file of the first
+    run (the edge list it no longer makes) stays next to the new prior and record."""
     out = tmp_path / "prior"
     assert main(gene2vec_only(pbmc_h5ad, out, "--no-progress")) == 0
+    first = {path.name: path.read_bytes() for path in out.iterdir()}
     vectors = tmp_path / "vectors.txt"
     vectors.write_text("LYZ\t1 2 3 4\n")
-    before = (out / "coexpression_edges.tsv").read_bytes()
-    assert main(["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
-                 "--hidden-size", "8", "--out", str(out), "--no-progress"]) == 0
+    second = ["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
+              "--hidden-size", "8", "--out", str(out), "--no-progress"]
+    with pytest.raises(SystemExit, match="already holds files.*--overwrite"):
+        main(second)
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == first
+    assert main(second + ["--overwrite"]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
     record = json.loads((out / "prior_record.json").read_text())
-    assert set(record["outputs"]) == {"gene_prior.safetensors"}  # the older edge list is not claimed
-    assert (out / "coexpression_edges.tsv").read_bytes() == before
+    assert set(record["outputs"]) == {"gene_prior.safetensors"} and record["parameters"]["out"] == str(out)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prior", "vectors.txt"]  # no staging left
+
+
+def test_a_failed_run_leaves_the_previous_prior_and_nothing_else(pbmc_h5ad, tmp_path):
+    """Mouse-style genes against the human vocabulary: no vocabulary gene gets a prior, an error; the co-expression
+    files already computed are not left behind, and the earlier prior stays as it was."""
+    out = tmp_path / "prior"
+    assert main(gene2vec_only(pbmc_h5ad, out, "--no-progress")) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    mouse = anndata.read_h5ad(pbmc_h5ad)
+    mouse.var_names = [f"Mmgene{index}x" for index in range(mouse.n_vars)]  # names no human vocabulary has
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    with pytest.raises(SystemExit, match="None of the .* vocabulary genes got a prior.*mouse vocabulary"):
+        main(gene2vec_only(tmp_path / "mouse.h5ad", out, "--no-progress", "--overwrite"))
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mouse.h5ad", "prior"]
 
 
 @pytest.mark.parametrize(

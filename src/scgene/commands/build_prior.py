@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _DefaultsFormatter
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--adata", type=Path, help="raw-count (or log-normalised) .h5ad for the co-expression network")
-    io.add_argument("--out", type=Path, required=True, help="output directory")
+    io.add_argument("--out", type=Path, required=True, help="output directory (written whole, or not at all)")
+    io.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the shipped human vocabulary)")
     io.add_argument("--knowledge", type=Path, default=DEFAULT_TABLE, help="knowledge table (.xlsx, .csv, .tsv)")
     io.add_argument("--no-knowledge", action="store_true", help="fuse gene2vec only")
@@ -265,6 +266,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise SystemExit(f"{flag} {path}: no such file. Check the path.")
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out {args.out} is a file; give a directory for the prior's outputs.")
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise SystemExit(f"--out {args.out} already holds files (an earlier prior?); choose a new folder, or pass "
+                         "--overwrite to replace it whole.")
     try:
         check_threshold(args.threshold, args.sign)
     except ValueError as error:
@@ -289,13 +293,19 @@ def _check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, then run the recipe; input problems end with a one-line message naming the fix."""
     _check_arguments(args)
+    final = args.out
     try:
-        return _run(args)
+        # every output goes into a staging folder that replaces --out only when the run succeeds: a failed or killed
+        # run leaves the previous prior (if any) as it was, and never a mix of old and new files
+        with atomic_directory(final) as staged:
+            args.out = staged
+            code = _run(args, final)
+        return code
     except USER_ERRORS as error:
         raise SystemExit(user_error_message("build-prior", error)) from None
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, final: Path) -> int:
     from scgene.prior.fusion import fuse_prior, save_prior
     from scgene.prior.gene2vec import load_word2vec_text
     from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
@@ -322,7 +332,8 @@ def _run(args: argparse.Namespace) -> int:
         table = _vocabulary_rows(table, tokenizer, allowed)
     record: dict = {
         "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
-        "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k[0] != "_"},
+        "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in (vars(args) | {"out": final}).items()
+                       if k[0] != "_"},
         "sources": {"tokenizer": args.tokenizer or "default human vocabulary", "vocab_size": tokenizer.vocab_size},
         "timings_seconds": {},
     }
@@ -355,6 +366,12 @@ def _run(args: argparse.Namespace) -> int:
         record["timings_seconds"]["knowledge"] = round(time.perf_counter() - start, 2)
 
     prior, coverage = fuse_prior(tokenizer, args.hidden_size, gene2vec=vectors, knowledge=knowledge)
+    if coverage["vocab_genes_with_any_prior"] == 0:
+        raise ValueError(
+            f"None of the {coverage['vocab_size'] - 3} vocabulary genes got a prior: the data's and the knowledge "
+            "table's genes do not match the tokenizer's vocabulary (another species? mouse data needs a mouse "
+            "vocabulary: --tokenizer with one made by ScGeneTokenizer.from_anndata)."
+        )
     save_prior(args.out / "gene_prior.safetensors", prior)
     written.append("gene_prior.safetensors")
     record["coverage"] = coverage
@@ -367,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
     record["outputs"] = {name: sha256_file(args.out / name) for name in written}
     write_json(args.out / "prior_record.json", record)
     print(
-        f"Prior {prior.shape[0]} x {prior.shape[1]} written to {args.out}: "
+        f"Prior {prior.shape[0]} x {prior.shape[1]} written to {final}: "
         f"{coverage['vocab_genes_with_any_prior']} of {coverage['vocab_size'] - 3} vocabulary genes have a prior "
         f"({coverage['vocab_genes_all_zero']} all zero)."
     )
