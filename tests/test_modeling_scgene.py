@@ -106,6 +106,8 @@ def test_a_non_finite_prior_is_refused_and_an_unset_one_warned_about(tmp_path, c
     save_file(weights, tmp_path / "broken" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="prior gene embedding contains NaN"):
         ScGeneModel.from_pretrained(tmp_path / "broken")
+    with pytest.raises(ValueError, match=r"prior gene embedding is \(40, 32\) but this model needs \(50, 32\)"):
+        ScGeneModel.from_pretrained(tmp_path / "unset", vocab_size=50, ignore_mismatched_sizes=True)
 
 
 def test_set_gene_prior_checks_shape_and_values():

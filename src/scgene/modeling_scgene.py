@@ -492,6 +492,14 @@ class ScGenePreTrainedModel(PreTrainedModel):
                 "corrupt. Re-save the model with `save_pretrained`, or build a prior (`scgene build-prior`) and set it "
                 "with `model.set_gene_prior(matrix)` on a freshly initialised model."
             )
+        mismatched = [shapes for key, *shapes in info.get("mismatched_keys", ()) if key.endswith("gene_prior.weight")]
+        if mismatched:
+            saved, wanted = (tuple(shape) for shape in mismatched[0])
+            raise ValueError(
+                f"The checkpoint's prior gene embedding is {saved} but this model needs {wanted} (vocab_size, "
+                "hidden_size); ignore_mismatched_sizes would leave it at zeros. Load with the checkpoint's own "
+                "vocab_size and hidden_size, or build a prior for the new vocabulary (`scgene build-prior`)."
+            )
         prior = model.get_gene_prior()
         if not torch.isfinite(prior).all():
             raise ValueError("The checkpoint's prior gene embedding contains NaN or infinite values: the file is corrupt "
