@@ -197,5 +197,7 @@ def pad_chunks(chunks, n_rows: int, min_width: int, multiple: int, attention_mas
 def to_csr(matrix):
     """Any chunk of an AnnData X (dense, CSR, CSC, sparse array) -> scipy CSR with sorted column indices,
     so ties are broken by input column order whatever the storage order."""
+    if not sp.issparse(matrix) and np.asarray(matrix).dtype == np.float16:  # scipy.sparse has no float16
+        matrix = np.asarray(matrix, dtype=np.float32)
     matrix = sp.csr_matrix(matrix) if not sp.issparse(matrix) or matrix.format != "csr" else matrix
     return matrix if matrix.has_sorted_indices else matrix.sorted_indices()
