@@ -101,3 +101,8 @@ def test_negative_nan_inf_rejected(bad, message):
     adata.X[1, 1] = bad
     with pytest.raises(ValueError, match=message):
         preprocess(adata)
+
+
+def test_no_cells_is_named(pbmc):
+    with pytest.raises(ValueError, match=r"no cells \(n_obs == 0\): nothing to preprocess"):
+        preprocess(pbmc[:0].copy())

@@ -555,6 +555,8 @@ def test_global_bin_edges_fitted_on_a_corpus_of_several_anndatas(pbmc):
     np.testing.assert_allclose(corpus, whole)
     sampled = ScGeneTokenizer(n_bins=11).fit_bin_edges([pbmc[:120], pbmc[120:200]], max_cells=50)
     assert len(sampled) == 9 and not np.allclose(sampled, whole)
+    with pytest.raises(ValueError, match=r"No cells to fit bin edges on"):
+        ScGeneTokenizer(n_bins=11).fit_bin_edges([pbmc[:0], pbmc[:0]])
 
 
 # ---------------------------------------------------------------- outputs, determinism, backed

@@ -296,6 +296,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         (one AnnData, or a list of them sampled in proportion to their sizes; in memory or backed)."""
         corpus = list(adata) if isinstance(adata, (list, tuple)) else [adata]
         sizes = np.array([part.n_obs for part in corpus])
+        if sizes.sum() == 0:
+            raise ValueError("No cells to fit bin edges on (n_obs == 0).")
         rng = np.random.default_rng(seed)
         picked = np.sort(rng.choice(sizes.sum(), min(max_cells, int(sizes.sum())), replace=False))
         offsets = np.concatenate([[0], np.cumsum(sizes)])
