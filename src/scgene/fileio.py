@@ -8,6 +8,7 @@ Temporary entries carry their process id; the next write to the same target remo
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ def remove_stale_staging(target: Path) -> None:
     A killed replacement whose previous output sits moved aside (`.old`) with no `target` in place is put back."""
     if not target.parent.is_dir():
         return
-    for entry in target.parent.glob(f".{glob_escape(target.name)}.*"):
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.*"):
         parts = entry.name[len(target.name) + 2 :].split(".")
         if len(parts) < 2 or not parts[0].isdigit() or entry.suffix not in (".tmp", ".old"):
             continue
@@ -58,10 +59,6 @@ def remove_stale_staging(target: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
         else:
             entry.unlink(missing_ok=True)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 @contextlib.contextmanager

@@ -9,11 +9,10 @@ interrupted run leaves no half-written output (with `overwrite`, the previous ou
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import datasets
@@ -25,7 +24,8 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from tqdm.auto import tqdm
 
 from ..fileio import atomic_directory
-from ..tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
+from ..inference import opened
+from ..tokenization_scgene import ScGeneTokenizer
 
 TOKEN_FEATURES = {
     "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -79,21 +79,6 @@ def obs_array(column: pd.Series, feature) -> pa.Array:
     return pa.array(column.to_numpy(), type=feature.pa_type)
 
 
-@contextlib.contextmanager
-def opened_cells(cells) -> Iterator:
-    """An AnnData as it is, or an .h5ad path opened backed (read only) and closed afterwards."""
-    if not isinstance(cells, (str, os.PathLike)):
-        yield cells
-        return
-    if not os.path.isfile(cells):
-        raise FileNotFoundError(f"{cells} is not a file; pass the path of an .h5ad file.")
-    adata = read_h5ad_backed(cells)
-    try:
-        yield adata
-    finally:
-        adata.file.close()
-
-
 def export_dataset(
     cells,
     output_dir: str | os.PathLike,
@@ -131,7 +116,7 @@ def export_dataset(
                          f"{sorted(reserved)}; rename them or leave them out.")
     obs_tables, n_cells = {}, {}
     for name, source in sources.items():  # first pass: sizes and obs columns, so shards and labels span the corpus
-        with opened_cells(source) as adata:
+        with opened(source) as adata:
             missing = [c for c in obs_columns if c not in adata.obs.columns]
             if missing:
                 where = f" in {name}" if corpus else ""
@@ -147,7 +132,7 @@ def export_dataset(
         with ShardWriter(staged, names, shard_sizes(total, num_shards), features.arrow_schema, file_format) as shards, \
                 tqdm(total=total, unit="cells", desc="Tokenizing", disable=not (progress and corpus)) as bar:
             for index, (name, source) in enumerate(sources.items()):
-                with opened_cells(source) as adata:
+                with opened(source) as adata:
                     for chunk in tokenizer.iter_encoded(adata, progress=progress and not corpus, **encode_kwargs):
                         obs = obs_tables[name].iloc[chunk.start : chunk.start + len(chunk.lengths)]
                         shards.write(chunk_record_batch(chunk, obs, features, source_index=index))
