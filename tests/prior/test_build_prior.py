@@ -262,3 +262,35 @@ def test_knowledge_only_prior_for_the_ablation(pbmc_h5ad, knowledge_csv, tmp_pat
     assert (np.abs(prior).sum(axis=1) > 0).sum() == record["coverage"]["knowledge"]["vocab_genes_covered"]
     with pytest.raises(SystemExit, match="nothing to fuse"):
         main(["build-prior", "--adata", str(pbmc_h5ad), "--no-gene2vec", "--no-knowledge", "--out", str(tmp_path / "x")])
+
+
+def test_a_terminated_run_leaves_the_previous_prior_and_no_staging_folder(pbmc_h5ad, tmp_path):
+    """SIGTERM while gene2vec trains (slowed down), over an existing prior with --overwrite: the command stops with
+    128 + SIGTERM, the old prior is unchanged, and no staging folder or moved-aside copy is left."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "prior"
+    assert main(gene2vec_only(pbmc_h5ad, out, "--no-progress")) == 0
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    slowed = textwrap.dedent(f"""
+        import sys, time
+        import scgene.prior.gene2vec as module
+        def slow(*args, **kwargs):
+            print("training", flush=True)
+            time.sleep(60)
+        module.gene2vec = slow
+        from scgene.cli import main
+        sys.exit(main({gene2vec_only(pbmc_h5ad, out, "--no-progress", "--overwrite")!r}))
+    """)
+    process = subprocess.Popen([sys.executable, "-c", slowed], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    while process.stdout.readline().strip() != "training":  # the co-expression files are staged by now
+        assert process.poll() is None
+    assert any(path.name.startswith(".prior.") for path in tmp_path.iterdir())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["prior"]
