@@ -205,3 +205,17 @@ def test_annotate_command(checkpoint, cells, tmp_path, capsys):
     assert main(["annotate", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "b.h5ad"),
                  "--min-confidence", "2"]) == 1
     assert "--min-confidence" in capsys.readouterr().err
+
+
+def test_no_cells_give_empty_outputs_not_errors(checkpoint, cells, tmp_path):
+    """An AnnData with zero cells (e.g. a filter that removed everything): embed and annotate write a valid empty
+    result."""
+    empty = cells[:0].copy()
+    assert scgene.embed(empty, checkpoint, progress=False).shape == (0, 32)
+    assert scgene.annotate(empty, checkpoint, progress=False)["scgene_label"].shape == (0,)
+    source = tmp_path / "empty.h5ad"
+    empty.write_h5ad(source)
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "e.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scgene"].shape == (0, 32)
+    assert main(["annotate", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "a.h5ad")]) == 0
+    assert ad.read_h5ad(tmp_path / "a.h5ad").n_obs == 0
