@@ -339,6 +339,16 @@ def test_unsafe_checkpoint_is_refused(tmp_path):
         convert(checkpoint, tmp_path / "prior.npy", tmp_path / "hf", num_heads=HEADS)
 
 
+@pytest.mark.parametrize("content", [b"not a checkpoint\n", "truncated"])
+def test_corrupt_checkpoint_is_named(tmp_path, content):
+    checkpoint = tmp_path / "original.pt"
+    torch.save(make_original("cluster").state_dict(), checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300] if content == "truncated" else content)
+    with pytest.raises(ConversionError, match=r"Cannot read .*original.pt with torch.load .*complete file written by "
+                                              r"torch.save"):
+        convert(checkpoint, tmp_path / "prior.npy", tmp_path / "hf", num_heads=HEADS)
+
+
 def test_failed_parity_writes_nothing_and_existing_output_is_kept(tmp_path):
     _, checkpoint, prior, genes = write_inputs(tmp_path, "pretraining", "bare", "npy")
     with pytest.raises(ConversionError, match="does not reproduce the original"):

@@ -219,3 +219,16 @@ def test_no_cells_give_empty_outputs_not_errors(checkpoint, cells, tmp_path):
     assert ad.read_h5ad(tmp_path / "e.h5ad").obsm["X_scgene"].shape == (0, 32)
     assert main(["annotate", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "a.h5ad")]) == 0
     assert ad.read_h5ad(tmp_path / "a.h5ad").n_obs == 0
+
+
+def test_a_mistyped_path_is_named_not_taken_for_a_hub_id(checkpoint, cells, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"nope: no such folder \(a checkpoint is a folder with config.json"):
+        scgene.embed(cells.copy(), tmp_path / "nope", progress=False)
+    with pytest.raises(FileNotFoundError, match=r"^/no/tokenizer: no such folder \(a saved tokenizer is a folder"):
+        scgene.embed(cells.copy(), checkpoint, tokenizer="/no/tokenizer", progress=False)
+    source = tmp_path / "in.h5ad"
+    cells.write_h5ad(source)
+    capsys.readouterr()
+    assert main(["embed", str(source), "--model", "./nope", "--out", str(tmp_path / "out.h5ad")]) == 1
+    assert capsys.readouterr().err == "scgene embed: error: ./nope: no such folder (a checkpoint is a folder with " \
+                                      "config.json and model.safetensors).\n"

@@ -60,6 +60,18 @@ def quiet_transformers_loading() -> Iterator[None]:
             each.setLevel(level)
 
 
+TOKENIZER_FOLDER = "a saved tokenizer is a folder with vocab.json"
+
+
+def local_or_hub(name, what: str) -> str:
+    """`name` as from_pretrained takes it. A name that is clearly a path (starts with /, . or ~, or a PathLike) must be
+    an existing folder: otherwise the Hub's repo-id error would hide a mistyped path. `what` says what the folder holds."""
+    text = os.path.expanduser(os.fspath(name))
+    if (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~"))) and not os.path.isdir(text):
+        raise FileNotFoundError(f"{name}: no such folder ({what}).")
+    return text
+
+
 def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrainedModel:
     """A checkpoint path / Hub id or a loaded ScGene model -> the model to run, in eval mode on `device`.
 
@@ -67,6 +79,7 @@ def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrained
     `ScGeneForCellClassification` checkpoint.
     """
     if isinstance(model, (str, os.PathLike)):
+        model = local_or_hub(model, "a checkpoint is a folder with config.json and model.safetensors")
         if classifier and "ScGeneForCellClassification" not in (AutoConfig.from_pretrained(str(model)).architectures or []):
             raise ValueError(
                 f"{model} is not a cell-type classifier checkpoint (its config names no ScGeneForCellClassification): "
@@ -110,7 +123,7 @@ def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
                 "tokenizer= (the ScGeneTokenizer or folder the model was trained with)."
             ) from error
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = ScGeneTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = ScGeneTokenizer.from_pretrained(local_or_hub(tokenizer, TOKENIZER_FOLDER))
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}: "

@@ -199,7 +199,7 @@ def test_a_failed_run_leaves_the_previous_prior_and_nothing_else(pbmc_h5ad, tmp_
 def test_bad_options_fail_before_any_work(pbmc_h5ad, tmp_path, extra, message):
     (tmp_path / "vectors.txt").write_text("LYZ 1 2\n")
     extra = [str(tmp_path / "vectors.txt") if e == "VECTORS" else e for e in extra]
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=f"^scgene build-prior: error: {message}"):
         main(gene2vec_only(pbmc_h5ad, tmp_path / "out", *extra))
     assert not (tmp_path / "out").exists()
 

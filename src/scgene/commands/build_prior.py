@@ -292,9 +292,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Check the arguments, then run the recipe; input problems end with a one-line message naming the fix."""
-    _check_arguments(args)
     final = args.out
     try:
+        _check_arguments(args)
         # every output goes into a staging folder that replaces --out only when the run succeeds: a failed or killed
         # run leaves the previous prior (if any) as it was, and never a mix of old and new files
         with atomic_directory(final) as staged:
@@ -303,6 +303,10 @@ def run(args: argparse.Namespace) -> int:
         return code
     except USER_ERRORS as error:
         raise SystemExit(user_error_message("build-prior", error)) from None
+    except SystemExit as stop:  # the checks' own messages, in the same one-line form (an exit status passes through)
+        if isinstance(stop.code, str) and not stop.code.startswith("scgene "):
+            raise SystemExit(f"scgene build-prior: error: {stop.code}") from None
+        raise
 
 
 def _run(args: argparse.Namespace, final: Path) -> int:

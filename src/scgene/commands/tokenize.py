@@ -53,14 +53,17 @@ FLAGS = {
 
 def load_tokenizer(name: str | None):
     """The tokenizer of --tokenizer: a local folder (a path that starts with /, . or ~ must be one) or a Hub id."""
+    from ..inference import TOKENIZER_FOLDER, local_or_hub
     from ..tokenization_scgene import ScGeneTokenizer
 
     if name is None:
         return ScGeneTokenizer()
-    if name.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name)):
-        raise FileNotFoundError(f"--tokenizer {name}: no such folder (a saved tokenizer is a folder with vocab.json).")
     try:
-        return ScGeneTokenizer.from_pretrained(os.path.expanduser(name))
+        source = local_or_hub(name, TOKENIZER_FOLDER)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--tokenizer {error}") from None
+    try:
+        return ScGeneTokenizer.from_pretrained(source)
     except OSError as error:
         raise FileNotFoundError(f"--tokenizer {name} is neither a saved tokenizer folder nor a Hub repository that "
                                 f"could be loaded ({str(error).splitlines()[0]}).") from error

@@ -104,7 +104,14 @@ def load_safely(path: str | Path):
     except FileNotFoundError:
         raise ConversionError(f"{path} does not exist.") from None
     except Exception as error:  # torch raises UnpicklingError or RuntimeError for refused or corrupt files
-        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), str(error))
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported global" in line), None)
+        if reason is None:  # not a refused class: the file is not a (complete) torch.save file
+            detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+            raise ConversionError(
+                f"Cannot read {path} with torch.load ({type(error).__name__}: {detail}): is it a complete file "
+                "written by torch.save (not truncated by a copy or download)?"
+            ) from None
         raise ConversionError(
             f"Cannot read {path} safely with torch.load(weights_only=True): {reason}\n"
             "Only tensors and plain containers are accepted. If the file pickles a whole nn.Module or an "
