@@ -264,6 +264,33 @@ def test_knowledge_only_prior_for_the_ablation(pbmc_h5ad, knowledge_csv, tmp_pat
         main(["build-prior", "--adata", str(pbmc_h5ad), "--no-gene2vec", "--no-knowledge", "--out", str(tmp_path / "x")])
 
 
+def test_a_mouse_vocabulary_gets_the_human_knowledge_through_orthologs(pbmc_h5ad, knowledge_csv, tmp_path):
+    """Mouse cells (the PBMC genes renamed to their one-to-one mouse orthologs) with their own vocabulary: the human
+    table gives them nothing, --orthologs mouse gives each translated gene its human ortholog's knowledge."""
+    from scgene.prior.knowledge import read_orthologs
+
+    orthologs = read_orthologs("mouse")
+    human = anndata.read_h5ad(pbmc_h5ad)
+    mouse = human[:, [gene in orthologs for gene in human.var_names]].copy()
+    mouse.var_names = [orthologs[gene] for gene in mouse.var_names]
+    mouse.write_h5ad(tmp_path / "mouse.h5ad")
+    ScGeneTokenizer.from_anndata(mouse).save_pretrained(tmp_path / "vocab")
+    args = ["build-prior", "--adata", str(tmp_path / "mouse.h5ad"), "--tokenizer", str(tmp_path / "vocab"),
+            "--knowledge", str(knowledge_csv), "--no-gene2vec", "--hidden-size", "8", "--no-progress",
+            "--text-cache", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit, match="--orthologs mouse"):
+        main(args + ["--out", str(tmp_path / "human_table")])
+    assert main(args + ["--out", str(tmp_path / "prior"), "--orthologs", "mouse"]) == 0
+    tokenizer = ScGeneTokenizer.from_pretrained(tmp_path / "vocab")
+    prior = load_prior(tmp_path / "prior" / "gene_prior.safetensors")
+    table_genes = {line.split(",")[0] for line in knowledge_csv.read_text().splitlines()[1:]}
+    expected = {orthologs[gene] for gene in table_genes if gene in orthologs and orthologs[gene] in mouse.var_names}
+    covered = {gene for gene in mouse.var_names if np.abs(prior[tokenizer.convert_genes_to_ids([gene])[0]]).sum() > 0}
+    assert covered == expected and len(expected) > 10
+    record = json.loads((tmp_path / "prior" / "prior_record.json").read_text())
+    assert record["sources"]["orthologs"]["path"].endswith("human_mouse_ensembl105.csv.gz")
+
+
 def test_a_terminated_run_leaves_the_previous_prior_and_no_staging_folder(pbmc_h5ad, tmp_path):
     """SIGTERM while gene2vec trains (slowed down), over an existing prior with --overwrite: the command stops with
     128 + SIGTERM, the old prior is unchanged, and no staging folder or moved-aside copy is left."""

@@ -8,6 +8,7 @@ from scgene.prior.knowledge import (
     knowledge_embedding,
     knowledge_from_frame,
     read_knowledge_table,
+    read_orthologs,
     text_embedding,
 )
 
@@ -155,3 +156,17 @@ def test_text_model_from_a_local_directory_matches_the_default():
     np.testing.assert_allclose(local, text_embedding(texts, progress=False), atol=1e-6)
     with pytest.raises(OSError, match="Could not load the sentence-transformer .*--text-model"):
         text_embedding(texts, model="/nonexistent/model/dir", progress=False)
+
+
+def test_orthologs_carry_only_one_to_one_pairs_and_the_rows_follow(tmp_path):
+    table = tmp_path / "orthologs.csv"
+    # MYC -> Myc is one-to-one; TP53 has two mouse copies; Cd3e is claimed by two human genes; LYZ has none
+    table.write_text("TP53,Trp53\nTP53,Trp53b\nMYC,Myc\nCD3E,Cd3e\nCD3X,Cd3e\nLYZ,\n")
+    assert read_orthologs(table) == {"MYC": "Myc"}
+    mouse = knowledge_from_frame(small_frame()).translated(read_orthologs(table))
+    assert mouse.genes == ["Myc"] and mouse.ensembl_ids is None
+    assert mouse.binary.tolist() == [[0, 1]] and mouse.texts["description"] == ["oncogenic transcription factor"]
+    shipped = read_orthologs("mouse")
+    assert len(shipped) > 15000 and shipped["CD4"] == "Cd4" and shipped["PTPRC"] == "Ptprc"
+    with pytest.raises(FileNotFoundError, match="no such file; give a two-column CSV or one of \\['mouse'\\]"):
+        read_orthologs("zebrafish")

@@ -28,7 +28,7 @@ import numpy as np
 from scgene.commands import USER_ERRORS, user_error_message
 from scgene.fileio import atomic_directory, sha256_file, write_json
 from scgene.prior.coexpression import SIGNS
-from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL
+from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL, ORTHOLOG_TABLES
 
 DEFAULT_TEXT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scgene" / "text_embeddings"
 
@@ -89,6 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embed the knowledge of every vocabulary gene (26k texts with the human vocabulary: minutes on a CPU the "
         "first time, then cached), or only of the genes in --adata (other genes keep a zero knowledge part)",
     )
+    knowledge.add_argument(
+        "--orthologs",
+        help="carry the knowledge table over to another species through one-to-one orthologs: 'mouse' (the shipped "
+        "Ensembl 105 human -> mouse table) or a two-column CSV (table's gene, data's gene); use with a vocabulary of "
+        "that species' genes (--tokenizer)",
+    )
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
 
 
@@ -139,7 +145,9 @@ def _vocabulary_rows(table, tokenizer, allowed_ids: set[int] | None = None):
     ensembl_ids = table.ensembl_ids or [""] * len(table.genes)
     keep = np.array([known(gene) or (bool(e) and known(e)) for gene, e in zip(table.genes, ensembl_ids)])
     if not keep.any():
-        raise SystemExit("No gene of the knowledge table is in the tokenizer's vocabulary: check the gene column.")
+        raise SystemExit("No gene of the knowledge table is in the tokenizer's vocabulary: check the gene column "
+                         "(--knowledge-gene-column), or for data of another species carry the table over with "
+                         "--orthologs (e.g. --orthologs mouse for the human table).")
     return table.subset(keep)
 
 
@@ -250,6 +258,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
     if args.no_gene2vec and args.no_knowledge:
         raise SystemExit("--no-gene2vec with --no-knowledge leaves nothing to fuse; drop one of them.")
+    if args.no_knowledge and args.orthologs is not None:
+        raise SystemExit("--orthologs translates the knowledge table, which --no-knowledge leaves out; drop one of them.")
+    if args.orthologs is not None and args.orthologs not in ORTHOLOG_TABLES and not Path(args.orthologs).is_file():
+        raise SystemExit(f"--orthologs {args.orthologs}: no such file; give a two-column CSV or one of "
+                         f"{sorted(ORTHOLOG_TABLES)}.")
     if args.no_gene2vec and args.gene2vec is not None:
         raise SystemExit("--no-gene2vec contradicts --gene2vec FILE; drop one of them.")
     if args.adata is None and args.gene2vec is None and not args.no_gene2vec:
@@ -312,7 +325,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, final: Path) -> int:
     from scgene.prior.fusion import fuse_prior, save_prior
     from scgene.prior.gene2vec import load_word2vec_text
-    from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table
+    from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table, read_orthologs
 
     progress = not args.no_progress
     tokenizer = _load_tokenizer(args.tokenizer)
@@ -327,6 +340,8 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         table = read_knowledge_table(
             args.knowledge, gene_column=args.knowledge_gene_column, text_columns=args.text_columns
         )
+        if args.orthologs is not None:
+            table = table.translated(read_orthologs(args.orthologs))
         allowed = None
         if args.knowledge_genes == "adata":
             if args.adata is None:
@@ -366,6 +381,9 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         )
         knowledge = (table.genes, embedded, table.ensembl_ids)
         record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": sha256_file(args.knowledge)}
+        if args.orthologs is not None:
+            orthologs = ORTHOLOG_TABLES.get(args.orthologs, Path(args.orthologs))
+            record["sources"]["orthologs"] = {"path": str(orthologs), "sha256": sha256_file(orthologs)}
         record["knowledge"] = info
         record["timings_seconds"]["knowledge"] = round(time.perf_counter() - start, 2)
 
@@ -374,7 +392,8 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         raise ValueError(
             f"None of the {coverage['vocab_size'] - 3} vocabulary genes got a prior: the data's and the knowledge "
             "table's genes do not match the tokenizer's vocabulary (another species? mouse data needs a mouse "
-            "vocabulary: --tokenizer with one made by ScGeneTokenizer.from_anndata)."
+            "vocabulary: --tokenizer with one made by ScGeneTokenizer.from_anndata, and --orthologs mouse to carry "
+            "the human knowledge table over)."
         )
     save_prior(args.out / "gene_prior.safetensors", prior)
     written.append("gene_prior.safetensors")

@@ -23,6 +23,7 @@ from ..fileio import atomic_path
 
 DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "resources" / "knowledge" / "human_gene_knowledge.csv.gz"
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
+ORTHOLOG_TABLES = {"mouse": Path(__file__).resolve().parents[1] / "resources" / "orthologs" / "human_mouse_ensembl105.csv.gz"}
 ENSEMBL_COLUMN = "ensembl_id"
 
 
@@ -48,6 +49,37 @@ class KnowledgeTable:
             texts={column: [texts[i] for i in rows] for column, texts in self.texts.items()},
             source=self.source,
         )
+
+    def translated(self, orthologs: dict[str, str]) -> "KnowledgeTable":
+        """The table for another species: each gene with a one-to-one ortholog renamed to it (its annotations and text
+        kept), the others dropped. Ensembl ids are dropped with the species."""
+        targets = [orthologs.get(gene) for gene in self.genes]
+        seen: set[str] = set()
+        keep = np.zeros(len(targets), dtype=bool)
+        for row, target in enumerate(targets):
+            if target is not None and target not in seen:  # a symbol shared by two source rows keeps its first
+                keep[row] = True
+                seen.add(target)
+        table = self.subset(keep)
+        table.genes = [targets[row] for row in np.flatnonzero(keep)]
+        table.ensembl_ids = None
+        table.source = f"{self.source} through orthologs"
+        return table
+
+
+def read_orthologs(source) -> dict[str, str]:
+    """The one-to-one pairs of a two-column ortholog table (no header; the knowledge table's genes first, the data's
+    second), e.g. `ORTHOLOG_TABLES["mouse"]`. Genes with several orthologs on either side are left out: their
+    knowledge would not say which copy it describes."""
+    path = Path(ORTHOLOG_TABLES.get(str(source), source))
+    if not path.is_file():
+        raise FileNotFoundError(f"Ortholog table {source}: no such file; give a two-column CSV or one of {sorted(ORTHOLOG_TABLES)}.")
+    frame = pd.read_csv(path, header=None, dtype=str, sep="\t" if ".tsv" in path.suffixes else ",")
+    if frame.shape[1] != 2:
+        raise ValueError(f"Ortholog table {path} has {frame.shape[1]} columns; it needs two (source gene, target gene).")
+    frame = frame.dropna().apply(lambda column: column.str.strip()).drop_duplicates()
+    one_to_one = ~frame[0].duplicated(keep=False) & ~frame[1].duplicated(keep=False)
+    return dict(zip(frame[0][one_to_one], frame[1][one_to_one]))
 
 
 def read_knowledge_table(
