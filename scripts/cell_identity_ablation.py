@@ -73,7 +73,7 @@ def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
     """Tokenized cells and the priors the variants need (fused, gene2vec only, knowledge only, none), each made once.
 
     With --vocabulary data the tokenizer is the dataset's own gene list (e.g. mouse genes, which the default human
-    vocabulary does not hold); the knowledge table is human, so such a run should use gene2vec-only variants.
+    vocabulary does not hold); the knowledge table is human, so such a run needs --orthologs (e.g. mouse) for it.
     """
     scgene = [sys.executable, "-m", "scgene.cli"]
     tokenizer = []
@@ -90,13 +90,14 @@ def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
                       *tokenizer])
     needed = {VARIANTS[variant][1] for variant in variants}
     only = {"fused": [], "gene2vec": ["--no-knowledge"], "knowledge": ["--no-gene2vec"]}
+    orthologs = {name: ["--orthologs", args.orthologs] if args.orthologs and name != "gene2vec" else [] for name in only}
     paths = {"tokenized": tokenized}
     for name in sorted(needed - {"none"}) or ["gene2vec"]:
         folder = args.out / f"prior_{name}"
         if not (folder / "prior_record.json").exists():
             run(scgene + ["build-prior", "--adata", data, "--out", folder, "--hidden-size", args.hidden_size,
                           "--gene2vec-dim", min(200, args.hidden_size // 2), "--threshold", "0.3",
-                          "--knowledge-genes", "adata", "--no-progress", *tokenizer, *only[name]])
+                          "--knowledge-genes", "adata", "--no-progress", *tokenizer, *only[name], *orthologs[name]])
         paths[name] = folder / "gene_prior.safetensors"
     if "none" in needed:
         paths["none"] = args.out / "prior_none.safetensors"
@@ -116,6 +117,7 @@ def main():
     parser.add_argument("--top-genes", type=int, help="keep this many highly variable genes (of log-normalised counts)")
     parser.add_argument("--vocabulary", choices=("human", "data"), default="human",
                         help="the default human vocabulary, or one made of the dataset's genes (non-human data)")
+    parser.add_argument("--orthologs", help="build-prior --orthologs for the knowledge part (e.g. mouse)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)

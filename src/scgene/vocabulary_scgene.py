@@ -104,7 +104,9 @@ class GeneCoverage:
 
 @dataclass
 class GeneMapping:
-    """Input columns -> vocabulary ids: `columns[i]` is the input column of matched gene `i`."""
+    """Input columns -> vocabulary ids. `columns`: the input columns that matched (ascending); `vocab_ids`: the
+    distinct vocabulary ids they match (ascending, so not paired with `columns`); `column_to_matched[c]`: the index
+    into `vocab_ids` of input column `c`, -1 if it matched nothing."""
 
     columns: np.ndarray
     vocab_ids: np.ndarray  # (n_matched,) ascending vocabulary ids

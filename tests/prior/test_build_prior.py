@@ -2,6 +2,7 @@ import json
 
 import anndata
 import numpy as np
+import pandas as pd
 import pytest
 
 from scgene import ScGeneConfig, ScGeneModel
@@ -262,6 +263,51 @@ def test_knowledge_only_prior_for_the_ablation(pbmc_h5ad, knowledge_csv, tmp_pat
     assert (np.abs(prior).sum(axis=1) > 0).sum() == record["coverage"]["knowledge"]["vocab_genes_covered"]
     with pytest.raises(SystemExit, match="nothing to fuse"):
         main(["build-prior", "--adata", str(pbmc_h5ad), "--no-gene2vec", "--no-knowledge", "--out", str(tmp_path / "x")])
+
+
+def test_several_files_pool_their_edges_under_the_vocabulary_names(pbmc_h5ad, tmp_path):
+    """Two files of the same genes, one named by symbols and one by Ensembl ids: each file's edges are computed on
+    its own cells and pooled, under one name per gene, so gene2vec learns one word per gene."""
+    cells = anndata.read_h5ad(pbmc_h5ad)
+    tokenizer = ScGeneTokenizer()
+    symbols_file, ensembl_file = tmp_path / "symbols.h5ad", tmp_path / "ensembl.h5ad"
+    cells[:1300].write_h5ad(symbols_file)
+    ensembl = cells[1300:].copy()
+    mapping = tokenizer.map_genes(ensembl)
+    ensembl_ids = tokenizer.convert_ids_to_genes(mapping.vocab_ids, "ensembl")
+    ensembl_of = {gene: ensembl_ids[i] for gene, i in zip(ensembl.var_names, mapping.column_to_matched) if i >= 0}
+    ensembl.var_names = [ensembl_of.get(gene, gene) for gene in ensembl.var_names]
+    ensembl.write_h5ad(ensembl_file)
+
+    def edges_of(*files):
+        out = tmp_path / "_".join(path.stem for path in files)
+        assert main(["build-prior", "--adata", *map(str, files), "--no-knowledge", "--hidden-size", "8",
+                     "--gene2vec-dim", "4", "--epochs", "1", "--threshold", "0.3", "--out", str(out),
+                     "--no-progress"]) == 0
+        return out, read_edges(out / "coexpression_edges.tsv")
+
+    out, pooled = edges_of(symbols_file, ensembl_file)
+    _, first = edges_of(symbols_file)
+    _, second = edges_of(ensembl_file)
+
+    def vocabulary_symbols(adata):  # the name the pooled run gives each gene: its vocabulary symbol
+        mapping = tokenizer.map_genes(adata)
+        symbols = tokenizer.convert_ids_to_genes(mapping.vocab_ids)
+        return {gene: symbols[i] for gene, i in zip(adata.var_names, mapping.column_to_matched) if i >= 0}
+
+    for edges, adata in ((first, cells), (second, ensembl)):
+        edges[["gene_a", "gene_b"]] = edges[["gene_a", "gene_b"]].replace(vocabulary_symbols(adata))
+    expected = pd.concat([first, second], ignore_index=True)
+    assert (first["gene_a"] == "CAVIN2").any()  # written SDPR (an alias) in the symbols file
+    key = ["gene_a", "gene_b", "r"]
+    pd.testing.assert_frame_equal(pooled.sort_values(key).reset_index(drop=True), expected.sort_values(key).reset_index(drop=True))
+    words, _ = load_word2vec_text(out / "gene2vec.txt")
+    assert not any(word.startswith("ENSG") for word in words) and len(words) == len(set(words))
+    record = json.loads((out / "prior_record.json").read_text())
+    assert [source["cells"] for source in record["sources"]["adata"]] == [1300, cells.n_obs - 1300]
+    assert record["coexpression"]["n_edges"] == len(pooled) == sum(d["n_edges"] for d in record["coexpression"]["datasets"])
+    with pytest.raises(SystemExit, match="--adata names a file twice"):
+        main(["build-prior", "--adata", str(symbols_file), str(symbols_file), "--no-knowledge", "--out", str(tmp_path / "x")])
 
 
 def test_a_mouse_vocabulary_gets_the_human_knowledge_through_orthologs(pbmc_h5ad, knowledge_csv, tmp_path):

@@ -1,9 +1,10 @@
 """`scgene build-prior`: the whole prior recipe of seed 000 from one command.
 
-    scgene build-prior --adata IN.h5ad [--knowledge TABLE] [--tokenizer PATH] --out DIR
+    scgene build-prior --adata IN.h5ad [IN2.h5ad ...] [--knowledge TABLE] [--tokenizer PATH] --out DIR
 
-1. read the AnnData with X sparse (a dense on-disk X chunk by chunk), preprocess it (normalize_total + log1p,
-   as the tokenizer does) and compute the co-expression edges blockwise -> `DIR/coexpression_edges.tsv`;
+1. read each AnnData with X sparse (a dense on-disk X chunk by chunk), preprocess it (normalize_total + log1p,
+   as the tokenizer does) and compute its co-expression edges blockwise; the files' edges are pooled, with genes
+   named by the vocabulary when there are several files -> `DIR/coexpression_edges.tsv`;
 2. skip-gram gene2vec on the edges (or node2vec walks with `--node2vec`) -> `DIR/gene2vec.txt`;
 3. knowledge table -> binary linear embedding + sentence-transformer text embedding -> PCA to hidden size;
 4. fuse both, aligned to the tokenizer vocabulary -> `DIR/gene_prior.safetensors` (key `gene_prior`);
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from scgene.commands import USER_ERRORS, user_error_message
 from scgene.fileio import atomic_directory, sha256_file, write_json
@@ -45,7 +47,9 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = _DefaultsFormatter
     io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--adata", type=Path, help="raw-count (or log-normalised) .h5ad for the co-expression network")
+    io.add_argument("--adata", type=Path, nargs="+",
+                    help="raw-count (or log-normalised) .h5ad file(s) for the co-expression network; with several, "
+                         "each file's edges are computed on its own cells and pooled")
     io.add_argument("--out", type=Path, required=True, help="output directory (written whole, or not at all)")
     io.add_argument("--overwrite", action="store_true", help="replace --out if it already holds files")
     io.add_argument("--tokenizer", help="tokenizer directory or Hub id (default: the shipped human vocabulary)")
@@ -151,15 +155,18 @@ def _vocabulary_rows(table, tokenizer, allowed_ids: set[int] | None = None):
     return table.subset(keep)
 
 
-def _adata_gene_ids(path: Path, tokenizer, gene_column: str | None) -> set[int]:
-    """Vocabulary ids of the genes of an .h5ad (read backed: only var)."""
+def _adata_gene_ids(paths: list[Path], tokenizer, gene_column: str | None) -> set[int]:
+    """Vocabulary ids of the genes of the .h5ad files (read backed: only var)."""
     import anndata
 
-    adata = anndata.read_h5ad(path, backed="r")
-    try:
-        return {int(i) for i in tokenizer.map_genes(adata, gene_column).vocab_ids}
-    finally:
-        adata.file.close()
+    ids: set[int] = set()
+    for path in paths:
+        adata = anndata.read_h5ad(path, backed="r")
+        try:
+            ids |= {int(i) for i in tokenizer.map_genes(adata, gene_column).vocab_ids}
+        finally:
+            adata.file.close()
+    return ids
 
 
 DENSE_CHUNK_VALUES = 1 << 24  # cells x genes values read at a time from a dense on-disk X (64 MB of float32)
@@ -189,23 +196,30 @@ def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES)
         backed.file.close()
 
 
-def _coexpression_and_gene2vec(args, progress: bool, record: dict, written: list[str]) -> tuple[list[str], np.ndarray]:
+def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool) -> tuple:
+    """One file's co-expression edges and its record. With `canonical`, genes are named by the vocabulary's symbol
+    (as in `convert_ids_to_genes`), so files that name genes differently (symbols, Ensembl ids, aliases) share words."""
     from scgene.preprocessing import preprocess
-    from scgene.prior.coexpression import coexpression_edges, write_edges
-    from scgene.prior.gene2vec import corpus_repeats, gene2vec, node2vec, save_word2vec_text
+    from scgene.prior.coexpression import coexpression_edges
 
-    start = time.perf_counter()
-    adata = _read_sparse_adata(args.adata)
+    adata = _read_sparse_adata(path)
     if args.gene_column is not None and args.gene_column not in adata.var.columns:
         raise ValueError(
-            f"--gene-column {args.gene_column!r} is not a column of {args.adata}'s var; its columns are "
+            f"--gene-column {args.gene_column!r} is not a column of {path}'s var; its columns are "
             f"{list(adata.var.columns)[:10]}. Leave --gene-column unset to use var_names."
         )
     adata = preprocess(adata, gene_column=args.gene_column)
     names = adata.var_names if args.gene_column is None else adata.var[args.gene_column]
     genes = [str(g) for g in names]
-    record["sources"]["adata"] = {
-        "path": str(args.adata),
+    if canonical:
+        mapping = tokenizer.map_genes(adata, args.gene_column)
+        symbols = tokenizer.convert_ids_to_genes(mapping.vocab_ids)
+        # column_to_matched: per column, its index into vocab_ids (-1: not in the vocabulary, the name is kept)
+        renamed = [symbols[index] if index >= 0 else gene for gene, index in zip(genes, mapping.column_to_matched)]
+        repeated = pd.Index(renamed).duplicated(keep=False)  # e.g. two versions of one Ensembl id keep their names
+        genes = [gene if twice else new for new, twice, gene in zip(renamed, repeated, genes)]
+    source = {
+        "path": str(path),
         "cells": adata.n_obs,
         "genes": adata.n_vars,
         "provenance": {k: str(v) for k, v in dict(adata.uns.get("provenance", {})).items()},
@@ -221,10 +235,30 @@ def _coexpression_and_gene2vec(args, progress: bool, record: dict, written: list
         seed=args.seed,
         progress=progress,
     )
-    del adata
+    return edges, info, source
+
+
+def _coexpression_and_gene2vec(args, tokenizer, progress: bool, record: dict, written: list[str]) -> tuple[list[str], np.ndarray]:
+    """Co-expression edges of every --adata file, concatenated (a pair co-expressed in k files gives k sentences,
+    as gene2vec pooled its datasets), then skip-gram (or node2vec) vectors."""
+    from scgene.prior.coexpression import write_edges
+    from scgene.prior.gene2vec import corpus_repeats, gene2vec, node2vec, save_word2vec_text
+
+    start = time.perf_counter()
+    parts, infos, record["sources"]["adata"] = [], [], []
+    for path in args.adata:
+        edges, info, source = _dataset_edges(path, args, tokenizer, canonical=len(args.adata) > 1, progress=progress)
+        parts.append(edges)
+        infos.append(info.to_dict())
+        record["sources"]["adata"].append(source)
+    edges = pd.concat(parts, ignore_index=True)
     write_edges(args.out / "coexpression_edges.tsv", edges)
     written.append("coexpression_edges.tsv")
-    record["coexpression"] = info.to_dict()
+    record["coexpression"] = infos[0] if len(infos) == 1 else {
+        "n_edges": len(edges), "n_positive_edges": int((edges["r"] > 0).sum()),
+        "n_negative_edges": int((edges["r"] < 0).sum()), "threshold": args.threshold, "sign": args.sign,
+        "datasets": infos,
+    }
     record["timings_seconds"]["coexpression"] = round(time.perf_counter() - start, 2)
 
     start = time.perf_counter()
@@ -273,10 +307,12 @@ def _check_arguments(args: argparse.Namespace) -> None:
             "--gene2vec uses precomputed vectors. Give one of them."
         )
     knowledge = None if args.no_knowledge else args.knowledge
-    inputs = {"--adata": args.adata, "--gene2vec": args.gene2vec, "--knowledge": knowledge}
-    for flag, path in inputs.items():
+    inputs = [("--adata", path) for path in args.adata or []] + [("--gene2vec", args.gene2vec), ("--knowledge", knowledge)]
+    for flag, path in inputs:
         if path is not None and not path.is_file():
             raise SystemExit(f"{flag} {path}: no such file. Check the path.")
+    if args.adata and len(set(args.adata)) < len(args.adata):
+        raise SystemExit("--adata names a file twice; give each file once.")
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"--out {args.out} is a file; give a directory for the prior's outputs.")
     if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
@@ -351,8 +387,8 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         table = _vocabulary_rows(table, tokenizer, allowed)
     record: dict = {
         "recipe": "seed 000: zero_pad(gene2vec, hidden_size) + PCA(binary linear embedding ++ text embedding)",
-        "parameters": {k: str(v) if isinstance(v, Path) else v for k, v in (vars(args) | {"out": final}).items()
-                       if k[0] != "_"},
+        "parameters": {k: [str(p) for p in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+                       for k, v in (vars(args) | {"out": final}).items() if k[0] != "_"},
         "sources": {"tokenizer": args.tokenizer or "default human vocabulary", "vocab_size": tokenizer.vocab_size},
         "timings_seconds": {},
     }
@@ -364,7 +400,7 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         vectors = load_word2vec_text(args.gene2vec)
         record["sources"]["gene2vec"] = {"path": str(args.gene2vec), "sha256": sha256_file(args.gene2vec)}
     else:
-        vectors = _coexpression_and_gene2vec(args, progress, record, written)
+        vectors = _coexpression_and_gene2vec(args, tokenizer, progress, record, written)
 
     knowledge = None
     if table is not None:
