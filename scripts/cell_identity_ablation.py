@@ -1,4 +1,5 @@
-"""The cell-identity ablation: pretraining recipes x seeds on one labelled dataset, scored by `scgene.evaluate`.
+"""The cell-identity ablation: pretraining recipes x seeds on one labelled dataset (optionally with more files to
+pretrain on, --corpus), scored by `scgene.evaluate` on the labelled cells.
 
 Each run is what a user would do: `scgene tokenize`, `scgene build-prior`, `examples/pretrain_masked_expression.py`
 with the variant's flags, then the harness on the same cells. Baselines (50 PCs, logistic regression on expression,
@@ -46,30 +47,41 @@ def run(command: list) -> None:
     subprocess.run([str(part) for part in command], check=True)
 
 
-def prepare_data(args) -> Path:
-    """The cells the ablation uses: the input file itself, or (with --keep / --top-genes) a filtered copy in OUT."""
-    if not args.keep and not args.top_genes:
-        return args.data
-    prepared = args.out / "cells.h5ad"
-    if prepared.exists():
-        return prepared
+def prepare_data(args) -> tuple[Path, list[Path]]:
+    """The labelled cells the ablation scores (the input file itself, or with --keep / --top-genes a filtered copy
+    in OUT) and the extra pretraining files of --corpus (with --corpus-top-genes, filtered copies in OUT/corpus)."""
+    data = args.data
+    if args.keep or args.top_genes:
+        data = subset_copy(args.data, args.keep, args.top_genes, args.out / "cells.h5ad")
+    corpus = [path if not args.corpus_top_genes else
+              subset_copy(path, [], args.corpus_top_genes, args.out / "corpus" / f"{index}_{path.name}")
+              for index, path in enumerate(args.corpus)]
+    return data, corpus
+
+
+def subset_copy(source: Path, keep: list[str], top_genes: int | None, target: Path) -> Path:
+    """`source` with only the cells where obs[KEY] == VALUE for each KEY=VALUE of `keep`, and the `top_genes` most
+    variable genes (of log-normalised counts, genes in 3+ cells), written once to `target`."""
+    if target.exists():
+        return target
     import scanpy as sc
 
-    adata = anndata.read_h5ad(args.data)
-    for condition in args.keep:
+    adata = anndata.read_h5ad(source)
+    for condition in keep:
         key, value = condition.split("=", 1)
         adata = adata[adata.obs[key].astype(str) == value].copy()
-    if args.top_genes:
+    if top_genes:
         sc.pp.filter_genes(adata, min_cells=3)
         logged = sc.pp.log1p(sc.pp.normalize_total(adata, target_sum=1e4, copy=True), copy=True)
-        sc.pp.highly_variable_genes(logged, n_top_genes=args.top_genes)
+        sc.pp.highly_variable_genes(logged, n_top_genes=top_genes)
         adata = adata[:, logged.var["highly_variable"].to_numpy()].copy()
-    adata.uns["ablation_subset"] = {"source": str(args.data), "keep": list(args.keep), "top_genes": args.top_genes or 0}
-    adata.write_h5ad(prepared)
-    return prepared
+    adata.uns["ablation_subset"] = {"source": str(source), "keep": list(keep), "top_genes": top_genes or 0}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(target)
+    return target
 
 
-def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
+def prepare(args, data: Path, corpus: list[Path], variants: list[str]) -> dict[str, Path]:
     """Tokenized cells and the priors the variants need (fused, gene2vec only, knowledge only, none), each made once.
 
     With --vocabulary data the tokenizer is the dataset's own gene list (e.g. mouse genes, which the default human
@@ -86,8 +98,8 @@ def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
         tokenizer = ["--tokenizer", folder]
     tokenized = args.out / "tokenized"
     if not tokenized.exists():
-        run(scgene + ["tokenize", data, tokenized, "--max-length", args.max_length, "--obs-columns", args.label_key,
-                      *tokenizer])
+        labels = [] if corpus else ["--obs-columns", args.label_key]  # pretraining needs no labels; other files lack them
+        run(scgene + ["tokenize", data, *corpus, tokenized, "--max-length", args.max_length, *labels, *tokenizer])
     needed = {VARIANTS[variant][1] for variant in variants}
     only = {"fused": [], "gene2vec": ["--no-knowledge"], "knowledge": ["--no-gene2vec"]}
     orthologs = {name: ["--orthologs", args.orthologs] if args.orthologs and name != "gene2vec" else [] for name in only}
@@ -95,7 +107,7 @@ def prepare(args, data: Path, variants: list[str]) -> dict[str, Path]:
     for name in sorted(needed - {"none"}) or ["gene2vec"]:
         folder = args.out / f"prior_{name}"
         if not (folder / "prior_record.json").exists():
-            run(scgene + ["build-prior", "--adata", data, "--out", folder, "--hidden-size", args.hidden_size,
+            run(scgene + ["build-prior", "--adata", data, *corpus, "--out", folder, "--hidden-size", args.hidden_size,
                           "--gene2vec-dim", min(200, args.hidden_size // 2), "--threshold", "0.3",
                           "--knowledge-genes", "adata", "--no-progress", *tokenizer, *only[name], *orthologs[name]])
         paths[name] = folder / "gene_prior.safetensors"
@@ -117,6 +129,9 @@ def main():
     parser.add_argument("--top-genes", type=int, help="keep this many highly variable genes (of log-normalised counts)")
     parser.add_argument("--vocabulary", choices=("human", "data"), default="human",
                         help="the default human vocabulary, or one made of the dataset's genes (non-human data)")
+    parser.add_argument("--corpus", nargs="*", type=Path, default=[],
+                        help="more raw-count .h5ad files to pretrain on (and build the prior from) with --data's cells")
+    parser.add_argument("--corpus-top-genes", type=int, help="keep this many highly variable genes of each corpus file")
     parser.add_argument("--orthologs", help="build-prior --orthologs for the knowledge part (e.g. mouse)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), metavar="VARIANT")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
@@ -127,8 +142,10 @@ def main():
     parser.add_argument("--leiden-resolution", type=float, default=1.0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(args)
-    inputs = prepare(args, data, args.variants)
+    if args.corpus and args.vocabulary == "data":
+        parser.error("--corpus needs the shared human vocabulary (--vocabulary human): one file's genes do not cover the others.")
+    data, corpus = prepare_data(args)
+    inputs = prepare(args, data, corpus, args.variants)
 
     from scgene.evaluation import EvaluationSettings, evaluate
 
