@@ -1,4 +1,4 @@
-"""File helpers shared by the command-line tools: atomic writes and checksums.
+"""File helpers shared by the command-line tools: atomic writes, checksums, local folders told from Hub ids.
 
 Every output is written to a temporary file (or directory) next to its target and renamed into place only when it is
 complete, so a crash or an interrupt never leaves a half-written file and never destroys a finished older result.
@@ -24,6 +24,18 @@ def _default_mode(path: Path, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, mode & ~umask)
+
+
+TOKENIZER_FOLDER = "a saved tokenizer is a folder with vocab.json"
+
+
+def local_or_hub(name, what: str) -> str:
+    """`name` as from_pretrained takes it. A name that is clearly a path (starts with /, . or ~, or a PathLike) must be
+    an existing folder: otherwise the Hub's repo-id error would hide a mistyped path. `what` says what the folder holds."""
+    text = os.path.expanduser(os.fspath(name))
+    if (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~"))) and not os.path.isdir(text):
+        raise FileNotFoundError(f"{name}: no such folder ({what}).")
+    return text
 
 
 def staging_prefix(target: Path) -> str:

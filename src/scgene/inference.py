@@ -29,8 +29,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassificati
 from transformers.utils import logging
 from transformers.utils.logging import tqdm
 
+from .fileio import TOKENIZER_FOLDER, local_or_hub
 from .modeling_scgene import NUM_SPECIAL_TOKENS, ScGeneForCellClassification, ScGenePreTrainedModel
-from .tokenization_scgene import ScGeneTokenizer, read_h5ad_backed
+from .tokenization_scgene import ScGeneTokenizer, opened
 
 logger = logging.get_logger(__name__)
 
@@ -58,18 +59,6 @@ def quiet_transformers_loading() -> Iterator[None]:
     finally:
         for each, level in zip(loggers, levels):
             each.setLevel(level)
-
-
-TOKENIZER_FOLDER = "a saved tokenizer is a folder with vocab.json"
-
-
-def local_or_hub(name, what: str) -> str:
-    """`name` as from_pretrained takes it. A name that is clearly a path (starts with /, . or ~, or a PathLike) must be
-    an existing folder: otherwise the Hub's repo-id error would hide a mistyped path. `what` says what the folder holds."""
-    text = os.path.expanduser(os.fspath(name))
-    if (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~"))) and not os.path.isdir(text):
-        raise FileNotFoundError(f"{name}: no such folder ({what}).")
-    return text
 
 
 def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrainedModel:
@@ -135,23 +124,6 @@ def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
             "the tokenizer saved with the checkpoint."
         )
     return tokenizer
-
-
-@contextlib.contextmanager
-def opened(adata) -> Iterator:
-    """An AnnData as given, or a path opened backed (read only) and closed afterwards."""
-    if not isinstance(adata, (str, os.PathLike)):
-        if not hasattr(adata, "obs") or not hasattr(adata, "X"):
-            raise TypeError(f"Expected an AnnData or the path of an .h5ad file, got {type(adata).__name__}.")
-        yield adata
-        return
-    if not os.path.isfile(adata):
-        raise FileNotFoundError(f"{adata} is not a file; pass an AnnData or the path of an .h5ad file.")
-    backed = read_h5ad_backed(adata)
-    try:
-        yield backed
-    finally:
-        backed.file.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -13,10 +13,12 @@ Speed: every step works on the CSR arrays of one chunk of cells at a time (see `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -358,16 +360,10 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         if padding == "max_length" and max_length is None:
             raise ValueError("padding='max_length' needs a max_length.")
         min_width = max_length if padding == "max_length" else 0
-        opened = isinstance(adata, (str, os.PathLike))
-        adata = read_h5ad_backed(adata) if opened else adata
-        check_cells(adata)
-        try:
-            chunks = self.iter_encoded(adata, **encode_kwargs)
-            batch = pad_chunks(chunks, adata.n_obs, min_width, pad_to_multiple_of or 1, return_attention_mask)
-            labels = None if label_column is None else obs_labels(adata.obs, label_column, label2id)
-        finally:
-            if opened:
-                adata.file.close()
+        with opened(adata) as cells:
+            chunks = self.iter_encoded(cells, **encode_kwargs)
+            batch = pad_chunks(chunks, cells.n_obs, min_width, pad_to_multiple_of or 1, return_attention_mask)
+            labels = None if label_column is None else obs_labels(cells.obs, label_column, label2id)
         if labels is not None:
             batch["labels"] = labels
         return BatchFeature(batch, tensor_type=return_tensors)
@@ -595,6 +591,20 @@ def read_chunks(adata, chunk_size: int, first):
         block = to_csr(adata.X[block_start : block_start + block_cells])
         for offset in range(0, block.shape[0], chunk_size):
             yield block_start + offset, block[offset : offset + chunk_size]
+
+
+@contextlib.contextmanager
+def opened(adata) -> Iterator:
+    """An AnnData as given (checked by `check_cells`), or an .h5ad path opened backed (read only) and closed after."""
+    if not isinstance(adata, (str, os.PathLike)):
+        check_cells(adata)
+        yield adata
+        return
+    backed = read_h5ad_backed(adata)
+    try:
+        yield backed
+    finally:
+        backed.file.close()
 
 
 def read_h5ad_backed(path):

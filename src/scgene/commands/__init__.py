@@ -11,3 +11,22 @@ def user_error_message(command: str, error: Exception, flags: dict[str, str] | N
     for name, flag in (flags or {}).items():
         message = message.replace(name, flag)
     return f"scgene {command}: error: {message}"
+
+
+def load_tokenizer(name: str | None):
+    """The tokenizer of --tokenizer: the default human vocabulary, a local folder (a path that starts with /, . or ~
+    must be one) or a Hub id; problems are named in terms of the flag."""
+    from ..fileio import TOKENIZER_FOLDER, local_or_hub
+    from ..tokenization_scgene import ScGeneTokenizer
+
+    if name is None:
+        return ScGeneTokenizer()
+    try:
+        source = local_or_hub(name, TOKENIZER_FOLDER)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"--tokenizer {error}") from None
+    try:
+        return ScGeneTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise FileNotFoundError(f"--tokenizer {name} is neither a saved tokenizer folder nor a Hub repository that "
+                                f"could be loaded ({str(error).splitlines()[0]}).") from error

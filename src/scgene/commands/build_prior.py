@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from scgene.commands import USER_ERRORS, user_error_message
+from scgene.commands import USER_ERRORS, load_tokenizer, user_error_message
 from scgene.fileio import atomic_directory, sha256_file, write_json
 from scgene.prior.coexpression import SIGNS
-from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL, ORTHOLOG_TABLES
+from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL, ORTHOLOG_TABLES, ortholog_table
 
 DEFAULT_TEXT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scgene" / "text_embeddings"
 
@@ -100,12 +100,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that species' genes (--tokenizer)",
     )
     knowledge.add_argument("--binary-dim", type=int, default=512, help="width of the 0/1 columns' linear embedding")
-
-
-def _load_tokenizer(path: str | None):
-    from scgene.tokenization_scgene import ScGeneTokenizer
-
-    return ScGeneTokenizer() if path is None else ScGeneTokenizer.from_pretrained(path)
 
 
 def _load_model(path: str):
@@ -294,7 +288,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("--no-gene2vec with --no-knowledge leaves nothing to fuse; drop one of them.")
     if args.no_knowledge and args.orthologs is not None:
         raise SystemExit("--orthologs translates the knowledge table, which --no-knowledge leaves out; drop one of them.")
-    if args.orthologs is not None and args.orthologs not in ORTHOLOG_TABLES and not Path(args.orthologs).is_file():
+    if args.orthologs is not None and not ortholog_table(args.orthologs).is_file():
         raise SystemExit(f"--orthologs {args.orthologs}: no such file; give a two-column CSV or one of "
                          f"{sorted(ORTHOLOG_TABLES)}.")
     if args.no_gene2vec and args.gene2vec is not None:
@@ -364,7 +358,7 @@ def _run(args: argparse.Namespace, final: Path) -> int:
     from scgene.prior.knowledge import knowledge_embedding, read_knowledge_table, read_orthologs
 
     progress = not args.no_progress
-    tokenizer = _load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer)
     model = _load_model(args.model) if args.model else None
     if args.hidden_size is None:
         from scgene import ScGeneConfig
@@ -418,7 +412,7 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         knowledge = (table.genes, embedded, table.ensembl_ids)
         record["sources"]["knowledge"] = {"path": str(args.knowledge), "sha256": sha256_file(args.knowledge)}
         if args.orthologs is not None:
-            orthologs = ORTHOLOG_TABLES.get(args.orthologs, Path(args.orthologs))
+            orthologs = ortholog_table(args.orthologs)
             record["sources"]["orthologs"] = {"path": str(orthologs), "sha256": sha256_file(orthologs)}
         record["knowledge"] = info
         record["timings_seconds"]["knowledge"] = round(time.perf_counter() - start, 2)

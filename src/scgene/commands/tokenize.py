@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import USER_ERRORS, user_error_message
+from . import USER_ERRORS, load_tokenizer, user_error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,24 +49,6 @@ FLAGS = {
     "top_k": "--top-k",
     "`ScGeneTokenizer.from_anndata`": "a tokenizer saved from `ScGeneTokenizer.from_anndata` (--tokenizer)",
 }
-
-
-def load_tokenizer(name: str | None):
-    """The tokenizer of --tokenizer: a local folder (a path that starts with /, . or ~ must be one) or a Hub id."""
-    from ..inference import TOKENIZER_FOLDER, local_or_hub
-    from ..tokenization_scgene import ScGeneTokenizer
-
-    if name is None:
-        return ScGeneTokenizer()
-    try:
-        source = local_or_hub(name, TOKENIZER_FOLDER)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"--tokenizer {error}") from None
-    try:
-        return ScGeneTokenizer.from_pretrained(source)
-    except OSError as error:
-        raise FileNotFoundError(f"--tokenizer {name} is neither a saved tokenizer folder nor a Hub repository that "
-                                f"could be loaded ({str(error).splitlines()[0]}).") from error
 
 
 def run(args: argparse.Namespace) -> int:

@@ -24,8 +24,7 @@ from datasets.utils import are_progress_bars_disabled, disable_progress_bars, en
 from tqdm.auto import tqdm
 
 from ..fileio import atomic_directory
-from ..inference import opened
-from ..tokenization_scgene import ScGeneTokenizer
+from ..tokenization_scgene import ScGeneTokenizer, opened
 
 TOKEN_FEATURES = {
     "input_ids": datasets.Sequence(datasets.Value("int32")),

@@ -67,11 +67,16 @@ class KnowledgeTable:
         return table
 
 
+def ortholog_table(source) -> Path:
+    """The file of `source`: a name of `ORTHOLOG_TABLES` (e.g. "mouse") or a path."""
+    return Path(ORTHOLOG_TABLES.get(str(source), source))
+
+
 def read_orthologs(source) -> dict[str, str]:
     """The one-to-one pairs of a two-column ortholog table (no header; the knowledge table's genes first, the data's
     second), e.g. `ORTHOLOG_TABLES["mouse"]`. Genes with several orthologs on either side are left out: their
     knowledge would not say which copy it describes."""
-    path = Path(ORTHOLOG_TABLES.get(str(source), source))
+    path = ortholog_table(source)
     if not path.is_file():
         raise FileNotFoundError(f"Ortholog table {source}: no such file; give a two-column CSV or one of {sorted(ORTHOLOG_TABLES)}.")
     frame = pd.read_csv(path, header=None, dtype=str, sep="\t" if ".tsv" in path.suffixes else ",")
