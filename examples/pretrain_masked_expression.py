@@ -76,6 +76,8 @@ class ModelArguments:
     expression_encoding: str = "binned"
     norm_position: str = "post"
     pooling: str = "cls"
+    pooling_layer: int = field(default=-1, metadata={"help": "layer the cell embedding is read from: -1 the last, "
+                                                             "-2 the second-to-last (saved in the config)"})
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     value_loss_weight: float = 1.0

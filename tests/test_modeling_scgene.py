@@ -313,6 +313,8 @@ def test_loss_weights_turn_objectives_off():
         ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
         ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
         ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'; in config.json write numbers"),
+        ({"pooling_layer": 0}, "pooling_layer must be an integer from -2 .* to -1 .*, got 0"),
+        ({"pooling_layer": -3}, "pooling_layer must be an integer from -2"),
     ],
 )
 def test_bad_configs_raise_clear_errors(overrides, message):
@@ -383,6 +385,40 @@ def test_hidden_states_on_request_and_mean_pooling(encoder_type, norm_position):
     # mean pooling: the mean over real gene tokens (not <cls>, not padding)
     expected = out.last_hidden_state[:, 1:7].mean(1)
     torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
+@pytest.mark.parametrize("norm_position", ["post", "pre"])
+def test_pooling_layer_reads_an_earlier_layer_through_the_final_norm(tmp_path, encoder_type, norm_position):
+    """Reading layer -2 of 3 gives what the same weights give with 2 layers read at the last one."""
+    config = dict(encoder_type=encoder_type, norm_position=norm_position, pooling="mean")
+    model = with_prior(ScGeneModel(tiny_config(num_hidden_layers=3, **config)))
+    model.save_pretrained(tmp_path)
+    second_to_last = ScGeneModel.from_pretrained(tmp_path, pooling_layer=-2).eval()
+    truncated = ScGeneModel(tiny_config(num_hidden_layers=2, **config)).eval()
+    truncated.load_state_dict(model.state_dict(), strict=False)  # drops layers.2
+    cells = pad_cells(random_cells(3, 6, seed=15), 8)
+    with torch.no_grad():
+        read_early, last = second_to_last(**cells), model.eval()(**cells)
+        torch.testing.assert_close(read_early.pooler_output, truncated(**cells).pooler_output, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(read_early.last_hidden_state, last.last_hidden_state)  # only the read-out moves
+    assert not torch.allclose(read_early.pooler_output, last.pooler_output, atol=1e-3)
+    assert second_to_last.config.pooling_layer == -2
+
+
+def test_contrastive_loss_trains_the_last_layer_whatever_is_read():
+    config = dict(contrastive_loss_weight=1.0, pooling="mean", num_hidden_layers=3)
+    model = with_prior(ScGeneForMaskedExpression(tiny_config(**config))).eval()
+    early = ScGeneForMaskedExpression(tiny_config(pooling_layer=-3, **config)).eval()
+    early.load_state_dict(model.state_dict())
+    cells, other = random_cells(4, 6, seed=16), random_cells(4, 6, seed=17)
+    labels = torch.full_like(cells["expression_values"], -100.0)
+    labels[:, 2] = 1.0
+    views = {f"view_{name}": tensor for name, tensor in other.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(early(**cells, labels=labels, **views).contrastive_loss,
+                                   model(**cells, labels=labels, **views).contrastive_loss)
+        assert not torch.allclose(early.scgene(**cells).pooler_output, model.scgene(**cells).pooler_output, atol=1e-3)
 
 
 @pytest.mark.parametrize("freeze_backbone", [True, False])

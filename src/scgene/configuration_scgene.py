@@ -28,6 +28,10 @@ class ScGeneConfig(PreTrainedConfig):
             `W_bin · onehot(bin) + alpha · value · v_cont` over `n_bins` bins (seed 001; bin `n_bins` is the mask bin).
         norm_position (`"post"` | `"pre"`): post-LN as in the seed (and `torch.nn.TransformerEncoderLayer`), or pre-LN.
         pooling (`"cls"` | `"mean"`): the cell embedding is the `<cls>` token or the masked mean of gene tokens.
+        pooling_layer (`-1`, `-2`, ...): which layer's output the cell embedding is read from: the last (`-1`) or an
+            earlier one (`-2` is the second-to-last, as Geneformer reads it), with the encoder's final LayerNorm applied.
+            The pretraining losses always train the last layer, so this is a read-out choice that can be changed on a
+            trained checkpoint (`from_pretrained(path, pooling_layer=-2)`).
         classifier_pooling (`"cell"` | `"gene_projection"`): the classifier reads the pooled cell embedding, or (seed
             000 exactly) the `(batch, num_panel_genes)` vector made by projecting each gene's output to one number.
         value_loss_weight, bin_loss_weight, contrastive_loss_weight: the pretraining objectives' weights; the
@@ -75,6 +79,7 @@ class ScGeneConfig(PreTrainedConfig):
     regulation_init: float = 0.1
     # heads
     pooling: str = "cls"
+    pooling_layer: int = -1
     classifier_pooling: str = "cell"
     num_panel_genes: int | None = None
     classifier_hidden_size: int = 128
@@ -111,6 +116,12 @@ class ScGeneConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 quoted = "; in config.json write numbers without quotes" if isinstance(value, str) else ""
                 raise ValueError(f"ScGeneConfig.{name} must be a positive integer, got {value!r}{quoted}.")
+        layer = self.pooling_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_hidden_layers <= layer <= -1:
+            raise ValueError(
+                f"ScGeneConfig.pooling_layer must be an integer from -{self.num_hidden_layers} (the first layer) to -1 "
+                f"(the last), got {layer!r}."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "

@@ -394,20 +394,24 @@ class ScGeneEncoder(nn.Module):
         )
 
     def forward(self, identity, expression, attention_mask, gene_attention_mask, output_hidden_states,
-                output_regulation):
+                output_regulation, pooling_layer=-1):
         hidden_states = expression + identity  # (B, G, d)
         # keep per-layer states only when asked: holding them costs L × (B, G, d) of memory
         all_hidden, all_attn = ([hidden_states] if output_hidden_states else []), []
-        for layer in self.layers:
+        read_at = len(self.layers) + pooling_layer  # the layer whose output makes the cell embedding
+        for index, layer in enumerate(self.layers):
             hidden_states, attn_weights = layer(hidden_states, attention_mask)
+            if index == read_at:
+                pooled_states = hidden_states
             if output_hidden_states:
                 all_hidden.append(hidden_states)
             all_attn.append(attn_weights)
         if self.final_norm is not None:
             hidden_states = self.final_norm(hidden_states)
+            pooled_states = hidden_states if pooling_layer == -1 else self.final_norm(pooled_states)
             if output_hidden_states:
                 all_hidden[-1] = hidden_states
-        return hidden_states, all_hidden, all_attn, []
+        return hidden_states, pooled_states, all_hidden, all_attn, []
 
 
 class ScGeneDualBranchEncoder(nn.Module):
@@ -425,26 +429,33 @@ class ScGeneDualBranchEncoder(nn.Module):
         self.expression_final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if pre_norm else None
 
     def forward(self, identity, expression, attention_mask, gene_attention_mask, output_hidden_states,
-                output_regulation):
+                output_regulation, pooling_layer=-1):
         gene_states, expression_states = identity, expression  # (Bg, G, d), (B, G, d) with Bg in {1, B}
         all_hidden, all_attn, all_regulation = [], [], []
         if output_hidden_states:
             all_hidden.append(expression_states + gene_states)
-        for layer in self.layers:
+        read_at = len(self.layers) + pooling_layer  # the layer whose output makes the cell embedding
+        for index, layer in enumerate(self.layers):
             gene_states, expression_states, attn_weights, regulation = layer(
                 gene_states, expression_states, attention_mask, gene_attention_mask, output_regulation
             )
+            if index == read_at:
+                pooled_states = self.fuse(gene_states, expression_states)
             if output_hidden_states:
                 all_hidden.append(expression_states + gene_states)
             all_attn.append(attn_weights)
             all_regulation.append(regulation)
+        hidden_states = self.fuse(gene_states, expression_states)
+        if output_hidden_states:
+            all_hidden[-1] = hidden_states
+        return hidden_states, pooled_states, all_hidden, all_attn, all_regulation
+
+    def fuse(self, gene_states, expression_states):
+        """One layer's output: expression states + gene states, each with its final LayerNorm (pre-LN)."""
         if self.gene_final_norm is not None:
             gene_states = self.gene_final_norm(gene_states)
             expression_states = self.expression_final_norm(expression_states)
-        hidden_states = expression_states + gene_states
-        if output_hidden_states:
-            all_hidden[-1] = hidden_states
-        return hidden_states, all_hidden, all_attn, all_regulation
+        return expression_states + gene_states
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -632,13 +643,13 @@ class ScGeneModel(ScGenePreTrainedModel):
             identity = identity[:1]  # the gene branch runs once for the whole batch
             gene_attention_mask = None if attention_mask_4d is None else attention_mask_4d[:1]
 
-        hidden_states, all_hidden, all_attn, all_regulation = self.encoder(
+        hidden_states, pooled_states, all_hidden, all_attn, all_regulation = self.encoder(
             identity, expression, attention_mask_4d, gene_attention_mask,
-            output_hidden_states, output_regulation,
+            output_hidden_states, output_regulation, self.config.pooling_layer,
         )
         return ScGeneModelOutput(
             last_hidden_state=hidden_states,
-            pooler_output=self.pool(hidden_states, input_ids, attention_mask),
+            pooler_output=self.pool(pooled_states, input_ids, attention_mask),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             regulation=tuple(all_regulation) if output_regulation else None,
@@ -739,8 +750,11 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
                     "DataCollatorForMaskedExpression(count_views=True)."
                 )
             view = self.scgene(view_input_ids, view_expression_values, view_expression_bins, view_attention_mask)
-            losses["contrastive_loss"] = info_nce(self.contrastive_projection(outputs.pooler_output),
-                                                  self.contrastive_projection(view.pooler_output),
+            # on the last layer whatever `pooling_layer` reads: the losses train the last layer
+            cell = self.scgene.pool(hidden_states, input_ids, attention_mask)  # (B, d)
+            view_cell = self.scgene.pool(view.last_hidden_state, view_input_ids, view_attention_mask)  # (B, d)
+            losses["contrastive_loss"] = info_nce(self.contrastive_projection(cell),
+                                                  self.contrastive_projection(view_cell),
                                                   self.config.contrastive_temperature)
         weights = {"value_loss": self.config.value_loss_weight, "bin_loss": self.config.bin_loss_weight,
                    "contrastive_loss": self.config.contrastive_loss_weight}
