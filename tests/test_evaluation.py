@@ -126,6 +126,14 @@ def test_evaluate_command_writes_json_and_markdown(checkpoint, tmp_path, capsys)
     assert saved["info"]["n_cells"] < 300  # labels with fewer than 5 cells are left out
     assert "| PCA (50 PCs of log1p HVGs) |" in (tmp_path / "scores.md").read_text()
     assert "| ScGene |" in capsys.readouterr().out
+    # --pooling-layer is passed to the model (the untrained copy follows its config); this one has a single layer
+    assert main(["evaluate", str(path), "--model", str(checkpoint), "--label-key", "cell_type", "--baselines",
+                 "untrained", "--pooling-layer", "-1", "--json", str(tmp_path / "layer.json")]) == 0
+    layer = json.loads((tmp_path / "layer.json").read_text())["scores"]
+    assert layer["ScGene"]["knn_f1"] == saved["scores"]["ScGene"]["knn_f1"] and "ScGene untrained" in layer
+    capsys.readouterr()
+    assert main(["evaluate", str(path), "--model", str(checkpoint), "--label-key", "cell_type", "--pooling-layer", "-2"]) == 1
+    assert capsys.readouterr().err.startswith("scgene evaluate: error: --pooling-layer must be an integer from -1")
 
 
 def test_evaluate_command_names_a_missing_label_column(checkpoint, tmp_path, capsys):

@@ -232,3 +232,23 @@ def test_a_mistyped_path_is_named_not_taken_for_a_hub_id(checkpoint, cells, tmp_
     assert main(["embed", str(source), "--model", "./nope", "--out", str(tmp_path / "out.h5ad")]) == 1
     assert capsys.readouterr().err == "scgene embed: error: ./nope: no such folder (a checkpoint is a folder with " \
                                       "config.json and model.safetensors).\n"
+
+
+def test_pooling_layer_reads_another_layer_in_the_api_and_the_command(checkpoint, cells, tmp_path, capsys):
+    earlier = scgene.embed(cells, checkpoint, pooling_layer=-2, progress=False, key_added=None)
+    encoder = ScGeneModel.from_pretrained(checkpoint, pooling_layer=-2).eval()
+    batch = ScGeneTokenizer.from_pretrained(checkpoint)(cells, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        np.testing.assert_allclose(earlier, encoder(**batch).pooler_output.numpy(), atol=1e-5)
+    assert not np.allclose(earlier, reference_embeddings(checkpoint, cells), atol=1e-3)
+    with pytest.raises(ValueError, match="model.config.pooling_layer"):
+        scgene.embed(cells, encoder, pooling_layer=-1, progress=False)  # a loaded model is not changed behind one's back
+    source, out = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    cells.write_h5ad(source)
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(out), "--pooling-layer", "-2"]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgene"], earlier, atol=1e-5)
+    capsys.readouterr()
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "x.h5ad"),
+                 "--pooling-layer", "1"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("scgene embed: error: --pooling-layer must be an integer from -2") and error.count("\n") == 1

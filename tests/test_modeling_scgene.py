@@ -404,6 +404,8 @@ def test_pooling_layer_reads_an_earlier_layer_through_the_final_norm(tmp_path, e
     torch.testing.assert_close(read_early.last_hidden_state, last.last_hidden_state)  # only the read-out moves
     assert not torch.allclose(read_early.pooler_output, last.pooler_output, atol=1e-3)
     assert second_to_last.config.pooling_layer == -2
+    with pytest.raises(ValueError, match="pooling_layer must be an integer from -3"):
+        ScGeneModel.from_pretrained(tmp_path, pooling_layer=-4)  # an override is checked like a saved value
 
 
 def test_contrastive_loss_trains_the_last_layer_whatever_is_read():

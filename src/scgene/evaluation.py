@@ -322,13 +322,15 @@ def evaluate(
     name: str = "ScGene",
     settings: EvaluationSettings | None = None,
     device=None,
+    pooling_layer: int | None = None,
     progress: bool = True,
     **tokenize_kwargs,
 ) -> EvaluationReport:
     """Score `model`'s cell embeddings of `adata` (raw counts in X; an AnnData or a path, never modified) against
     `obs[label_key]`, next to `baselines` (any of "untrained", "prior", "pca", "expression") on the same cells.
 
-    `model`: checkpoint folder, Hub id or loaded ScGene model; `tokenize_kwargs` as for `scgene.embed`.
+    `model`: checkpoint folder, Hub id or loaded ScGene model; `pooling_layer` and `tokenize_kwargs` as for
+    `scgene.embed` (the untrained model reads the same layer).
     """
     import anndata
 
@@ -343,7 +345,7 @@ def evaluate(
     labels = cells.obs[label_key].astype(str).to_numpy()
     batches = cells.obs[batch_key].astype(str).to_numpy() if batch_key else None
     genes_detected, log_counts = depth_covariates(cells)
-    encoder = load_model(model, classifier=False, device=device)
+    encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
 
     def embed_with(which):

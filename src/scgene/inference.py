@@ -61,12 +61,16 @@ def quiet_transformers_loading() -> Iterator[None]:
             each.setLevel(level)
 
 
-def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrainedModel:
+def load_model(model, classifier: bool = False, device=None, pooling_layer: int | None = None) -> ScGenePreTrainedModel:
     """A checkpoint path / Hub id or a loaded ScGene model -> the model to run, in eval mode on `device`.
 
     `classifier=False` returns the encoder (`ScGeneModel`: the base model of any head); `classifier=True` needs a
-    `ScGeneForCellClassification` checkpoint.
+    `ScGeneForCellClassification` checkpoint. `pooling_layer` overrides the checkpoint's read-out layer.
     """
+    overrides = {} if pooling_layer is None else {"pooling_layer": pooling_layer}
+    if overrides and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("pooling_layer is applied when loading a checkpoint; on a loaded model set "
+                         "model.config.pooling_layer instead (or load it with from_pretrained(path, pooling_layer=...)).")
     if isinstance(model, (str, os.PathLike)):
         model = local_or_hub(model, "a checkpoint is a folder with config.json and model.safetensors")
         if classifier and "ScGeneForCellClassification" not in (AutoConfig.from_pretrained(str(model)).architectures or []):
@@ -76,7 +80,7 @@ def load_model(model, classifier: bool = False, device=None) -> ScGenePreTrained
             )
         auto_class = AutoModelForSequenceClassification if classifier else AutoModel
         with quiet_transformers_loading():
-            model, info = auto_class.from_pretrained(str(model), output_loading_info=True)
+            model, info = auto_class.from_pretrained(str(model), output_loading_info=True, **overrides)
         if info["missing_keys"]:
             logger.warning(f"Weights missing from the checkpoint, left at their initial values: {sorted(info['missing_keys'])}")
     if not isinstance(model, ScGenePreTrainedModel):
@@ -234,6 +238,7 @@ def embed(
     batch_size: int | None = None,
     max_tokens_per_batch: int | None = None,
     device=None,
+    pooling_layer: int | None = None,
     progress: bool = True,
     **tokenize_kwargs,
 ) -> np.ndarray:
@@ -242,10 +247,11 @@ def embed(
     `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used). `tokenizer`: by default
     the one saved with the checkpoint, with its saved settings; `tokenize_kwargs` (`gene_selection`, `max_length`,
     `top_k`, `gene_column`) override them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
-    per batch. A path is read backed and never written: the embeddings are returned. Results do not depend on
-    `batch_size`, `max_tokens_per_batch`, cell order or batch mates.
+    per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
+    and never written: the embeddings are returned. Results do not depend on `batch_size`, `max_tokens_per_batch`, cell
+    order or batch mates.
     """
-    encoder = load_model(model, classifier=False, device=device)
+    encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
     with opened(adata) as cells:
         embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)

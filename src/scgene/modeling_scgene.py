@@ -595,6 +595,7 @@ class ScGeneModel(ScGenePreTrainedModel):
 
     def __init__(self, config: ScGeneConfig):
         super().__init__(config)
+        config.validate_scgene()  # again: from_pretrained(path, name=value) sets overrides after the config's checks
         self.embeddings = ScGeneEmbeddings(config)
         self.encoder = ScGeneDualBranchEncoder(config) if config.encoder_type == "dual_branch" else ScGeneEncoder(config)
         self.post_init()

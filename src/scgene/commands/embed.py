@@ -17,7 +17,11 @@ FLAGS = {
     "max_tokens_per_batch": "--max-tokens-per-batch",
     "gene_column=": "--gene-column",
     "max_length": "--max-length",
+    "ScGeneConfig.pooling_layer": "--pooling-layer",
 }
+
+
+POOLING_LAYER_HELP = "read the cell embedding from this layer: -1 the last, -2 the second-to-last (default: the checkpoint's)"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -49,6 +53,7 @@ def inference_options(args: argparse.Namespace) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used)")
     parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
+    parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
     parser.add_argument("--plot", metavar="PNG", help="save a UMAP of the embedding here")
     parser.add_argument("--color", nargs="*", default=[], metavar="COL", help="obs columns to colour the UMAP by")
 
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
             missing = [column for column in args.color if column not in adata.obs.columns]
             if missing:
                 raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
-            embeddings = embed(adata, args.model, key_added=None, **options)
+            embeddings = embed(adata, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
             print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
             obsm, obs = {args.key: embeddings}, None
             if args.plot:

@@ -11,9 +11,11 @@ import argparse
 import sys
 
 from . import USER_ERRORS, user_error_message
+from .embed import POOLING_LAYER_HELP
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
-         "gene_column=": "--gene-column", "tokenizer=": "--tokenizer"}
+         "gene_column=": "--gene-column", "tokenizer=": "--tokenizer",
+         "ScGeneConfig.pooling_layer": "--pooling-layer"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+    parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         options = {key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None}
         report = evaluate(adata, args.model, label_key=args.label_key, batch_key=args.batch_key,
                           tokenizer=args.tokenizer, baselines=args.baselines, settings=settings, device=args.device,
-                          **options)
+                          pooling_layer=args.pooling_layer, **options)
         report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
         print(user_error_message("evaluate", error, FLAGS), file=sys.stderr)
