@@ -63,6 +63,10 @@ class FinetuneArguments:
     dataset: str = field(metadata={"help": "folder written by `scgene tokenize` with the label obs column kept"})
     label_column: str = field(default="cell_type", metadata={"help": "obs column with the cell labels"})
     test_fraction: float = field(default=0.2, metadata={"help": "held-out cells, stratified by label"})
+    min_cells_per_label: int = field(
+        default=5, metadata={"help": "with the random split, labels with fewer cells are left out, with a message (a "
+                                     "stratified split needs 2; `scgene evaluate` leaves out the same labels)"}
+    )
     split_column: str | None = field(
         default=None, metadata={"help": "column with `train` / `test` per cell: a predefined split (default: random)"}
     )
@@ -90,6 +94,34 @@ class FinetuneArguments:
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "q_b_proj", "kv_b_proj"]  # those the attention type has
+
+
+def without_rare_labels(cells: datasets.Dataset, column: str, min_cells: int) -> datasets.Dataset:
+    """The cells whose label has at least `min_cells` cells; the others are left out and named (a label with one cell
+    cannot be both trained on and tested)."""
+    feature = cells.features[column]
+    labels = np.asarray(cells[column])
+    if isinstance(feature, datasets.ClassLabel):
+        labels = np.asarray(feature.names, dtype=object)[labels]
+    values, counts = np.unique(labels.astype(str), return_counts=True)
+    values, counts = values.tolist(), counts.tolist()  # plain str and int, for the messages
+    rare = {value: count for value, count in zip(values, counts) if count < min_cells}
+    if not rare:
+        return cells
+    kept = [value for value in values if value not in rare]
+    if len(kept) < 2:
+        raise SystemExit(f"--label_column {column}: fewer than 2 labels have {min_cells} or more cells "
+                         f"({dict(zip(values, counts))}); lower --min_cells_per_label (at least 2) or label more cells.")
+    print(f"Left out {sum(rare.values())} cells of labels with fewer than {min_cells} cells: {rare} "
+          "(--min_cells_per_label 2 keeps labels with 2 or more cells).")
+    cells = cells.select(np.flatnonzero(~np.isin(labels.astype(str), list(rare))))
+    if isinstance(feature, datasets.ClassLabel):  # re-number the kept labels, so the head has no output without cells
+        new_id = {name: i for i, name in enumerate(kept)}
+        features = cells.features.copy()
+        features[column] = datasets.ClassLabel(names=kept)
+        cells = cells.map(lambda batch: {column: [new_id[feature.names[i]] for i in batch[column]]}, batched=True,
+                          features=features)
+    return cells
 
 
 def label_names(dataset: datasets.Dataset, column: str) -> list[str]:
@@ -219,6 +251,10 @@ def main():
     tokenizer = ScGeneTokenizer.from_pretrained(args.dataset)
     cells = datasets.load_from_disk(args.dataset)
     require_column(cells, args.label_column, "--label_column")
+    if args.min_cells_per_label < 2:
+        raise SystemExit(f"--min_cells_per_label must be at least 2 (one training and one test cell), got {args.min_cells_per_label}.")
+    if args.split_column is None:
+        cells = without_rare_labels(cells, args.label_column, args.min_cells_per_label)
     names = label_names(cells, args.label_column)
     if not isinstance(cells.features[args.label_column], datasets.ClassLabel):
         cells = cells.class_encode_column(args.label_column)
