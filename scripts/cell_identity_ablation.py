@@ -32,6 +32,8 @@ VARIANTS = {
     "masked + contrastive count views": (["--contrastive_loss_weight", "1"], "fused"),
     "masked + contrastive, temperature 0.05": (
         ["--contrastive_loss_weight", "1", "--contrastive_temperature", "0.05"], "fused"),
+    "masked + contrastive, temperature 0.02": (
+        ["--contrastive_loss_weight", "1", "--contrastive_temperature", "0.02"], "fused"),
     "masked + contrastive, matched-depth views": (["--contrastive_loss_weight", "1", "--matched_depth_views"], "fused"),
     "masked expression, gene2vec prior only": ([], "gene2vec"),
     "contrastive only": (["--contrastive_loss_weight", "1", "--value_loss_weight", "0", "--bin_loss_weight", "0"], "fused"),
