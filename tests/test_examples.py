@@ -232,7 +232,7 @@ def test_finetuning_under_torchrun_trains_like_one_process(tokenized, tmp_path):
          *TINY_MODEL, *COMMON])
     finetune = [REPO / "examples" / "finetune_cell_type.py", "--model", tmp_path / "pretrained", "--dataset",
                 tokenized / "tokenized", "--label_column", "cell_type", "--num_train_epochs", "2",
-                "--classifier_dropout", "0", *COMMON]
+                "--classifier_dropout", "0", "--min_cells_per_label", "2", *COMMON]  # all 300 cells: 240 to train
     output = run([sys.executable, *LAUNCHERS["torchrun"], *finetune, "--output_dir", tmp_path / "ddp",
                   "--per_device_train_batch_size", "12", "--ddp_backend", "gloo"], env={"OMP_NUM_THREADS": "1"})
     assert output.count("logistic regression baseline") == 1
