@@ -103,7 +103,8 @@ def without_rare_labels(cells: datasets.Dataset, column: str, min_cells: int) ->
     labels = np.asarray(cells[column])
     if isinstance(feature, datasets.ClassLabel):
         labels = np.asarray(feature.names, dtype=object)[labels]
-    values, counts = np.unique(labels.astype(str), return_counts=True)
+    labels = labels.astype(str)
+    values, counts = np.unique(labels, return_counts=True)
     values, counts = values.tolist(), counts.tolist()  # plain str and int, for the messages
     rare = {value: count for value, count in zip(values, counts) if count < min_cells}
     if not rare:
@@ -114,7 +115,7 @@ def without_rare_labels(cells: datasets.Dataset, column: str, min_cells: int) ->
                          f"({dict(zip(values, counts))}); lower --min_cells_per_label (at least 2) or label more cells.")
     print(f"Left out {sum(rare.values())} cells of labels with fewer than {min_cells} cells: {rare} "
           "(--min_cells_per_label 2 keeps labels with 2 or more cells).")
-    cells = cells.select(np.flatnonzero(~np.isin(labels.astype(str), list(rare))))
+    cells = cells.select(np.flatnonzero(~np.isin(labels, list(rare))))
     if isinstance(feature, datasets.ClassLabel):  # re-number the kept labels, so the head has no output without cells
         new_id = {name: i for i, name in enumerate(kept)}
         features = cells.features.copy()
@@ -252,7 +253,8 @@ def main():
     cells = datasets.load_from_disk(args.dataset)
     require_column(cells, args.label_column, "--label_column")
     if args.min_cells_per_label < 2:
-        raise SystemExit(f"--min_cells_per_label must be at least 2 (one training and one test cell), got {args.min_cells_per_label}.")
+        raise SystemExit("--min_cells_per_label must be at least 2 (one training and one test cell), got "
+                         f"{args.min_cells_per_label}.")
     if args.split_column is None:
         cells = without_rare_labels(cells, args.label_column, args.min_cells_per_label)
     names = label_names(cells, args.label_column)

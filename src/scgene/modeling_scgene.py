@@ -440,12 +440,13 @@ class ScGeneDualBranchEncoder(nn.Module):
                 gene_states, expression_states, attention_mask, gene_attention_mask, output_regulation
             )
             if index == read_at:
-                pooled_states = self.fuse(gene_states, expression_states)
+                read_states = gene_states, expression_states
             if output_hidden_states:
                 all_hidden.append(expression_states + gene_states)
             all_attn.append(attn_weights)
             all_regulation.append(regulation)
         hidden_states = self.fuse(gene_states, expression_states)
+        pooled_states = hidden_states if pooling_layer == -1 else self.fuse(*read_states)
         if output_hidden_states:
             all_hidden[-1] = hidden_states
         return hidden_states, pooled_states, all_hidden, all_attn, all_regulation
