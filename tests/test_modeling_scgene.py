@@ -277,7 +277,7 @@ def test_contrastive_loss_matches_two_views_and_is_reported_apart():
         same = model(**cells, labels=labels, **{f"view_{name}": tensor for name, tensor in cells.items()})
         first = model.contrastive_projection(model.scgene(**cells).pooler_output)
         second = model.contrastive_projection(model.scgene(**other).pooler_output)
-    logits = torch.nn.functional.normalize(first, dim=-1) @ torch.nn.functional.normalize(second, dim=-1).T / 0.1
+    logits = torch.nn.functional.normalize(first, dim=-1) @ torch.nn.functional.normalize(second, dim=-1).T / model.config.contrastive_temperature
     target = torch.arange(4)
     expected = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
     torch.testing.assert_close(out.contrastive_loss, expected)

@@ -90,7 +90,7 @@ class ScGeneConfig(PreTrainedConfig):
     value_loss_weight: float = 1.0
     bin_loss_weight: float = 1.0
     contrastive_loss_weight: float = 0.0
-    contrastive_temperature: float = 0.1
+    contrastive_temperature: float = 0.02
     contrastive_projection_size: int = 64
 
     def __post_init__(self, **kwargs):
