@@ -36,6 +36,8 @@ VARIANTS = {
         ["--contrastive_loss_weight", "1", "--contrastive_temperature", "0.05"], "fused"),
     "masked + contrastive, temperature 0.02": (
         ["--contrastive_loss_weight", "1", "--contrastive_temperature", "0.02"], "fused"),
+    "masked + contrastive, temperature 0.01": (
+        ["--contrastive_loss_weight", "1", "--contrastive_temperature", "0.01"], "fused"),
     "masked + contrastive, matched-depth views": ([*CONTRASTIVE, "--matched_depth_views"], "fused"),
     "masked expression, gene2vec prior only": ([], "gene2vec"),
     "contrastive only": ([*CONTRASTIVE, "--value_loss_weight", "0", "--bin_loss_weight", "0"], "fused"),
