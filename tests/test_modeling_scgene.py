@@ -267,7 +267,8 @@ def test_masked_losses_average_cells_not_tokens():
 
 
 def test_contrastive_loss_matches_two_views_and_is_reported_apart():
-    model = with_prior(ScGeneForMaskedExpression(tiny_config(contrastive_loss_weight=0.5, pooling="mean"))).eval()
+    config = tiny_config(contrastive_loss_weight=0.5, contrastive_temperature=0.3, pooling="mean")
+    model = with_prior(ScGeneForMaskedExpression(config)).eval()
     cells, other = random_cells(4, 6, seed=11), random_cells(4, 5, seed=12)
     labels = torch.full_like(cells["expression_values"], -100.0)
     labels[:, 2] = 1.0
@@ -277,7 +278,7 @@ def test_contrastive_loss_matches_two_views_and_is_reported_apart():
         same = model(**cells, labels=labels, **{f"view_{name}": tensor for name, tensor in cells.items()})
         first = model.contrastive_projection(model.scgene(**cells).pooler_output)
         second = model.contrastive_projection(model.scgene(**other).pooler_output)
-    logits = torch.nn.functional.normalize(first, dim=-1) @ torch.nn.functional.normalize(second, dim=-1).T / model.config.contrastive_temperature
+    logits = torch.nn.functional.normalize(first, dim=-1) @ torch.nn.functional.normalize(second, dim=-1).T / 0.3
     target = torch.arange(4)
     expected = 0.5 * (torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target))
     torch.testing.assert_close(out.contrastive_loss, expected)
