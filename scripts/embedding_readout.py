@@ -31,10 +31,9 @@ READOUTS = {
 }
 
 
-def score_readouts(cells, label_key: str, model: str, settings: EvaluationSettings) -> dict[str, dict]:
+def score_readouts(cells, labels, covariates, model: str, settings: EvaluationSettings) -> dict[str, dict]:
     """The harness's scores of one checkpoint's embeddings under each read-out."""
-    labels = cells.obs[label_key].astype(str).to_numpy()
-    genes_detected, log_counts = depth_covariates(cells)
+    genes_detected, log_counts = covariates
     scores = {}
     for name, switches in READOUTS.items():
         features = embed(cells, AutoModel.from_pretrained(model, **switches), key_added=None, progress=False)
@@ -66,7 +65,9 @@ def main():
     settings = EvaluationSettings(seed=args.seed)
     adata = anndata.read_h5ad(args.data)
     cells = adata[labelled_cells(adata, args.label_key, None, settings.n_folds)].copy()
-    per_model = {model: score_readouts(cells, args.label_key, model, settings) for model in args.model}
+    labels = cells.obs[args.label_key].astype(str).to_numpy()
+    covariates = depth_covariates(cells)  # the same cells for every checkpoint
+    per_model = {model: score_readouts(cells, labels, covariates, model, settings) for model in args.model}
     markdown = f"{', '.join(args.model)} on {cells.n_obs} cells of {args.data.name}\n\n" + markdown_table(per_model)
     print(markdown)
     if args.out:
