@@ -59,7 +59,7 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert "pretraining eval loss" in output
     logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
     assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
-    assert {"model.safetensors", "config.json", "modeling_scgene.py", "vocab.json"} <= {p.name for p in pretrained.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_scgene.py", "preprocessor_config.json"} <= {p.name for p in pretrained.iterdir()}
     assert not list((tokenized / "tokenized").glob("cache-*"))  # nothing written into the dataset folder
     assert not (pretrained / "training_args.bin").exists()
 

@@ -90,3 +90,95 @@ def test_a_terminated_command_leaves_no_staging_folder(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the output rule every command follows
+def snapshot(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture()
+def cells_h5ad(tmp_path):
+    import anndata
+
+    path = tmp_path / "project" / "data" / "cells.h5ad"
+    path.parent.mkdir(parents=True)
+    anndata.read_h5ad(PBMC)[:20].write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("output", ["other_file", "the_input", "the_project"])
+def test_tokenize_never_removes_an_input_or_a_folder_it_did_not_write(tmp_path, cells_h5ad, output, capsys):
+    """The three cases of bb31448: OUT an unrelated existing file, OUT the input itself, OUT a folder that holds the
+    input; each refused even with --overwrite, with every file left as it was."""
+    from scgene.cli import main
+
+    other = tmp_path / "B.h5ad"
+    other.write_bytes(cells_h5ad.read_bytes())
+    out = {"other_file": other, "the_input": cells_h5ad, "the_project": tmp_path / "project"}[output]
+    before = snapshot(tmp_path)
+    for extra in ([], ["--overwrite"]):
+        assert main(["tokenize", str(cells_h5ad), str(out), *extra]) == 1
+        err = capsys.readouterr().err
+        assert "choose" in err and "--overwrite" not in err  # never advised where it would destroy
+        assert snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_only_a_folder_the_same_command_wrote(tmp_path, cells_h5ad, capsys):
+    from scgene.cli import main
+
+    out = tmp_path / "tokens"
+    assert main(["tokenize", str(cells_h5ad), str(out)]) == 0
+    assert main(["tokenize", str(cells_h5ad), str(out), "--overwrite"]) == 0  # its own output: replaced
+    user_folder = tmp_path / "notes"
+    user_folder.mkdir()
+    (user_folder / "mine.txt").write_text("keep")
+    assert main(["tokenize", str(cells_h5ad), str(user_folder), "--overwrite"]) == 1
+    assert "did not write" in capsys.readouterr().err and (user_folder / "mine.txt").read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["tokenize", str(cells_h5ad), str(empty)]) == 0  # an empty folder holds nothing to lose
+
+
+def test_claimed_output_refuses_inputs_files_of_input_folders_and_concurrent_writers(tmp_path):
+    from scgene.fileio import claimed_output
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_text("weights")
+    with pytest.raises(ValueError, match="is a file of the input folder"):
+        with claimed_output(model / "model.safetensors", [model], command="embed", folder=False, overwrite=True):
+            pass
+    out = tmp_path / "out.h5ad"
+    with claimed_output(out, [model], command="embed", folder=False, overwrite=False):
+        lock = tmp_path / ".out.h5ad.lock"
+        assert lock.read_text() == str(os.getpid())
+        # a second writer in another process fails at once instead of both reporting success
+        script = textwrap.dedent(f"""
+            from scgene.fileio import claimed_output
+            try:
+                with claimed_output({str(out)!r}, [], command="embed", folder=False, overwrite=True):
+                    raise SystemExit(3)
+            except FileExistsError as error:
+                print(error)
+        """)
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0 and f"(pid {os.getpid()}) is writing" in result.stdout, result
+    assert not lock.exists()
+    lock.write_text("999999999")  # left by a killed run: taken over
+    with claimed_output(out, [], command="embed", folder=False, overwrite=False):
+        pass
+
+
+def test_embed_checks_its_output_before_the_work(tmp_path, cells_h5ad, capsys):
+    """An --out that is the input's folder or a file inside the model folder is refused before any model loads."""
+    from scgene.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # not a loadable model: the output error must come first
+    before = snapshot(tmp_path)
+    for out in (model / "config.json", cells_h5ad.parent):
+        assert main(["embed", str(cells_h5ad), "--model", str(model), "--out", str(out), "--overwrite"]) == 1
+        assert "choose" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before

@@ -183,7 +183,7 @@ def test_embed_command_writes_a_copy_and_a_plot(checkpoint, cells, tmp_path, cap
     assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "x.h5ad"), "--batch-size", "0"]) == 1
     assert "--batch-size" in capsys.readouterr().err
     assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(source), "--overwrite"]) == 1
-    assert "input file" in capsys.readouterr().err
+    assert "is the input" in capsys.readouterr().err
     assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "y.h5ad"), "--color", "nope"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("scgene embed: error:") and "nope" in error and error.count("\n") == 1

@@ -1,5 +1,6 @@
 """ScGeneTokenizer: vocabulary, gene matching, normalisation, binning, selection, serialisation."""
 
+import json
 import logging
 import os
 import subprocess
@@ -141,7 +142,8 @@ def test_hub_files_import_only_allowed_modules():
 def test_save_load_round_trip_json_only(tmp_path, tokenizer, pbmc):
     custom = ScGeneTokenizer(n_bins=21, gene_selection="top_k", top_k=50, add_cls_token=False, max_length=64)
     custom.save_pretrained(tmp_path)
-    assert {"preprocessor_config.json", "vocab.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert "preprocessor_config.json" in {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["vocab"]["symbols"] == custom.symbols[3:]
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".pkl", ".bin", ".pt")]
     loaded = ScGeneTokenizer.from_pretrained(tmp_path)
     assert loaded.to_json_string() == custom.to_json_string()
@@ -156,6 +158,32 @@ def test_custom_vocabulary_survives_save_and_load(tmp_path, pbmc):
     loaded = ScGeneTokenizer.from_pretrained(tmp_path)
     assert loaded.vocab_size == 503 and loaded.symbols == custom.symbols and loaded.ensembl_ids == custom.ensembl_ids
     assert_same_batch(custom(pbmc[:50]), loaded(pbmc[:50]))
+
+
+def test_every_loading_path_returns_the_saved_vocabulary(tmp_path, pbmc):
+    """The vocabulary travels inside the config, so it does not matter which classmethod transformers calls."""
+    from transformers import AutoFeatureExtractor
+
+    custom = ScGeneTokenizer.from_gene_list(list(pbmc.var_names[::-1][:400]), min_coverage=0.05)
+    custom.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    for loaded in (ScGeneTokenizer.from_pretrained(tmp_path), AutoFeatureExtractor.from_pretrained(tmp_path),
+                   ScGeneTokenizer.from_dict(config), ScGeneTokenizer.from_json_file(tmp_path / "preprocessor_config.json")):
+        assert loaded.vocab_size == 403 and loaded.symbols == custom.symbols, type(loaded)
+        assert_same_batch(custom(pbmc[:20]), loaded(pbmc[:20]))
+
+
+def test_a_folder_with_the_older_vocab_json_layout_loads_or_fails_clearly(tmp_path, pbmc):
+    custom = ScGeneTokenizer.from_gene_list(list(pbmc.var_names[:300]), min_coverage=0.05)
+    custom.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "vocab.json").write_text(json.dumps(config.pop("vocab")))  # as scgene 0.1 saved it
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    assert ScGeneTokenizer.from_pretrained(tmp_path).symbols == custom.symbols
+    from transformers import AutoFeatureExtractor
+
+    with pytest.raises(ValueError, match="saved by scgene 0.1.*save it again"):  # never the default vocabulary
+        AutoFeatureExtractor.from_pretrained(tmp_path)
 
 
 def test_auto_feature_extractor_after_import(tmp_path, tokenizer, pbmc):
@@ -192,7 +220,8 @@ def test_trainer_saves_the_tokenizer_with_every_checkpoint(tmp_path):
     checkpoints = sorted((tmp_path / "run").glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2"]
     for checkpoint in checkpoints:
-        assert {"preprocessor_config.json", "vocab.json"} <= {p.name for p in checkpoint.iterdir()}
+        loaded = AutoFeatureExtractor.from_pretrained(checkpoint)
+        assert loaded.symbols == tokenizer.symbols
         assert_same_batch(tokenizer(cells), AutoFeatureExtractor.from_pretrained(checkpoint)(cells))
 
 
@@ -673,9 +702,14 @@ def test_real_h5ad_end_to_end(tokenizer):
     assert batch["expression_bins"].max() == tokenizer.n_bins - 1
 
 
-def test_remote_code_load_without_the_package(tmp_path, tokenizer, pbmc):
-    """A saved tokenizer carries its code: AutoFeatureExtractor loads it with trust_remote_code alone."""
+@pytest.mark.parametrize("vocabulary", ["default", "custom"])
+def test_remote_code_load_without_the_package(tmp_path, tokenizer, pbmc, vocabulary):
+    """A saved tokenizer carries its code and its vocabulary: AutoFeatureExtractor loads it with trust_remote_code
+    alone, where the package (and so its shipped default vocabulary) cannot be imported."""
     import scgene  # noqa: F401  (marks the class for auto_map on save)
+
+    if vocabulary == "custom":
+        tokenizer = ScGeneTokenizer.from_gene_list(list(pbmc.var_names[::-1]))
 
     tokenizer.save_pretrained(tmp_path / "tok")
     for name in ("tokenization_scgene.py", "encoding_scgene.py", "vocabulary_scgene.py"):

@@ -60,7 +60,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, tokenizer, pbmc, monkeypatc
 
 def test_existing_output_needs_overwrite(tmp_path, tokenizer, pbmc):
     out = tmp_path / "ds"
-    out.mkdir()
+    export_dataset(pbmc[:20], out, tokenizer)
     with pytest.raises(FileExistsError, match="overwrite"):
         export_dataset(pbmc[:10], out, tokenizer)
     export_dataset(pbmc[:10], out, tokenizer, overwrite=True)

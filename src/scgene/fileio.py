@@ -26,7 +26,8 @@ def _default_mode(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-TOKENIZER_FOLDER = "a saved tokenizer is a folder with vocab.json"
+TOKENIZER_FOLDER = "a saved tokenizer is a folder with preprocessor_config.json"
+OUTPUT_MARKER = ".scgene-output.json"  # in every output folder a command writes: what may be replaced with overwrite
 
 
 def local_or_hub(name, what: str) -> str:
@@ -125,3 +126,90 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+@contextlib.contextmanager
+def claimed_output(out: str | os.PathLike, inputs, *, command: str, folder: bool, overwrite: bool) -> Iterator[Path]:
+    """The one rule every command follows before it writes `out` (checked before any work starts):
+
+    - `out` is never an input, nor a folder that holds one, even with `overwrite`;
+    - an existing `out` is replaced only with `overwrite`, and a folder only if it holds this command's
+      `OUTPUT_MARKER` (what the command wrote itself; an empty folder is fine); a file is never replaced by a folder,
+      nor a folder by a file;
+    - one writer at a time: a lock next to `out` (`.NAME.lock`, with the writer's process id) makes a second
+      concurrent run fail at once instead of both reporting success and one result being lost.
+    The caller writes through `atomic_path` / `atomic_directory` and, for a folder, `write_output_marker`.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if _is_within(source, target) or (source.is_dir() and target.exists() and _is_within(target, source)):
+            what = ("is the input" if source == target else f"holds the input {item}" if _is_within(source, target)
+                    else f"is a file of the input folder {item}")
+            raise ValueError(f"The output {out} {what}; choose another output path (an input is never replaced, "
+                             f"even with overwrite).")
+    empty_folder = out.is_dir() and not any(out.iterdir())
+    if (out.exists() or out.is_symlink()) and not (folder and empty_folder):
+        if folder and not out.is_dir():
+            raise FileExistsError(f"{out} is a file, and {command} writes a folder: choose a new folder name "
+                                  f"(the file is left as it is).")
+        if not folder and out.is_dir():
+            raise FileExistsError(f"{out} is a folder, and {command} writes a file: choose a file name.")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; choose a new {'folder' if folder else 'file'} or pass "
+                                  f"overwrite=True (--overwrite).")
+        if folder and output_marker_command(out) != command:
+            raise FileExistsError(
+                f"{out} holds files that `scgene {command}` did not write (no {OUTPUT_MARKER} from it), so it is not "
+                f"replaced, even with overwrite; choose a new folder, or remove it yourself if it is disposable."
+            )
+    with output_lock(out):
+        yield out
+
+
+def output_marker_command(folder: Path) -> str | None:
+    """The command named by `folder`'s output marker, None without a readable one."""
+    try:
+        return json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_output_marker(folder: str | os.PathLike, command: str) -> None:
+    """Mark `folder` as written by `scgene COMMAND`, so that a later run of it may replace the folder."""
+    (Path(folder) / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold `.NAME.lock` next to `out` while writing it; a lock whose process is gone is taken over."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                raise ValueError(f"Two outputs of this run name {out}; give each output its own path.")
+            if owner and process_alive(owner):
+                raise FileExistsError(f"Another process (pid {owner}) is writing {out}; wait for it to finish or "
+                                      f"choose another output.") from None
+            lock.unlink(missing_ok=True)  # left by a run that was killed
+    else:
+        raise FileExistsError(f"Could not lock {out} for writing ({lock} keeps reappearing); choose another output.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)

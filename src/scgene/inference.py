@@ -112,7 +112,7 @@ def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
             tokenizer = ScGeneTokenizer.from_pretrained(source)
         except OSError as error:
             raise ValueError(
-                f"No tokenizer saved with the checkpoint {source} (preprocessor_config.json, vocab.json): pass "
+                f"No tokenizer saved with the checkpoint {source} (preprocessor_config.json): pass "
                 "tokenizer= (the ScGeneTokenizer or folder the model was trained with)."
             ) from error
     elif isinstance(tokenizer, (str, os.PathLike)):

@@ -2,8 +2,8 @@
 
 A `FeatureExtractionMixin`, not a `PreTrainedTokenizer`: the input is numbers (an expression matrix), not
 text, which is the audio feature-extractor pattern (config in `preprocessor_config.json`, `BatchFeature`
-out), so it registers with `AutoFeatureExtractor`. The gene vocabulary is saved next to the config in
-`vocab.json`. This file, the gene vocabulary (`vocabulary_scgene.py`) and the array kernels
+out), so it registers with `AutoFeatureExtractor`. The gene vocabulary is saved inside that config (key "vocab"),
+so every loading path gets it. This file, the gene vocabulary (`vocabulary_scgene.py`) and the array kernels
 (`encoding_scgene.py`), imported relatively so that `save_pretrained` copies all three, ship with
 checkpoints as Hub code: standard library, numpy, torch and transformers only at module level;
 scipy/anndata are imported where needed, inside `try` blocks.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -59,7 +58,7 @@ except ImportError:  # only needed to tokenize; Hub users without scipy can stil
 
 logger = logging.get_logger(__name__)
 
-VOCAB_FILE = "vocab.json"
+LEGACY_VOCAB_FILE = "vocab.json"  # where scgene 0.1 saved the vocabulary, beside the config
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "human_vocab.json.gz")
 GENE_SELECTIONS = ("all", "nonzero", "top_k")
 BINNINGS = ("quantile_per_cell", "global")
@@ -107,7 +106,13 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         sampling_seed: int | None = None,
         **kwargs,
     ):
-        vocab = kwargs.pop("vocab", None) or read_vocab_file(vocab_file or DEFAULT_VOCAB)
+        vocab = kwargs.pop("vocab", None)
+        if vocab is None and vocab_file is None and "feature_extractor_type" in kwargs:
+            raise ValueError(
+                "This tokenizer config has no gene vocabulary: it was saved by scgene 0.1, which kept it in vocab.json "
+                "beside the config. Load it with scgene.ScGeneTokenizer.from_pretrained(folder) and save it again."
+            )
+        vocab = vocab or read_vocab_file(vocab_file or DEFAULT_VOCAB)
         super().__init__(**kwargs)
         if binning not in BINNINGS:
             raise ValueError(f"binning must be one of {BINNINGS}, got {binning!r}")
@@ -216,14 +221,17 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         if unknown:
             raise ValueError(f"Unknown tokenizer settings {unknown}; known: {sorted(self.to_dict())}")
         current = {key: value for key, value in self.to_dict().items() if key != "feature_extractor_type"}
-        return type(self)(vocab=self._vocab.to_json_dict(), **(current | settings))
+        return type(self)(**(current | settings))
 
     # ------------------------------------------------------------------ serialisation
+    # The vocabulary is part of the config (`preprocessor_config.json`, key "vocab"): every way transformers builds
+    # a feature extractor (`from_pretrained`, `AutoFeatureExtractor`, a Trainer checkpoint, a pipeline, Hub code
+    # without this package) passes the config to `__init__`, so none of them can come back with another vocabulary.
     def to_dict(self) -> dict:
-        # the public settings only: private state (the vocabulary, saved in vocab.json) is neither copied nor saved
         public = {key: value for key, value in self.__dict__.items() if not key.startswith("_")}
         output = copy.deepcopy(public) | {"feature_extractor_type": type(self).__name__}
         output.pop("vocab_file", None)
+        output["vocab"] = self._vocab.to_json_dict()
         auto_map = output.get("auto_map", {})
         if isinstance(auto_map.get("AutoFeatureExtractor"), (list, tuple)):
             # transformers saves a (slow, fast) text-tokenizer pair for any class named "*Tokenizer";
@@ -231,30 +239,30 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             output["auto_map"] = {**auto_map, "AutoFeatureExtractor": auto_map["AutoFeatureExtractor"][0]}
         return output
 
-    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Write `preprocessor_config.json` and the gene vocabulary `vocab.json`."""
-        os.makedirs(save_directory, exist_ok=True)
-        vocab_path = os.path.join(save_directory, VOCAB_FILE)
-        temporary = f"{vocab_path}.{os.getpid()}.tmp"  # written whole, then renamed: never half a file
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(self._vocab.to_json_dict(), handle)
-        os.replace(temporary, vocab_path)
-        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs) + [vocab_path]
+    def __repr__(self) -> str:
+        settings = {key: value for key, value in self.to_dict().items() if key not in ("vocab", "auto_map")}
+        return f"{type(self).__name__}({self.vocab_size} tokens, {self.species or 'custom'} vocabulary, {settings})"
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load the config and its `vocab.json` from a directory or a Hub repository."""
-        hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-        hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
-        if os.path.isdir(pretrained_model_name_or_path):
-            vocab_file = os.path.join(pretrained_model_name_or_path, hub_kwargs.get("subfolder", ""), VOCAB_FILE)
-        else:
-            vocab_file = cached_file(pretrained_model_name_or_path, VOCAB_FILE, **hub_kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, vocab_file=vocab_file, **kwargs)
+        """Load a saved tokenizer (its config holds the vocabulary) from a directory or a Hub repository.
+
+        A folder saved by scgene 0.1, with the vocabulary in a separate `vocab.json`, loads too; re-save it to get
+        the self-contained config that `AutoFeatureExtractor` and Hub code need."""
+        config, _ = cls.get_feature_extractor_dict(pretrained_model_name_or_path, **kwargs)
+        if "vocab" not in config and "vocab_file" not in kwargs:
+            hub_keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            hub_kwargs = {key: kwargs[key] for key in hub_keys if key in kwargs}
+            if os.path.isdir(pretrained_model_name_or_path):
+                kwargs["vocab_file"] = os.path.join(pretrained_model_name_or_path, hub_kwargs.get("subfolder") or "",
+                                                    LEGACY_VOCAB_FILE)
+            else:
+                kwargs["vocab_file"] = cached_file(pretrained_model_name_or_path, LEGACY_VOCAB_FILE, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def from_dict(cls, feature_extractor_dict: dict, **kwargs):
-        # the base class only passes on keys already in the config, and the vocabulary file is not one
+        # the base class only passes on keys already in the config; the legacy vocabulary file is not one
         if "vocab_file" in kwargs:
             feature_extractor_dict = {**feature_extractor_dict, "vocab_file": kwargs.pop("vocab_file")}
         return super().from_dict(feature_extractor_dict, **kwargs)

@@ -7,6 +7,7 @@ import pytest
 
 from scgene import ScGeneConfig, ScGeneModel
 from scgene.cli import main
+from scgene.fileio import OUTPUT_MARKER
 from scgene.prior.coexpression import read_edges
 from scgene.prior.fusion import load_prior
 from scgene.prior.gene2vec import load_word2vec_text
@@ -32,7 +33,7 @@ def test_build_prior_end_to_end(checkpoint, pbmc_h5ad, knowledge_csv, tmp_path):
             "--text-cache", str(tmp_path / "cache"), "--no-progress"]
     assert main(args) == 0
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
-    assert sorted(p.name for p in out.iterdir()) == [
+    assert sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER) == [
         "coexpression_edges.tsv", "gene2vec.txt", "gene_prior.safetensors", "model", "prior_record.json"
     ]
     edges = read_edges(out / "coexpression_edges.tsv")
@@ -97,7 +98,7 @@ def test_build_prior_from_published_style_vectors(checkpoint, tmp_path):
     out = tmp_path / "prior"
     assert main(["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
                  "--hidden-size", "8", "--out", str(out), "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER) == ["gene_prior.safetensors", "prior_record.json"]
     prior = load_prior(out / "gene_prior.safetensors")
     lyz, s100a9 = ScGeneTokenizer.from_pretrained(checkpoint).convert_genes_to_ids(["LYZ", "S100A9"])
     np.testing.assert_array_equal(prior[lyz], [1, 2, 3, 4, 0, 0, 0, 0])
@@ -162,11 +163,11 @@ def test_an_existing_prior_is_replaced_only_with_overwrite_and_whole(checkpoint,
     vectors.write_text("LYZ\t1 2 3 4\n")
     second = ["build-prior", "--gene2vec", str(vectors), "--no-knowledge", "--tokenizer", str(checkpoint),
               "--hidden-size", "8", "--out", str(out), "--no-progress"]
-    with pytest.raises(SystemExit, match="already holds files.*--overwrite"):
+    with pytest.raises(SystemExit, match="exists; choose a new folder or pass --overwrite"):
         main(second)
     assert {path.name: path.read_bytes() for path in out.iterdir()} == first
     assert main(second + ["--overwrite"]) == 0
-    assert sorted(path.name for path in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
+    assert sorted(path.name for path in out.iterdir() if path.name != OUTPUT_MARKER) == ["gene_prior.safetensors", "prior_record.json"]
     record = json.loads((out / "prior_record.json").read_text())
     assert set(record["outputs"]) == {"gene_prior.safetensors"} and record["parameters"]["out"] == str(out)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["prior", "vectors.txt"]  # no staging left
@@ -256,7 +257,7 @@ def test_knowledge_only_prior_for_the_ablation(pbmc_h5ad, knowledge_csv, tmp_pat
     assert main(["build-prior", "--adata", str(pbmc_h5ad), "--knowledge", str(knowledge_csv), "--no-gene2vec",
                  "--knowledge-genes", "adata", "--out", str(out), "--hidden-size", "16",
                  "--text-cache", str(tmp_path / "cache"), "--no-progress"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["gene_prior.safetensors", "prior_record.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER) == ["gene_prior.safetensors", "prior_record.json"]
     record = json.loads((out / "prior_record.json").read_text())
     assert "gene2vec" not in record["coverage"] and record["coverage"]["knowledge"]["vocab_genes_covered"] > 0
     prior = load_prior(out / "gene_prior.safetensors")

@@ -8,7 +8,7 @@ def user_error_message(command: str, error: Exception, flags: dict[str, str] | N
     """`scgene COMMAND: error: MESSAGE`, with a KeyError's message free of the quotes its repr adds, and the Python
     argument names of the library's messages replaced by the command's flags (`flags`: name -> flag)."""
     message = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
-    for name, flag in (flags or {}).items():
+    for name, flag in ({"pass overwrite=True (--overwrite)": "pass --overwrite"} | (flags or {})).items():
         message = message.replace(name, flag)
     return f"scgene {command}: error: {message}"
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from . import USER_ERRORS, user_error_message
-from .embed import FLAGS, add_common_arguments, inference_options
+from .embed import FLAGS, add_common_arguments, command_inputs, inference_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,16 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import claimed_output
     from ..inference import annotate
     from .annotated_copy import read_input, write_annotated_copy
 
     try:
         options = inference_options(args)
-        with read_input(args.input) as adata:
-            result = annotate(adata, args.model, key_added=args.key, min_confidence=args.min_confidence, **options)
-            obsm = {f"{args.key}_probabilities": adata.obsm[f"{args.key}_probabilities"]}
-            uns = {args.key: {"labels": list(adata.uns[args.key]["labels"])}}
-        write_annotated_copy(args.input, args.out, obs=result, obsm=obsm, uns=uns, overwrite=args.overwrite)
+        with claimed_output(args.out, command_inputs(args), command="annotate", folder=False, overwrite=args.overwrite):
+            with read_input(args.input) as adata:
+                result = annotate(adata, args.model, key_added=args.key, min_confidence=args.min_confidence, **options)
+                obsm = {f"{args.key}_probabilities": adata.obsm[f"{args.key}_probabilities"]}
+                uns = {args.key: {"labels": list(adata.uns[args.key]["labels"])}}
+            write_annotated_copy(args.input, args.out, obs=result, obsm=obsm, uns=uns)
     except USER_ERRORS as error:
         print(user_error_message("annotate", error, FLAGS | {"min_confidence": "--min-confidence"}), file=sys.stderr)
         return 1

@@ -42,18 +42,14 @@ def write_annotated_copy(
     obs: pd.DataFrame | None = None,
     obsm: dict | None = None,
     uns: dict | None = None,
-    overwrite: bool = False,
 ) -> Path:
-    """`out` = `source` plus `obs` columns (aligned to its cells), `obsm` arrays and `uns` entries (replacing same names)."""
+    """`out` = `source` plus `obs` columns (aligned to its cells), `obsm` arrays and `uns` entries (replacing same names).
+    The caller has claimed `out` (`fileio.claimed_output`): it is not the input and may be replaced."""
     import anndata
     import h5py
     from anndata.io import read_elem, write_elem
 
     source, out = Path(source), Path(out)
-    if out.resolve() == source.resolve():
-        raise ValueError(f"--out {out} is the input file; choose a new file (the input is never modified).")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new file or pass --overwrite.")
     with atomic_path(out) as staged:
         shutil.copyfile(source, staged)
         with h5py.File(staged, "a") as handle:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from scgene.commands import USER_ERRORS, load_tokenizer, user_error_message
-from scgene.fileio import atomic_directory, sha256_file, write_json
+from scgene.fileio import atomic_directory, claimed_output, sha256_file, write_json, write_output_marker
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL, ORTHOLOG_TABLES, ortholog_table
 
@@ -307,11 +307,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise SystemExit(f"{flag} {path}: no such file. Check the path.")
     if args.adata and len(set(args.adata)) < len(args.adata):
         raise SystemExit("--adata names a file twice; give each file once.")
-    if args.out.exists() and not args.out.is_dir():
-        raise SystemExit(f"--out {args.out} is a file; give a directory for the prior's outputs.")
-    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-        raise SystemExit(f"--out {args.out} already holds files (an earlier prior?); choose a new folder, or pass "
-                         "--overwrite to replace it whole.")
     try:
         check_threshold(args.threshold, args.sign)
     except ValueError as error:
@@ -338,11 +333,15 @@ def run(args: argparse.Namespace) -> int:
     final = args.out
     try:
         _check_arguments(args)
+        inputs = [path for path in (*(args.adata or []), args.gene2vec, args.knowledge, args.model, args.tokenizer)
+                  if path is not None and os.path.exists(path)]
         # every output goes into a staging folder that replaces --out only when the run succeeds: a failed or killed
         # run leaves the previous prior (if any) as it was, and never a mix of old and new files
-        with atomic_directory(final) as staged:
+        with claimed_output(final, inputs, command="build-prior", folder=True, overwrite=args.overwrite), \
+                atomic_directory(final) as staged:
             args.out = staged
             code = _run(args, final)
+            write_output_marker(staged, "build-prior")
         return code
     except USER_ERRORS as error:
         raise SystemExit(user_error_message("build-prior", error)) from None

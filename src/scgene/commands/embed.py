@@ -7,6 +7,7 @@ by the given obs columns and the clusters, and the ARI / NMI of the clusters aga
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import USER_ERRORS, user_error_message
@@ -50,6 +51,12 @@ def inference_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def command_inputs(args: argparse.Namespace) -> list[str]:
+    """What a command reads, which its outputs may never replace: the input file, and the model and tokenizer when
+    they are local folders."""
+    return [args.input] + [path for path in (args.model, args.tokenizer) if path and os.path.exists(path)]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used)")
     parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
@@ -59,21 +66,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import claimed_output
     from ..inference import embed
     from .annotated_copy import read_input, write_annotated_copy
 
     try:
         options = inference_options(args)
-        with read_input(args.input) as adata:
-            missing = [column for column in args.color if column not in adata.obs.columns]
-            if missing:
-                raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
-            embeddings = embed(adata, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
-            print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
-            obsm, obs = {args.key: embeddings}, None
-            if args.plot:
-                obs, obsm[f"{args.key}_umap"] = plot_embedding(adata.obs, embeddings, args.plot, args.color)
-        write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, overwrite=args.overwrite)
+        with claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite):
+            with read_input(args.input) as adata:
+                missing = [column for column in args.color if column not in adata.obs.columns]
+                if missing:
+                    raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
+                embeddings = embed(adata, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
+                print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
+                obsm, obs = {args.key: embeddings}, None
+                if args.plot:
+                    obs, obsm[f"{args.key}_umap"] = plot_embedding(adata.obs, embeddings, args.plot, args.color)
+            write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm)
     except USER_ERRORS as error:
         print(user_error_message("embed", error, FLAGS), file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@ and `--markdown` save it. See `scgene.evaluation` for the metrics.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 from . import USER_ERRORS, user_error_message
@@ -42,19 +44,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvaluationSettings, evaluate
+    from ..fileio import claimed_output
     from .annotated_copy import read_input
 
     try:
         if args.n_neighbors < 1 or (args.max_length is not None and args.max_length < 1):
             raise ValueError("--n-neighbors and --max-length must be positive integers.")
-        with read_input(args.input) as backed:  # a one-line error for a missing or corrupt file
-            adata = backed.to_memory()
-        settings = EvaluationSettings(n_neighbors=args.n_neighbors, leiden_resolution=args.leiden_resolution, seed=args.seed)
-        options = {key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None}
-        report = evaluate(adata, args.model, label_key=args.label_key, batch_key=args.batch_key,
-                          tokenizer=args.tokenizer, baselines=args.baselines, settings=settings, device=args.device,
-                          pooling_layer=args.pooling_layer, **options)
-        report.save(markdown=args.markdown, json_path=args.json)
+        inputs = [path for path in (args.input, args.model, args.tokenizer) if path and os.path.exists(path)]
+        with contextlib.ExitStack() as claims:  # report files are checked before the run; replaced, never an input
+            for path in (args.markdown, args.json):
+                if path:
+                    claims.enter_context(claimed_output(path, inputs, command="evaluate", folder=False, overwrite=True))
+            with read_input(args.input) as backed:  # a one-line error for a missing or corrupt file
+                adata = backed.to_memory()
+            settings = EvaluationSettings(n_neighbors=args.n_neighbors, leiden_resolution=args.leiden_resolution,
+                                          seed=args.seed)
+            options = {key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None}
+            report = evaluate(adata, args.model, label_key=args.label_key, batch_key=args.batch_key,
+                              tokenizer=args.tokenizer, baselines=args.baselines, settings=settings, device=args.device,
+                              pooling_layer=args.pooling_layer, **options)
+            report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
         print(user_error_message("evaluate", error, FLAGS), file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from tqdm.auto import tqdm
 
-from ..fileio import atomic_directory
+from ..fileio import atomic_directory, claimed_output, write_output_marker
 from ..tokenization_scgene import ScGeneTokenizer, opened
 
 TOKEN_FEATURES = {
@@ -102,11 +102,17 @@ def export_dataset(
         raise ValueError(f"file_format must be 'arrow' or 'parquet', got {file_format!r}")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists; choose a new folder or pass overwrite=True (--overwrite).")
     corpus = isinstance(cells, Mapping)
     sources = dict(cells) if corpus else {"cells": cells}
+    input_paths = [source if isinstance(source, (str, os.PathLike)) else getattr(source, "filename", None)
+                   for source in sources.values()]
+    with claimed_output(output_dir, [path for path in input_paths if path], command="tokenize", folder=True,
+                        overwrite=overwrite) as output_dir:
+        _export(sources, corpus, output_dir, tokenizer, obs_columns, num_shards, file_format, progress, encode_kwargs)
+    return output_dir
+
+
+def _export(sources, corpus, output_dir, tokenizer, obs_columns, num_shards, file_format, progress, encode_kwargs):
     if not sources:
         raise ValueError("The corpus has no sources: pass at least one AnnData or .h5ad file.")
     reserved = set(TOKEN_FEATURES) | ({"source"} if corpus else set())
@@ -139,7 +145,7 @@ def export_dataset(
         if file_format == "arrow":
             write_dataset_state(staged, names, features)
         dataset_tokenizer(tokenizer, encode_kwargs).save_pretrained(staged)
-    return output_dir
+        write_output_marker(staged, "tokenize")
 
 
 def dataset_tokenizer(tokenizer: ScGeneTokenizer, encode_kwargs: dict) -> ScGeneTokenizer:
