@@ -54,6 +54,22 @@ def test_depth_collapse_shows_in_pc1(pbmc_cells):
     assert scores["pc1_variance"] > 0.7 and scores["pc1_corr_genes"] > 0.95 and scores["pc1_corr_counts"] > 0.8
 
 
+def test_depth_inside_labels_is_caught_where_the_global_pc1_misses_it(pbmc_cells):
+    """Labels far apart dominate the global PC1; inside each label the main axis is depth. Only the within-label
+    metric sees it; an embedding with label structure and noise scores low on both."""
+    labels = pbmc_cells.obs["cell_type"].astype(str).to_numpy()
+    genes, counts = depth_covariates(pbmc_cells)
+    rng = np.random.default_rng(2)
+    depth = (genes - genes.mean()) / genes.std()
+    structured = one_hot_labels(labels, noise=0.0) * 10 + rng.normal(scale=0.3, size=(len(genes), 1))
+    with_depth = np.concatenate([structured, 3 * depth[:, None] + rng.normal(scale=0.1, size=(len(genes), 1))], axis=1)
+    without = np.concatenate([structured, rng.normal(size=(len(genes), 1))], axis=1)
+    hidden = score_embedding(with_depth, labels, genes_detected=genes, log_counts=counts, settings=FAST)
+    clean = score_embedding(without, labels, genes_detected=genes, log_counts=counts, settings=FAST)
+    assert hidden["pc1_corr_genes"] < 0.5 and hidden["label_pc1_corr_genes"] > 0.9  # PC1 follows the labels
+    assert clean["label_pc1_corr_genes"] < 0.3
+
+
 def test_batch_metrics_tell_mixed_from_separated_batches(pbmc_cells):
     labels = pbmc_cells.obs["cell_type"].astype(str).to_numpy()
     genes, counts = depth_covariates(pbmc_cells)

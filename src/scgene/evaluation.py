@@ -16,6 +16,8 @@ Metrics (columns), all on the raw vectors except the logistic regression (standa
 - `silhouette`: of the labels (Euclidean);
 - `pc1_variance`: the first principal component's share of the variance, `pc1_corr_genes` / `pc1_corr_counts`: its
   |Pearson correlation| with genes detected / log total counts (depth collapse shows as values near 1);
+- `label_pc1_corr_genes`: the same inside each label (the main axis of the label's cells against their genes
+  detected), averaged over labels of 10+ cells weighted by cells: depth that the labels' spread hides globally;
 - with a batch column: `transfer_f1` (each batch's labels predicted by kNN from the other batches, mean macro-F1),
   `batch_ilisi` (neighbourhood batch diversity: inverse Simpson index of batches among 15 neighbours, scaled to 0-1 and
   averaged over cells; 1 is perfect mixing) and `batch_knn_accuracy` (how well kNN predicts the batch: lower is
@@ -43,10 +45,12 @@ logger = logging.getLogger(__name__)
 
 METRICS = (
     "knn_f1", "knn_accuracy", "logreg_f1", "leiden_ari", "leiden_nmi", "kmeans_ari", "kmeans_nmi", "silhouette",
-    "pc1_variance", "pc1_corr_genes", "pc1_corr_counts", "transfer_f1", "batch_ilisi", "batch_knn_accuracy",
+    "pc1_variance", "pc1_corr_genes", "pc1_corr_counts", "label_pc1_corr_genes", "transfer_f1", "batch_ilisi", "batch_knn_accuracy",
 )
 BASELINES = ("untrained", "prior", "pca", "expression")
-HIGHER_IS_BETTER = {"pc1_variance": False, "pc1_corr_genes": False, "pc1_corr_counts": False, "batch_knn_accuracy": False}
+HIGHER_IS_BETTER = {"pc1_variance": False, "pc1_corr_genes": False, "pc1_corr_counts": False,
+                    "label_pc1_corr_genes": False, "batch_knn_accuracy": False}
+MIN_LABEL_CELLS = 10  # labels with fewer cells have no stable main axis of their own
 
 
 @dataclass
@@ -136,6 +140,20 @@ def depth_scores(features, genes_detected, log_counts) -> dict:
             "pc1_corr_genes": abs_corr(genes_detected), "pc1_corr_counts": abs_corr(log_counts)}
 
 
+def within_label_depth(features, labels, genes_detected) -> float:
+    """Cell-weighted mean over labels of |corr(PC1 of the label's cells, their genes detected)|."""
+    correlations, weights = [], []
+    for label in np.unique(labels):
+        inside = labels == label
+        if inside.sum() < MIN_LABEL_CELLS:
+            continue
+        correlation = depth_scores(features[inside], genes_detected[inside], genes_detected[inside])["pc1_corr_genes"]
+        if np.isfinite(correlation):
+            correlations.append(correlation)
+            weights.append(inside.sum())
+    return float(np.average(correlations, weights=weights)) if correlations else float("nan")
+
+
 def batch_scores(features, labels, batches, settings: EvaluationSettings) -> dict:
     """Label transfer across batches, and how well the batches mix among neighbours."""
     from sklearn.metrics import f1_score
@@ -176,6 +194,7 @@ def score_embedding(features, labels, *, genes_detected, log_counts, batches=Non
     scores.update(classification_scores(features, labels, settings))
     scores.update(clustering_scores(features, labels, settings))
     scores.update(depth_scores(features, genes_detected, log_counts))
+    scores["label_pc1_corr_genes"] = within_label_depth(features, labels, np.asarray(genes_detected, np.float64))
     if batches is not None:
         scores.update(batch_scores(features, labels, np.asarray(batches).astype(str), settings))
     return scores
