@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import scgene
+import scgene.inference
 from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
 from scgene.cli import main
 
@@ -174,6 +175,10 @@ def test_embed_command_writes_a_copy_and_a_plot(checkpoint, cells, tmp_path, cap
     written = ad.read_h5ad(out)
     np.testing.assert_allclose(written.obsm["X_scgene"], scgene.embed(cells, checkpoint, progress=False, key_added=None), atol=1e-5)
     assert written.obsm["X_scgene_umap"].shape == (cells.n_obs, 2) and "scgene_leiden" in written.obs
+    record = written.uns["X_scgene"]  # what made the result: model, tokenizer settings, both coverages
+    assert record["model"] == str(checkpoint) and record["tokenizer"]["max_length"] > 0
+    assert "genes matched the vocabulary" in record["gene_coverage"]
+    assert 0 <= record["prior_coverage"]["share_without_prior"] <= 1 and record["prior_coverage"]["gene_tokens"] > 0
     pd.testing.assert_frame_equal(written.obs[cells.obs.columns], cells.obs)
     assert (written.X != cells.X).nnz == 0
     assert hashlib.sha256(source.read_bytes()).hexdigest() == digest
@@ -252,3 +257,24 @@ def test_pooling_layer_reads_another_layer_in_the_api_and_the_command(checkpoint
                  "--pooling-layer", "1"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("scgene embed: error: --pooling-layer must be an integer from -2") and error.count("\n") == 1
+
+
+def test_tokens_without_a_prior_row_are_reported_and_warned_about(checkpoint, cells, caplog):
+    """The share of gene tokens whose prior row is zero is measured on the tokens the model saw: all of them once the
+    prior is zeroed (a warning naming the fix), none with a prior row for every gene."""
+    model = scgene.inference.load_model(checkpoint)
+    tokenizer = scgene.inference.load_tokenizer(None, model)
+    with torch.no_grad():
+        model.set_gene_prior(torch.ones_like(model.get_gene_prior()))
+    adata = cells.copy()
+    scgene.embed(adata, model, tokenizer=tokenizer, progress=False)
+    assert adata.uns["X_scgene"]["prior_coverage"]["share_without_prior"] == 0
+    with torch.no_grad():
+        prior = model.get_gene_prior().clone()
+        prior[3:] = 0
+        model.set_gene_prior(prior)
+    with caplog.at_level("WARNING"):
+        scgene.embed(adata, model, tokenizer=tokenizer, progress=False)
+    assert adata.uns["X_scgene"]["prior_coverage"]["share_without_prior"] == 1
+    assert "100.0% of the" in caplog.text and "--knowledge-genes vocabulary" in caplog.text
+

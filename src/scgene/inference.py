@@ -38,6 +38,7 @@ logger = logging.get_logger(__name__)
 DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # a few hundred MB of activations at d=256; lower it when memory is short
 WINDOW_TOKENS = 1 << 21  # cells are length-sorted within windows of about 2M tokens (~25 MB of token arrays)
 UNKNOWN_LABEL = "Unknown"
+PRIOR_GAP_WARNING = 0.25  # warn when more than this share of a run's gene tokens has no prior row
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -195,6 +196,43 @@ def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, devic
         yield from flush()
 
 
+@dataclass
+class PriorCoverage:
+    """How many of the gene tokens a run fed the model have a prior row (a gene identity the model knows)."""
+
+    gene_tokens: int = 0
+    without_prior: int = 0
+
+    @property
+    def share_without_prior(self) -> float:
+        return self.without_prior / self.gene_tokens if self.gene_tokens else 0.0
+
+    def report(self) -> None:
+        message = (f"{self.share_without_prior:.1%} of the {self.gene_tokens} gene tokens have no prior row: the model "
+                   "sees their expression but not which genes they are")
+        if self.share_without_prior > PRIOR_GAP_WARNING:
+            logger.warning(message + ". The checkpoint's prior covers few of this file's genes; a prior with the "
+                           "knowledge of every vocabulary gene (scgene build-prior, the default --knowledge-genes "
+                           "vocabulary) avoids it.")
+        else:
+            logger.info(message + ".")
+
+    def to_dict(self) -> dict:
+        return {"gene_tokens": self.gene_tokens, "share_without_prior": round(self.share_without_prior, 4)}
+
+
+def run_record(model: ScGenePreTrainedModel, tokenizer: ScGeneTokenizer, coverage: PriorCoverage, **extra) -> dict:
+    """What produced a result, for `uns`: the checkpoint, the tokenizer settings and both coverages (h5ad-writable)."""
+    from . import __version__
+
+    settings = {key: value for key, value in tokenizer.to_dict().items()
+                if key not in ("vocab", "auto_map", "bin_edges") and value is not None}
+    record = {"model": str(getattr(model, "name_or_path", "") or "in-memory model"), "scgene_version": __version__,
+              "tokenizer": settings, "gene_coverage": str(tokenizer.last_coverage or "not measured"),
+              "prior_coverage": coverage.to_dict()}
+    return record | {key: value for key, value in extra.items() if value is not None}
+
+
 def run_over_cells(
     model: ScGenePreTrainedModel,
     tokenizer: ScGeneTokenizer,
@@ -206,8 +244,9 @@ def run_over_cells(
     progress: bool,
     description: str,
     encode_kwargs: dict,
-) -> None:
-    """Run `model` over every cell of `adata` in token-budget batches; `consume(batch, outputs)` gets each result."""
+) -> PriorCoverage:
+    """Run `model` over every cell of `adata` in token-budget batches; `consume(batch, outputs)` gets each result.
+    Returns (and logs, as a warning when high) the share of gene tokens without a prior row."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size!r}.")
     if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1):
@@ -217,11 +256,19 @@ def run_over_cells(
     if max_tokens_per_batch is None:
         max_tokens_per_batch = np.iinfo(np.int64).max if batch_size else DEFAULT_MAX_TOKENS_PER_BATCH
     device = next(model.parameters()).device
+    has_prior = model.get_gene_prior().detach().abs().sum(dim=1) > 0  # (V,)
+    coverage = PriorCoverage()
     batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
     with torch.inference_mode(), tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
         for batch in batches:
+            ids = batch.inputs["input_ids"]
+            genes = (ids >= NUM_SPECIAL_TOKENS) & batch.inputs["attention_mask"].bool()  # (B, G)
+            coverage.gene_tokens += int(genes.sum())
+            coverage.without_prior += int((genes & ~has_prior[ids]).sum())
             consume(batch, model(**batch.inputs))
             bar.update(len(batch.cells))
+    coverage.report()
+    return coverage
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -259,10 +306,12 @@ def embed(
         def consume(batch, outputs):
             embeddings[batch.cells] = outputs.pooler_output.float().cpu().numpy()
 
-        run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
-                       progress=progress, description="Embedding", encode_kwargs=tokenize_kwargs)
+        coverage = run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
+                                  max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
+                                  encode_kwargs=tokenize_kwargs)
     if key_added and not isinstance(adata, (str, os.PathLike)):
         adata.obsm[key_added] = embeddings
+        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer)
     return embeddings
 
 
@@ -298,9 +347,9 @@ def annotate(
         def consume(batch, outputs):
             probabilities[batch.cells] = torch.softmax(outputs.logits.float(), dim=-1).cpu().numpy()
 
-        run_over_cells(classifier, tokenizer, cells, consume, batch_size=batch_size,
-                       max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Annotating",
-                       encode_kwargs=tokenize_kwargs)
+        coverage = run_over_cells(classifier, tokenizer, cells, consume, batch_size=batch_size,
+                                  max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Annotating",
+                                  encode_kwargs=tokenize_kwargs)
     confidence = probabilities.max(axis=1) if len(names) else np.zeros(len(probabilities), np.float32)
     labels = np.asarray(names, dtype=object)[probabilities.argmax(axis=1)] if len(probabilities) else np.array([], object)
     categories = list(names)
@@ -315,7 +364,8 @@ def annotate(
         for column in result.columns:
             adata.obs[column] = result[column].values
         adata.obsm[f"{key_added}_probabilities"] = probabilities
-        adata.uns[key_added] = {"labels": names, "min_confidence": min_confidence}
+        adata.uns[key_added] = {"labels": names} | run_record(classifier, tokenizer, coverage,
+                                                              min_confidence=min_confidence)
     return result
 
 

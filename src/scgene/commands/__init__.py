@@ -1,5 +1,9 @@
 """Sub-commands of the `scgene` command line (see `scgene.cli`)."""
 
+import contextlib
+import logging
+import sys
+
 # what a user's input can raise: reported as one line naming the fix, not as a traceback
 USER_ERRORS = (OSError, KeyError, ValueError)
 
@@ -30,3 +34,17 @@ def load_tokenizer(name: str | None):
     except OSError as error:
         raise FileNotFoundError(f"--tokenizer {name} is neither a saved tokenizer folder nor a Hub repository that "
                                 f"could be loaded ({str(error).splitlines()[0]}).") from error
+
+
+@contextlib.contextmanager
+def coverage_report_shown():
+    """Show scgene's reports logged as info (gene coverage, prior coverage) on the command's stderr, only during it."""
+    scgene_logger, report = logging.getLogger("scgene"), logging.StreamHandler(sys.stderr)
+    level = scgene_logger.level
+    scgene_logger.setLevel(logging.INFO)
+    scgene_logger.addHandler(report)
+    try:
+        yield
+    finally:
+        scgene_logger.removeHandler(report)
+        scgene_logger.setLevel(level)

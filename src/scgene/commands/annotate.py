@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import USER_ERRORS, user_error_message
+from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .embed import FLAGS, add_common_arguments, command_inputs, inference_options
 
 
@@ -20,6 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from ..inference import annotate
     from .annotated_copy import read_input, write_annotated_copy
@@ -30,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             with read_input(args.input) as adata:
                 result = annotate(adata, args.model, key_added=args.key, min_confidence=args.min_confidence, **options)
                 obsm = {f"{args.key}_probabilities": adata.obsm[f"{args.key}_probabilities"]}
-                uns = {args.key: {"labels": list(adata.uns[args.key]["labels"])}}
+                uns = {args.key: adata.uns[args.key] | {"labels": list(adata.uns[args.key]["labels"])}}
             write_annotated_copy(args.input, args.out, obs=result, obsm=obsm, uns=uns)
     except USER_ERRORS as error:
         print(user_error_message("annotate", error, FLAGS | {"min_confidence": "--min-confidence"}), file=sys.stderr)

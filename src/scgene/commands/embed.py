@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import USER_ERRORS, user_error_message
+from . import USER_ERRORS, coverage_report_shown, user_error_message
 
 FLAGS = {
     "tokenizer=": "--tokenizer",
@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from ..inference import embed
     from .annotated_copy import read_input, write_annotated_copy
@@ -77,12 +82,13 @@ def run(args: argparse.Namespace) -> int:
                 missing = [column for column in args.color if column not in adata.obs.columns]
                 if missing:
                     raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
-                embeddings = embed(adata, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
+                # the backed input is only read: obsm and uns are set in memory and written to the copy
+                embeddings = embed(adata, args.model, key_added=args.key, pooling_layer=args.pooling_layer, **options)
                 print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
-                obsm, obs = {args.key: embeddings}, None
+                obsm, obs, uns = {args.key: embeddings}, None, {args.key: adata.uns[args.key]}
                 if args.plot:
                     obs, obsm[f"{args.key}_umap"] = plot_embedding(adata.obs, embeddings, args.plot, args.color)
-            write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm)
+            write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, uns=uns)
     except USER_ERRORS as error:
         print(user_error_message("embed", error, FLAGS), file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 
-from . import USER_ERRORS, user_error_message
+from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .embed import POOLING_LAYER_HELP
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..evaluation import EvaluationSettings, evaluate
     from ..fileio import claimed_output
     from .annotated_copy import read_input

@@ -5,14 +5,12 @@ become one corpus: one vocabulary, shards over all cells, and a `source` column 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import logging
 import os
 import sys
 from pathlib import Path
 
-from . import USER_ERRORS, load_tokenizer, user_error_message
+from . import USER_ERRORS, coverage_report_shown, load_tokenizer, user_error_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,20 +52,6 @@ FLAGS = {
 def run(args: argparse.Namespace) -> int:
     with coverage_report_shown():
         return _tokenize(args)
-
-
-@contextlib.contextmanager
-def coverage_report_shown():
-    """Show the tokenizer's gene coverage report (logged as info) on this command's stderr, and only during it."""
-    scgene_logger, report = logging.getLogger("scgene"), logging.StreamHandler(sys.stderr)
-    level = scgene_logger.level
-    scgene_logger.setLevel(logging.INFO)
-    scgene_logger.addHandler(report)
-    try:
-        yield
-    finally:
-        scgene_logger.removeHandler(report)
-        scgene_logger.setLevel(level)
 
 
 def _tokenize(args: argparse.Namespace) -> int:

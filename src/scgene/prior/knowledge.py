@@ -25,6 +25,10 @@ DEFAULT_TABLE = Path(__file__).resolve().parents[1] / "resources" / "knowledge" 
 DEFAULT_TEXT_MODEL = "all-MiniLM-L6-v2"
 ORTHOLOG_TABLES = {"mouse": Path(__file__).resolve().parents[1] / "resources" / "orthologs" / "human_mouse_ensembl105.csv.gz"}
 ENSEMBL_COLUMN = "ensembl_id"
+# The sentence-transformer embeddings of the shipped table's descriptions, computed once (26k texts take ~15 minutes on
+# 2 CPU cores) and reduced to their leading principal components: scripts/build_text_embedding.py.
+PRECOMPUTED_TEXT = DEFAULT_TABLE.parent / "human_description_embedding.safetensors"
+PRECOMPUTED_MAX_TOKENS = 128
 
 
 @dataclass
@@ -202,6 +206,34 @@ def _cache_file(cache_dir, location: str, max_tokens: int, texts: list[str]) -> 
     return Path(cache_dir) / f"{digest.hexdigest()[:32]}.npy"
 
 
+def text_key(text: str) -> bytes:
+    """8 bytes that identify a text (the first of its SHA-256): how precomputed embeddings are looked up."""
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+def precomputed_text_embedding(texts: list[str], model: str, max_tokens: int, path=PRECOMPUTED_TEXT):
+    """The shipped embeddings of `texts`, when every non-empty text is in `path` and the settings are the ones it was
+    made with; else None. Returns (matrix, info) with empty texts as zero rows."""
+    if model not in (DEFAULT_TEXT_MODEL, f"sentence-transformers/{DEFAULT_TEXT_MODEL}") or max_tokens != (
+            PRECOMPUTED_MAX_TOKENS) or not Path(path).exists():
+        return None
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    arrays = load_file(path)
+    with safe_open(path, "np") as handle:
+        info = dict(handle.metadata())
+    row_of = {key.tobytes(): row for row, key in enumerate(arrays["text_keys"])}
+    rows = [row_of.get(text_key(text), -1) if text else -2 for text in texts]
+    if -1 in rows:
+        return None
+    embedding = arrays["embedding"].astype(np.float32)
+    out = np.zeros((len(texts), embedding.shape[1]), np.float32)
+    present = np.array([row >= 0 for row in rows])
+    out[present] = embedding[[row for row in rows if row >= 0]]
+    return out, info
+
+
 def text_embedding(
     texts: list[str],
     model: str = DEFAULT_TEXT_MODEL,
@@ -280,11 +312,16 @@ def knowledge_embedding(
         blocks.append(_balanced(binary_embedding(table.binary, dim=binary_dim, seed=seed)))
         parts["binary"] = {"columns": table.binary.shape[1], "embedding_dim": binary_dim}
     for column, texts in table.texts.items():
-        embedded = text_embedding(
-            texts, text_model, batch_size=batch_size, progress=progress, cache_dir=cache_dir, max_tokens=max_tokens
-        )
+        precomputed = precomputed_text_embedding(texts, text_model, max_tokens)
+        if precomputed is not None:
+            embedded, shipped = precomputed
+        else:
+            embedded, shipped = text_embedding(texts, text_model, batch_size=batch_size, progress=progress,
+                                               cache_dir=cache_dir, max_tokens=max_tokens), None
         blocks.append(_balanced(embedded.astype(np.float64)))
         parts[f"text:{column}"] = {"embedding_dim": embedded.shape[1], "empty_texts": texts.count("")}
+        if shipped is not None:
+            parts[f"text:{column}"]["precomputed"] = {"file": PRECOMPUTED_TEXT.name} | shipped
     features = np.concatenate(blocks, axis=1)
     n_components = min(hidden_size, features.shape[0], features.shape[1])
     pca = PCA(n_components=n_components, svd_solver="full", random_state=seed)
