@@ -4,7 +4,9 @@ Each step is the command a user would type, printed before it runs. Everything u
 (26,064 genes), so the checkpoints apply to any human dataset, not only to this file's genes:
   1. `scgene tokenize`: the .h5ad -> a `datasets` folder (expressed genes, bins, `<cls>`, each cell's total count,
      cell-type column), with the tokenizer and the settings used (max_length 256) saved next to it;
-  2. `scgene build-prior`: co-expression -> gene2vec, gene knowledge -> text + binary embedding -> PCA, fused;
+  2. `scgene build-prior`: co-expression -> gene2vec, gene knowledge -> text + binary embedding -> PCA, fused; the
+     knowledge part covers every vocabulary gene (the text embeddings are shipped precomputed), so genes this file
+     does not measure still have an identity when the model meets another file;
   3. pretraining with the Trainer (examples/pretrain_masked_expression.py): masked expression plus the contrastive
      objective on two count-downsampled views of each cell, which keeps the embedding off sequencing depth;
   4. cell-type classification with a frozen backbone, against a logistic-regression baseline
@@ -56,7 +58,7 @@ def main():
     # |r| >= 0.7 (the seed's threshold) keeps 27 gene pairs of sparse PBMC 3k single cells; 0.3 keeps 3,167
     run(scgene + ["build-prior", "--adata", args.data, "--out", out / "prior",
                   "--hidden-size", args.hidden_size, "--gene2vec-dim", min(200, args.hidden_size // 2),
-                  "--threshold", "0.3", "--knowledge-genes", "adata", "--overwrite"],  # only run when no record
+                  "--threshold", "0.3", "--overwrite"],  # only run when no record
         out / "prior" / "prior_record.json")
     common = ["--use_cpu", "--report_to", "none", "--seed", "0", "--logging_steps", "50", "--save_strategy", "no"]
     run(python + [REPO / "examples" / "pretrain_masked_expression.py", "--dataset", out / "tokenized",

@@ -69,7 +69,11 @@ def main() -> None:
         "table_sha256": hashlib.sha256(args.table.read_bytes()).hexdigest(),
     }
     with atomic_path(args.output) as staged:
-        save_file({"embedding": reduced.astype(np.float16), "text_keys": keys}, str(staged), metadata=metadata)
+        # the projection travels with the rows, so that a fresh encoding of any text can be checked against them
+        arrays = {"embedding": reduced.astype(np.float16), "text_keys": keys, "pca_mean": pca.mean_.astype(np.float32),
+                  "pca_components": pca.components_.astype(np.float32)}
+        # C order: safetensors writes an array's buffer as it lies, and PCA's output is Fortran-ordered
+        save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(staged), metadata=metadata)
     print(f"{len(texts)} texts -> {args.components} PCs ({metadata['explained_variance']} of the variance) in "
           f"{args.output} ({args.output.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s)")
 

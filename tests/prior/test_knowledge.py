@@ -170,3 +170,26 @@ def test_orthologs_carry_only_one_to_one_pairs_and_the_rows_follow(tmp_path):
     assert len(shipped) > 15000 and shipped["CD4"] == "Cd4" and shipped["PTPRC"] == "Ptprc"
     with pytest.raises(FileNotFoundError, match="no such file; give a two-column CSV or one of \\['mouse'\\]"):
         read_orthologs("zebrafish")
+
+
+def test_shipped_description_embeddings_are_the_text_models_own_projected():
+    """The precomputed rows are what the sentence-transformer gives for those texts (projected with the shipped PCA):
+    a fresh encoding of a sample of the shipped table's texts lands on the same rows, and `knowledge_embedding` uses
+    them (and only for the default model and truncation)."""
+    from safetensors.numpy import load_file
+
+    from scgene.prior.knowledge import PRECOMPUTED_TEXT, precomputed_text_embedding
+
+    table = read_knowledge_table(DEFAULT_TABLE)
+    rows = np.random.default_rng(0).choice(len(table.genes), 24, replace=False)
+    texts = [table.texts["description"][i] for i in rows]
+    shipped, info = precomputed_text_embedding(texts, "all-MiniLM-L6-v2", 128)
+    arrays = load_file(PRECOMPUTED_TEXT)
+    fresh = (text_embedding(texts, progress=False, max_tokens=128) - arrays["pca_mean"]) @ arrays["pca_components"].T
+    np.testing.assert_allclose(shipped, fresh, atol=2e-3)  # float16 rows
+    assert info["model"] == "all-MiniLM-L6-v2" and float(info["explained_variance"]) > 0.85
+    assert precomputed_text_embedding(texts + ["a text nobody embedded"], "all-MiniLM-L6-v2", 128) is None
+    assert precomputed_text_embedding(texts, "all-MiniLM-L6-v2", 256) is None
+    subset = table.subset(np.isin(np.arange(len(table.genes)), rows))
+    _, summary = knowledge_embedding(subset, hidden_size=16, progress=False)
+    assert summary["blocks"]["text:description"]["precomputed"]["file"] == PRECOMPUTED_TEXT.name
