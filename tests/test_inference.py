@@ -7,6 +7,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import scgene
@@ -277,4 +278,67 @@ def test_tokens_without_a_prior_row_are_reported_and_warned_about(checkpoint, ce
         scgene.embed(adata, model, tokenizer=tokenizer, progress=False)
     assert adata.uns["X_scgene"]["prior_coverage"]["share_without_prior"] == 1
     assert "100.0% of the" in caplog.text and "--knowledge-genes vocabulary" in caplog.text
+
+
+# ---------------------------------------------------------------- damaged checkpoints and inputs: one line, the fix
+@pytest.fixture()
+def damaged_checkpoints(checkpoint, tmp_path):
+    """Copies of the checkpoint: a config with one layer more, a config with another hidden size, half a weights file."""
+    import json
+    import shutil
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    edits = {"layers": {"num_hidden_layers": config["num_hidden_layers"] + 1},
+             "hidden": {"hidden_size": config["hidden_size"] * 2}, "truncated": {}}
+    folders = {}
+    for name, edit in edits.items():
+        folders[name] = shutil.copytree(checkpoint, tmp_path / name)
+        (folders[name] / "config.json").write_text(json.dumps(config | edit))
+    weights = (checkpoint / "model.safetensors").read_bytes()
+    (folders["truncated"] / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    return folders
+
+
+@pytest.mark.parametrize("command", ["embed", "annotate"])
+def test_damaged_checkpoints_and_mistyped_paths_are_one_line_errors(damaged_checkpoints, cells, tmp_path, capsys,
+                                                                     command, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "in.h5ad"
+    cells[:20].write_h5ad(source)
+    expected = {
+        str(damaged_checkpoints["layers"]): "config.json describes",
+        str(damaged_checkpoints["hidden"]): "do not match the weights",
+        str(damaged_checkpoints["truncated"]): "model.safetensors is damaged",
+        str(tmp_path / "no" / "such" / "model"): "no such folder",
+        f"{tmp_path.name}/typo": "no such folder",  # relative, under an existing folder
+        "a-model-nobody-has": "neither a local checkpoint folder nor a Hub model",
+    }
+    monkeypatch.chdir(tmp_path.parent)
+    for model, message in expected.items():
+        assert main([command, str(source), "--model", model, "--out", str(tmp_path / "out.h5ad")]) == 1, model
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith(f"scgene {command}: error:") and message in error[-1], (model, error)
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_cells_without_counts_are_labelled_unknown(checkpoint, cells, caplog):
+    adata = cells[:40].copy()
+    counts = adata.X.toarray()
+    counts[:5] = 0
+    adata.X = sp.csr_matrix(counts)
+    with caplog.at_level("WARNING"):
+        result = scgene.annotate(adata, checkpoint, progress=False)
+    assert (result["scgene_label"].iloc[:5] == "Unknown").all() and (result["scgene_label_confidence"].iloc[:5] == 0).all()
+    assert (result["scgene_label"].iloc[5:] != "Unknown").all() and "5 cells have no counts" in caplog.text
+
+
+def test_plot_format_follows_the_suffix_and_is_checked_first(checkpoint, cells, tmp_path, capsys):
+    source = tmp_path / "in.h5ad"
+    cells[:60].write_h5ad(source)
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "a.h5ad"), "--plot",
+                 str(tmp_path / "umap.pdf")]) == 0
+    assert (tmp_path / "umap.pdf").read_bytes()[:4] == b"%PDF"
+    assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "b.h5ad"), "--plot",
+                 str(tmp_path / "umap.pnj")]) == 1
+    assert "suffix names no image format" in capsys.readouterr().err and not (tmp_path / "b.h5ad").exists()
 

@@ -31,10 +31,13 @@ OUTPUT_MARKER = ".scgene-output.json"  # in every output folder a command writes
 
 
 def local_or_hub(name, what: str) -> str:
-    """`name` as from_pretrained takes it. A name that is clearly a path (starts with /, . or ~, or a PathLike) must be
-    an existing folder: otherwise the Hub's repo-id error would hide a mistyped path. `what` says what the folder holds."""
+    """`name` as from_pretrained takes it. A name that is clearly a path must be an existing folder, otherwise the
+    Hub's repo-id error would hide a mistyped path: a PathLike, a name starting with /, . or ~, one with more than one
+    "/" (a Hub id has at most one), or one whose first part is a local folder. `what` says what the folder holds."""
     text = os.path.expanduser(os.fspath(name))
-    if (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~"))) and not os.path.isdir(text):
+    looks_like_path = (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~")) or text.count("/") > 1
+                       or ("/" in text and os.path.isdir(text.split("/")[0])))
+    if looks_like_path and not os.path.isdir(text):
         raise FileNotFoundError(f"{name}: no such folder ({what}).")
     return text
 

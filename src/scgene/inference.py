@@ -62,6 +62,31 @@ def quiet_transformers_loading() -> Iterator[None]:
             each.setLevel(level)
 
 
+def load_checkpoint(auto_class, source: str, **kwargs):
+    """`auto_class.from_pretrained(source, **kwargs)`, with one-line errors for what a user can fix: a
+    damaged weights file, weights whose shapes the config contradicts, a name that is neither a folder nor a Hub model
+    available here."""
+    from safetensors import SafetensorError
+
+    try:
+        with quiet_transformers_loading():
+            return auto_class.from_pretrained(source, **kwargs)
+    except SafetensorError as error:
+        raise ValueError(f"{source}: model.safetensors is damaged ({error}); save or download the checkpoint "
+                         "again.") from None
+    except RuntimeError as error:
+        if "mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(f"{source}: the shapes in config.json (hidden_size, intermediate_size, vocab_size, ...) do "
+                         "not match the weights in model.safetensors; use the config.json saved with these "
+                         "weights.") from None
+    except OSError as error:
+        if os.path.isdir(source):
+            raise
+        raise FileNotFoundError(f"{source} is neither a local checkpoint folder nor a Hub model available here "
+                                f"({str(error).splitlines()[0]}); check the path.") from None
+
+
 def load_model(model, classifier: bool = False, device=None, pooling_layer: int | None = None) -> ScGenePreTrainedModel:
     """A checkpoint path / Hub id or a loaded ScGene model -> the model to run, in eval mode on `device`.
 
@@ -74,16 +99,20 @@ def load_model(model, classifier: bool = False, device=None, pooling_layer: int 
                          "model.config.pooling_layer instead (or load it with from_pretrained(path, pooling_layer=...)).")
     if isinstance(model, (str, os.PathLike)):
         model = local_or_hub(model, "a checkpoint is a folder with config.json and model.safetensors")
-        if classifier and "ScGeneForCellClassification" not in (AutoConfig.from_pretrained(str(model)).architectures or []):
+        auto_class = AutoModelForSequenceClassification if classifier else AutoModel
+        if classifier and "ScGeneForCellClassification" not in (load_checkpoint(AutoConfig, model).architectures or []):
             raise ValueError(
                 f"{model} is not a cell-type classifier checkpoint (its config names no ScGeneForCellClassification): "
                 "loading it as one would add an untrained head. Fine-tune one with examples/finetune_cell_type.py."
             )
-        auto_class = AutoModelForSequenceClassification if classifier else AutoModel
-        with quiet_transformers_loading():
-            model, info = auto_class.from_pretrained(str(model), output_loading_info=True, **overrides)
+        model, info = load_checkpoint(auto_class, model, output_loading_info=True, **overrides)
         if info["missing_keys"]:
-            logger.warning(f"Weights missing from the checkpoint, left at their initial values: {sorted(info['missing_keys'])}")
+            missing = sorted(info["missing_keys"])
+            raise ValueError(
+                f"{model.name_or_path}: config.json describes {len(missing)} weights that model.safetensors lacks "
+                f"(e.g. {missing[:3]}): the config and the weights disagree (a config edited by hand?). Use the "
+                "config.json saved with these weights; the model would otherwise run with randomly initialised parts."
+            )
     if not isinstance(model, ScGenePreTrainedModel):
         raise TypeError(f"model must be an ScGene checkpoint path, Hub id or ScGene model, got {type(model).__name__}.")
     if classifier:
@@ -333,7 +362,7 @@ def annotate(
     Writes `obs[key_added]` (categorical, names from the model's `id2label`), `obs[key_added + "_confidence"]` (the
     highest class probability) and `obsm[key_added + "_probabilities"]` (columns in `id2label` order, listed in
     `uns[key_added]["labels"]`). Cells whose confidence is below `min_confidence` are labelled "Unknown" (a type the
-    classifier never saw). Returns the two obs columns as a DataFrame (also for a path, which is never written).
+    classifier never saw), and so are cells without counts on vocabulary genes (confidence 0), with a warning. Returns the two obs columns as a DataFrame (also for a path, which is never written).
     """
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise ValueError(f"min_confidence is a probability between 0 and 1, got {min_confidence}.")
@@ -342,10 +371,13 @@ def annotate(
     names = [str(classifier.config.id2label[i]) for i in range(classifier.config.num_labels)]
     with opened(adata) as cells:
         probabilities = np.zeros((cells.n_obs, len(names)), np.float32)
+        expressed_genes = np.zeros(cells.n_obs, np.int64)
         obs_names = cells.obs_names.copy()
 
         def consume(batch, outputs):
             probabilities[batch.cells] = torch.softmax(outputs.logits.float(), dim=-1).cpu().numpy()
+            ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+            expressed_genes[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).sum(dim=1).cpu().numpy()
 
         coverage = run_over_cells(classifier, tokenizer, cells, consume, batch_size=batch_size,
                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Annotating",
@@ -353,8 +385,13 @@ def annotate(
     confidence = probabilities.max(axis=1) if len(names) else np.zeros(len(probabilities), np.float32)
     labels = np.asarray(names, dtype=object)[probabilities.argmax(axis=1)] if len(probabilities) else np.array([], object)
     categories = list(names)
-    if min_confidence is not None:
-        labels = np.where(confidence < min_confidence, UNKNOWN_LABEL, labels)
+    empty = expressed_genes == 0  # no counts on vocabulary genes: the classifier would still name a type
+    if empty.any():
+        logger.warning(f"{int(empty.sum())} cells have no counts on the vocabulary's genes: labelled "
+                       f"{UNKNOWN_LABEL!r} with confidence 0.")
+        confidence = np.where(empty, 0.0, confidence).astype(np.float32)
+    if min_confidence is not None or empty.any():
+        labels = np.where(empty | (confidence < (min_confidence or 0)), UNKNOWN_LABEL, labels)
         categories = categories + ([UNKNOWN_LABEL] if UNKNOWN_LABEL not in categories else [])
     result = pd.DataFrame(
         {key_added: pd.Categorical(labels, categories=categories), f"{key_added}_confidence": confidence},

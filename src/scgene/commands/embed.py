@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used)")
     parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
-    parser.add_argument("--plot", metavar="PNG", help="save a UMAP of the embedding here")
+    parser.add_argument("--plot", metavar="IMAGE", help="save a UMAP of the embedding here (png, pdf, svg, ...)")
     parser.add_argument("--color", nargs="*", default=[], metavar="COL", help="obs columns to colour the UMAP by")
 
 
@@ -77,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         options = inference_options(args)
+        if args.plot:
+            plot_format(args.plot)
         with claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite):
             with read_input(args.input) as adata:
                 missing = [column for column in args.color if column not in adata.obs.columns]
@@ -96,8 +98,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot_format(path: str) -> str:
+    """The image format of `path`, from its suffix (png, pdf, svg, ...), checked before any work is done."""
+    from matplotlib.figure import Figure
+
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    supported = Figure().canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise ValueError(f"--plot {path}: the suffix names no image format; end it with one of {sorted(supported)} "
+                         "(e.g. umap.png or umap.pdf).")
+    return suffix
+
+
 def plot_embedding(obs, embeddings, png: str, color: list[str]):
-    """Neighbours, UMAP and Leiden on the embedding; a PNG coloured by `color` + clusters; ARI/NMI printed.
+    """Neighbours, UMAP and Leiden on the embedding; an image (format from the suffix) coloured by `color` + clusters;
+    ARI/NMI printed.
     Returns the Leiden clusters (obs column `scgene_leiden`) and the UMAP coordinates."""
     import anndata
     import matplotlib
@@ -124,7 +139,7 @@ def plot_embedding(obs, embeddings, png: str, color: list[str]):
             print(f"Leiden clusters ({clusters.nunique()}) vs {column} ({labels.nunique()}): ARI {ari:.3f}  NMI {nmi:.3f}")
     figure = sc.pl.umap(view, color=[*color, "scgene_leiden"], show=False, return_fig=True, wspace=0.5)
     with atomic_path(png) as staged:
-        figure.savefig(staged, dpi=120, bbox_inches="tight", format="png")
+        figure.savefig(staged, dpi=120, bbox_inches="tight", format=plot_format(png))
     plt.close(figure)
     print(f"Saved the UMAP to {png}")
     return pd.DataFrame({"scgene_leiden": clusters.values}, index=obs.index), view.obsm["X_umap"].astype("float32")
