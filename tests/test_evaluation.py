@@ -5,6 +5,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -128,6 +129,20 @@ def test_evaluate_scores_model_and_baselines_on_the_same_cells(checkpoint):
     assert "| ScGene |" in report.to_markdown() and "Targets:" in report.to_markdown()
     assert (cells.obs.equals(before.obs) and cells.obsm.keys() == before.obsm.keys()
             and (cells.X != before.X).nnz == 0)  # the input is not modified
+
+
+def test_evaluate_reads_the_layer_for_the_model_and_every_baseline(checkpoint):
+    """Counts in layers['counts'] under a log-normalised X: with layer='counts' every row scores as on the counts."""
+    import scanpy as sc
+
+    counts = ad.read_h5ad(DATA / "cellbench_120cells_ensembl_subset.h5ad")
+    logged = counts.copy()
+    logged.layers["counts"] = counts.X.copy()
+    sc.pp.normalize_total(logged, target_sum=1e4)
+    sc.pp.log1p(logged)
+    options = {"label_key": "cell_line", "baselines": ("prior", "pca"), "settings": FAST, "progress": False}
+    from_layer = scgene.evaluate(logged, checkpoint, layer="counts", **options).table
+    pd.testing.assert_frame_equal(from_layer, scgene.evaluate(counts, checkpoint, **options).table)
 
 
 def test_evaluate_command_writes_json_and_markdown(checkpoint, tmp_path, capsys):

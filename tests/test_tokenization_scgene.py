@@ -781,3 +781,58 @@ def test_shipped_vocabulary_has_a_reproducible_gzip_header():
 
     header = Path(DEFAULT_VOCAB).read_bytes()[:10]
     assert header[3] & 0x08 == 0 and header[4:8] == b"\0\0\0\0"  # no FNAME flag, mtime 0
+
+
+# ---------------------------------------------------------------- where the counts are: X, a layer, .raw
+def log_normalized_copy(adata):
+    import scanpy as sc
+
+    logged = adata.copy()
+    logged.layers["counts"] = adata.X.copy()
+    sc.pp.normalize_total(logged, target_sum=1e6)  # log1p(CPM): another scale than the tokenizer's 1e4
+    sc.pp.log1p(logged)
+    return logged
+
+
+def test_counts_in_a_layer_or_raw_are_named_and_read_with_layer_or_use_raw(tokenizer, pbmc, caplog):
+    counts = pbmc[:40].copy()
+    logged = log_normalized_copy(counts)
+    with caplog.at_level(logging.WARNING):
+        tokenizer(logged)
+    assert "layer='counts' (--layer counts)" in caplog.text
+    assert_same_batch(tokenizer(counts), tokenizer(logged, layer="counts"))
+    # .raw with its own (more) genes than X: genes and counts both come from .raw
+    with_raw = counts.copy()
+    with_raw.raw = with_raw
+    with_raw = with_raw[:, :500].copy()
+    with_raw.X = log_normalized_copy(with_raw).X
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tokenizer(with_raw)
+    assert "use_raw=True (--use-raw)" in caplog.text
+    assert_same_batch(tokenizer(counts), tokenizer(with_raw, use_raw=True))
+
+
+def test_layer_and_use_raw_errors_name_the_fix(tokenizer, pbmc):
+    cells = pbmc[:10].copy()
+    with pytest.raises(KeyError, match=r"layer 'counts' is not in adata.layers"):
+        tokenizer(cells, layer="counts")
+    with pytest.raises(ValueError, match="adata.raw is None"):
+        tokenizer(cells, use_raw=True)
+    cells.layers["counts"] = cells.X.copy()
+    with pytest.raises(ValueError, match="not both"):
+        tokenizer(cells, layer="counts", use_raw=True)
+
+
+def test_cli_tokenize_reads_a_layer(tmp_path, pbmc):
+    import datasets
+
+    from scgene.cli import main
+
+    logged = log_normalized_copy(pbmc[:30])
+    logged.write_h5ad(tmp_path / "logged.h5ad")
+    pbmc[:30].write_h5ad(tmp_path / "counts.h5ad")
+    assert main(["tokenize", str(tmp_path / "logged.h5ad"), str(tmp_path / "a"), "--layer", "counts"]) == 0
+    assert main(["tokenize", str(tmp_path / "counts.h5ad"), str(tmp_path / "b")]) == 0
+    a, b = datasets.load_from_disk(str(tmp_path / "a")), datasets.load_from_disk(str(tmp_path / "b"))
+    assert a["input_ids"] == b["input_ids"] and a["total_counts"] == b["total_counts"]

@@ -40,6 +40,7 @@ import torch
 from .encoding_scgene import is_log_normalized
 from .fileio import atomic_path
 from .inference import embed, iter_batches, load_model, load_tokenizer
+from .tokenization_scgene import expression_source
 
 logger = logging.getLogger(__name__)
 
@@ -359,6 +360,10 @@ def evaluate(
         raise ValueError(f"Unknown baselines {sorted(unknown)}; choose from {BASELINES}.")
     if isinstance(adata, (str, os.PathLike)):
         adata = anndata.read_h5ad(adata)
+    layer, use_raw = tokenize_kwargs.pop("layer", None), tokenize_kwargs.pop("use_raw", False)
+    if layer is not None or use_raw:  # the model and every baseline read the same matrix
+        source = expression_source(adata, layer, use_raw)
+        adata = anndata.AnnData(X=source.X, obs=adata.obs, var=source.var)
     keep = labelled_cells(adata, label_key, batch_key, settings.n_folds)
     cells = adata[keep]
     labels = cells.obs[label_key].astype(str).to_numpy()

@@ -389,8 +389,13 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         chunk_size: int = 512,
         num_threads: int = 2,
         progress: bool = False,
+        layer: str | None = None,
+        use_raw: bool = False,
     ):
         """Yield an `EncodedChunk` (ragged, unpadded) per `chunk_size` cells, in order.
+
+        The expression comes from `adata.X`, or `adata.layers[layer]`, or with `use_raw` from `adata.raw` (its X and
+        its genes), as in scanpy.
 
         `truncation=False` ignores `max_length` (e.g. `gene_selection="all"` over a large panel); `seed`
         samples the genes kept under `max_length` (training), None keeps the highest (inference).
@@ -405,6 +410,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         if sp is None:
             raise ImportError("Tokenizing needs scipy: pip install scipy")
         check_cells(adata)
+        adata = expression_source(adata, layer, use_raw)
         gene_selection = gene_selection or self.gene_selection
         if gene_selection not in GENE_SELECTIONS:
             raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}")
@@ -429,7 +435,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         check_expression_values(first.data)
         log_normalized = is_log_normalized(first.data, "log1p" in adata.uns)
         if log_normalized:
-            logger.warning("The input looks log1p-normalised already; it is not normalised again.")
+            logger.warning("The input looks log1p-normalised already; it is not normalised again."
+                           + (f" {counts_hint(adata)}" if layer is None and not use_raw else ""))
         first_matched, first_total = self._normalized_chunk(first, mapping, log_normalized)[1:3]
         self._check_coverage(mapping.coverage, first_matched, first_total, first.shape[0], final=False)
 
@@ -585,6 +592,48 @@ def check_cells(adata) -> None:
         )
     if adata.X is None:
         raise ValueError("adata.X is None: put the counts in X first (e.g. adata.X = adata.layers['counts']).")
+
+
+class ExpressionSource:
+    """An AnnData's cells with another matrix as X: one of its layers, or `.raw` (with `.raw`'s genes)."""
+
+    def __init__(self, adata, layer: str | None, use_raw: bool):
+        self.obs, self.obs_names, self.uns, self.n_obs = adata.obs, adata.obs_names, adata.uns, adata.n_obs
+        self.isbacked = getattr(adata, "isbacked", False)
+        if use_raw:
+            self.X, self.var = adata.raw.X, adata.raw.var
+        else:
+            self.X, self.var = adata.layers[layer], adata.var
+        self.var_names, self.n_vars = self.var.index, len(self.var)
+
+
+def expression_source(adata, layer: str | None, use_raw: bool):
+    """`adata` itself, or an `ExpressionSource` reading `layers[layer]` / `.raw`; clear errors when they are absent."""
+    if layer is not None and use_raw:
+        raise ValueError("Pass layer= or use_raw=True, not both: they name two different expression matrices.")
+    if use_raw and getattr(adata, "raw", None) is None:
+        raise ValueError("use_raw=True, but adata.raw is None: the counts are in X or a layer (pass layer=).")
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} is not in adata.layers (it has {list(adata.layers)}); pass one of those, "
+                       "or leave it out to read X.")
+    return adata if layer is None and not use_raw else ExpressionSource(adata, layer, use_raw)
+
+
+def counts_hint(adata, rows: int = 64) -> str:
+    """Where `adata` keeps raw counts besides a log-normalised X: a layer or `.raw` whose first cells hold non-negative
+    integers with integer totals above 100, named with the argument (and flag) that reads it; "" if none."""
+    candidates = {f"layer={name!r} (--layer {name})": matrix for name, matrix in adata.layers.items()}
+    if getattr(adata, "raw", None) is not None:
+        candidates["use_raw=True (--use-raw)"] = adata.raw.X
+    for argument, matrix in candidates.items():
+        try:
+            values = to_csr(matrix[: min(rows, adata.n_obs)])
+        except (TypeError, ValueError):
+            continue
+        data = values.data
+        if data.size and data.min() >= 0 and np.array_equal(data, np.round(data)) and data.sum() / values.shape[0] > 100:
+            return f"Raw counts seem to be there too: pass {argument} to tokenize them instead."
+    return ""
 
 
 def read_chunks(adata, chunk_size: int, first):

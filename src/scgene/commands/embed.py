@@ -17,6 +17,8 @@ FLAGS = {
     "batch_size": "--batch-size",
     "max_tokens_per_batch": "--max-tokens-per-batch",
     "gene_column=": "--gene-column",
+    "layer=": "--layer ",
+    "use_raw=True": "--use-raw",
     "max_length": "--max-length",
     "ScGeneConfig.pooling_layer": "--pooling-layer",
 }
@@ -32,6 +34,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, model_help: str) -> No
     parser.add_argument("--out", required=True, help="the .h5ad to write: the input plus the new columns (atomically)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
+    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
+    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
     parser.add_argument("--batch-size", type=int, help="at most this many cells per batch")
     parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384): lower it if memory runs out")
@@ -47,7 +51,9 @@ def inference_options(args: argparse.Namespace) -> dict:
             raise ValueError(f"{flag} must be a positive integer, got {value}.")
     options = {"tokenizer": args.tokenizer, "batch_size": args.batch_size,
                "max_tokens_per_batch": args.max_tokens_per_batch, "device": args.device}
-    options.update({key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None})
+    options.update({key: getattr(args, key) for key in ("gene_column", "max_length", "layer") if getattr(args, key) is not None})
+    if args.use_raw:
+        options["use_raw"] = True
     return options
 
 

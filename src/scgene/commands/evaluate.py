@@ -16,7 +16,7 @@ from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .embed import POOLING_LAYER_HELP
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
-         "gene_column=": "--gene-column", "tokenizer=": "--tokenizer",
+         "gene_column=": "--gene-column", "tokenizer=": "--tokenizer", "layer=": "--layer ", "use_raw=True": "--use-raw",
          "ScGeneConfig.pooling_layer": "--pooling-layer"}
 
 
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed, help="folds, clustering and the untrained model (default %(default)s)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
+    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
+    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -64,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
                 adata = backed.to_memory()
             settings = EvaluationSettings(n_neighbors=args.n_neighbors, leiden_resolution=args.leiden_resolution,
                                           seed=args.seed)
-            options = {key: getattr(args, key) for key in ("gene_column", "max_length") if getattr(args, key) is not None}
+            options = {key: getattr(args, key) for key in ("gene_column", "max_length", "layer")
+                       if getattr(args, key) is not None} | ({"use_raw": True} if args.use_raw else {})
             report = evaluate(adata, args.model, label_key=args.label_key, batch_key=args.batch_key,
                               tokenizer=args.tokenizer, baselines=args.baselines, settings=settings, device=args.device,
                               pooling_layer=args.pooling_layer, **options)

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-truncation", action="store_true", help="ignore max-length (e.g. 'all' on a large panel)")
     parser.add_argument("--obs-columns", nargs="*", default=[], metavar="COL", help="obs columns to keep")
     parser.add_argument("--gene-column", help="var column with gene names (default: detect)")
+    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
+    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
     parser.add_argument("--seed", type=int, help="sample genes beyond max-length with this seed (training data)")
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--format", choices=("arrow", "parquet"), default="arrow")
@@ -38,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 FLAGS = {
     "pass overwrite=True (--overwrite)": "pass --overwrite",
     "`gene_column=`": "--gene-column",
+    "layer=": "--layer ",
+    "use_raw=True": "--use-raw",
     "lower `min_coverage`": "lower --min-coverage",
     "min_coverage=": "--min-coverage ",
     "num_shards": "--num-shards",
@@ -82,6 +86,8 @@ def _tokenize(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             truncation=not args.no_truncation,
             gene_column=args.gene_column,
+            layer=args.layer,
+            use_raw=args.use_raw,
             seed=args.seed,
             chunk_size=args.chunk_size,
             progress=True,
