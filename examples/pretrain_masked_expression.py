@@ -59,6 +59,10 @@ class PretrainingArguments:
                                                              "of the process count)"})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "cells in a streamed corpus's shuffle buffer"})
     max_eval_cells: int = field(default=1_000, metadata={"help": "at most this many evaluation cells"})
+    panel_views_min_fraction: float | None = field(
+        default=None, metadata={"help": "contrastive views also keep a random U(f, 1) share of each cell's genes and "
+                                        "renormalise over them, as a smaller gene panel would (e.g. 0.3)"}
+    )
     matched_depth_views: bool = field(
         default=False, metadata={"help": "thin every cell's views to the same depths (between the batch's lowest and "
                                          "median total) instead of a fraction of its own depth"}
@@ -178,7 +182,7 @@ def main() -> ScGeneTrainer:
     collator = DataCollatorForMaskedExpression(
         tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value,
         count_views=count_views, min_count_rate=data_args.min_count_rate, matched_depth=data_args.matched_depth_views,
-        seed=training_args.seed,
+        min_panel_fraction=data_args.panel_views_min_fraction, seed=training_args.seed,
     )
     training_args.prediction_loss_only = True  # evaluation reports the loss; predictions are not kept
     # the loss before training, measured inside train() once the model is prepared: an evaluate() before train()

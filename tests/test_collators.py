@@ -178,3 +178,23 @@ def test_count_views_need_raw_totals(tokenizer):
     cells[1]["total_counts"] = float("nan")  # tokenized from log1p input
     with pytest.raises(ValueError, match="total_counts"):
         DataCollatorForMaskedExpression(tokenizer, count_views=True)(cells)
+
+
+def test_panel_views_are_the_cell_as_a_smaller_gene_panel_would_measure_it(tokenizer):
+    """Unthinned (rate 1) panel views keep a subset of each cell's genes, renormalised over that subset: the same
+    values the tokenizer gives for a file that holds only those genes."""
+    from scgene.data.collators import downsampled_cells
+
+    cells, adata = count_cells(tokenizer)
+    rngs = [np.random.default_rng(index) for index in range(len(cells))]
+    views = downsampled_cells(cells, tokenizer, rngs, min_rate=1.0, min_panel_fraction=0.3)
+    assert np.mean([len(v["input_ids"]) / len(c["input_ids"]) for v, c in zip(views, cells)]) < 0.85
+    for row in (0, 5, 17):
+        genes = tokenizer.convert_ids_to_genes(views[row]["input_ids"][1:])
+        panel = adata[row : row + 1, genes].copy()  # a file of only these genes
+        expected = next(tokenizer.iter_encoded(panel, truncation=False))
+        order = np.argsort(expected.input_ids[1:])
+        np.testing.assert_allclose(np.sort(views[row]["expression_values"][1:]),
+                                   np.sort(expected.expression_values[1:][order]), rtol=1e-5)
+    with pytest.raises(ValueError, match="min_panel_fraction"):
+        DataCollatorForMaskedExpression(tokenizer, min_panel_fraction=0.5)  # needs count views

@@ -60,11 +60,15 @@ def matched_depth_rates(totals: np.ndarray, rngs: list[np.random.Generator]) -> 
 
 
 def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rngs: list[np.random.Generator],
-                      min_rate: float, matched_depth: bool = False) -> list[dict]:
+                      min_rate: float, matched_depth: bool = False, min_panel_fraction: float | None = None) -> list[dict]:
     """Each tokenized cell as if sequenced less deeply: its counts (recovered from the log1p values and the cell's
     `total_counts`) thinned binomially at a rate drawn from U(min_rate, 1) (or `matched_depth_rates`), renormalised
     and re-binned as tokenization does; genes that lose all their counts drop out. Two such views of a cell differ in
-    depth, not in identity. `rngs` holds one generator per cell."""
+    depth, not in identity. `rngs` holds one generator per cell.
+
+    With `min_panel_fraction`, a view is also measured on a smaller gene panel: each gene token is kept with a
+    probability drawn from U(min_panel_fraction, 1), and the cell is renormalised over the kept genes only, as a file
+    that holds only those genes would be (e.g. 2,000 HVGs against a whole transcriptome)."""
     views, values_out, lengths = [], [], []
     totals = cell_totals(features)
     rates = matched_depth_rates(totals, rngs) if matched_depth else None
@@ -79,7 +83,12 @@ def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rngs: li
             thinned = counts
         rest = rng.binomial(max(int(round(total)) - int(counts.sum()), 0), rate)  # counts of genes outside the tokens
         keep = thinned > 0
-        scaled = thinned[keep] * (tokenizer.target_sum / (thinned.sum() + rest))
+        if min_panel_fraction is not None:
+            panel = rng.random(len(thinned)) < rng.uniform(min_panel_fraction, 1.0)
+            if (keep & panel).any():  # a view keeps at least one expressed gene
+                keep &= panel
+                rest = 0  # a panel file's total is the panel's own counts
+        scaled = thinned[keep] * (tokenizer.target_sum / (thinned[keep].sum() + rest))
         values_out.append(np.log1p(scaled).astype(np.float32))
         lengths.append(int(keep.sum()))
         views.append((ids[~is_gene], ids[is_gene][keep]))
@@ -105,7 +114,8 @@ class DataCollatorForMaskedExpression:
     `count_views=True` (for the contrastive objective) masks a downsampled copy of each cell (`downsampled_cells`)
     and adds a second, unmasked one as `view_input_ids`, `view_expression_values`, `view_expression_bins`,
     `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes. Views keep
-    U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell.
+    U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell; with
+    `min_panel_fraction`, each view also keeps a random share of the cell's genes (a smaller gene panel).
 
     Every draw for a cell comes from its own generator, seeded by (`seed`, `epoch`, the cell's content): a cell is
     masked and thinned the same way whatever its batch mates, process or position in the run, so a batch split over
@@ -123,6 +133,7 @@ class DataCollatorForMaskedExpression:
     count_views: bool = False
     min_count_rate: float = 0.3
     matched_depth: bool = False
+    min_panel_fraction: float | None = None
     seed: int | None = None
     epoch: int = 0
 
@@ -133,6 +144,9 @@ class DataCollatorForMaskedExpression:
             raise ValueError("mask_replace_prob + random_replace_prob must not exceed 1.")
         if not 0 < self.min_count_rate <= 1:
             raise ValueError(f"min_count_rate is the lowest fraction of counts a view keeps, in (0, 1]; got {self.min_count_rate}")
+        if self.min_panel_fraction is not None and not (0 < self.min_panel_fraction <= 1 and self.count_views):
+            raise ValueError("min_panel_fraction is the lowest share of genes a view keeps, in (0, 1], and needs "
+                             f"count_views=True; got {self.min_panel_fraction}")
 
     def cell_generators(self, features: list[dict]) -> list[np.random.Generator]:
         seed = self.seed if self.seed is not None else int(torch.randint(1 << 62, (1,)))
@@ -142,9 +156,10 @@ class DataCollatorForMaskedExpression:
         rngs = self.cell_generators(features)
         views = {}
         if self.count_views:  # two independent draws: the first is masked, the second is the contrastive partner
-            second = downsampled_cells(features, self.tokenizer, rngs, self.min_count_rate, self.matched_depth)
+            view_options = (self.min_count_rate, self.matched_depth, self.min_panel_fraction)
+            second = downsampled_cells(features, self.tokenizer, rngs, *view_options)
             views = {f"view_{name}": tensor for name, tensor in pad_features(second, self.tokenizer, self.pad_to_multiple_of).items()}
-            features = downsampled_cells(features, self.tokenizer, rngs, self.min_count_rate, self.matched_depth)
+            features = downsampled_cells(features, self.tokenizer, rngs, *view_options)
         batch = pad_features(features, self.tokenizer, self.pad_to_multiple_of) | views
         ids, values, bins = batch["input_ids"], batch["expression_values"], batch["expression_bins"]
         maskable = batch["attention_mask"].bool() & (ids != self.tokenizer.cls_token_id) & (ids != self.tokenizer.pad_token_id)
