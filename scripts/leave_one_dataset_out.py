@@ -32,10 +32,17 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_MAP = REPO / "scripts" / "pbmc_label_map.csv"
+SETS = REPO / "scripts" / "transfer_sets.csv"  # the labelled human sets of ../shared/data/scrna, and one unlabelled
 # The recipe of `make demo` (examples/demo.py): masked expression plus the contrastive objective on count views.
 RECIPE = ["--hidden_size", "128", "--norm_position", "pre", "--pooling", "mean", "--contrastive_loss_weight", "1",
           "--warmup_steps", "20", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0",
           "--learning_rate", "1e-3", "--per_device_train_batch_size", "32"]
+# Variants of the recipe, each a row of the ablation: name -> extra pretraining flags.
+VARIANTS = {
+    "demo recipe": [],
+    "+ gene-panel views": ["--panel_views_min_fraction", "0.3"],
+    "+ gene-panel views, 900 steps": ["--panel_views_min_fraction", "0.3", "--max_steps", "900"],
+}
 SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "label_pc1_corr_genes", "pc1_corr_genes"]
 
 
@@ -49,15 +56,15 @@ class LabelledSet:
     pbmc: bool = False  # annotation transfer is scored between PBMC sets
 
 
-SETS = (
-    LabelledSet("pbmc3k", "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad", "cell_type", pbmc=True),
-    LabelledSet("cellbench", "cellbench_5cellline_1408cells_counts.h5ad", "cell_line", ("demuxlet_cls", "SNG"),
-                batch_key="batch"),
-    LabelledSet("pbmc_3_chemistries", "symphony_pbmcs_1200cells_counts.h5ad", "cell_type", batch_key="batch",
-                pbmc=True),
-    LabelledSet("lymph_node", "lymph_node_ref_330cells_counts.h5ad", "cell_type"),
-)
-UNLABELLED = ("celltypist_sample_559cells_counts.h5ad",)
+def read_sets(path: Path) -> tuple[list[LabelledSet], list[str]]:
+    """The protocol's sets (a CSV: name, file, label_key, keep as COLUMN=VALUE, batch_key, pbmc as 0/1): the labelled
+    ones, and the files without a label_key, which only join every fold's pretraining corpus."""
+    table = pd.read_csv(path, dtype=str).fillna("")
+    labelled = [LabelledSet(row["name"], row["file"], row["label_key"],
+                            tuple(row["keep"].split("=", 1)) if row["keep"] else None, row["batch_key"] or None,
+                            row["pbmc"] == "1")
+                for _, row in table.iterrows() if row["label_key"]]
+    return labelled, [row["file"] for _, row in table.iterrows() if not row["label_key"]]
 
 
 def run(command: list) -> None:
@@ -79,7 +86,7 @@ def prepared_file(data: Path, labelled: LabelledSet, out: Path) -> Path:
 
 
 def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[Path], out: Path, seed: int,
-               steps: int) -> Path:
+               steps: int, variant: str) -> Path:
     """Tokenize the fold's corpus, build its prior (once per fold) and pretrain the seed's model; the checkpoint."""
     scgene = [sys.executable, "-m", "scgene.cli"]
     fold = out / f"without_{held_out.name}"
@@ -89,12 +96,13 @@ def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[P
     if not (fold / "prior" / "prior_record.json").exists():
         run(scgene + ["build-prior", "--adata", *corpus, "--out", fold / "prior", "--hidden-size", "128",
                       "--gene2vec-dim", "64", "--threshold", "0.3", "--no-progress"])
-    checkpoint = fold / f"model_seed{seed}"
+    suffix = "" if variant == "demo recipe" else "_" + "".join(c if c.isalnum() else "_" for c in variant).strip("_")
+    checkpoint = fold / f"model_seed{seed}{suffix}"
     if not (checkpoint / "model.safetensors").exists():
         run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", fold / "tokenized",
              "--prior", fold / "prior" / "gene_prior.safetensors", "--output_dir", checkpoint, *RECIPE,
              "--max_steps", steps, "--seed", seed, "--use_cpu", "--report_to", "none", "--logging_steps", "50",
-             "--save_strategy", "no", "--disable_tqdm", "true"])
+             "--save_strategy", "no", "--disable_tqdm", "true", *VARIANTS[variant]])  # a variant's flags come last
     return checkpoint
 
 
@@ -167,9 +175,14 @@ def summary(log: Path) -> str:
     lines = ["| left out | embedding | seeds | " + " | ".join(SHOWN) + " |", "|---" * (len(SHOWN) + 3) + "|"]
     for held_out in dict.fromkeys(r["held_out"] for r in runs):
         fold = [r for r in runs if r["held_out"] == held_out]
-        for row in fold[0]["scores"]:
-            values = {m: cell(r["scores"][row].get(m) for r in fold) for m in SHOWN}
-            lines.append(f"| {held_out} | {row} | {len(fold)} | " + " | ".join(values[m] for m in SHOWN) + " |")
+        rows = {}  # ScGene rows are named by their variant; baselines are shared by every variant of the fold
+        for r in fold:
+            for row, scores in r["scores"].items():
+                name = f"ScGene ({r.get('variant', 'demo recipe')})" if row == "ScGene" else row
+                rows.setdefault(name, []).append(scores)
+        for name, scores in rows.items():
+            values = {m: cell(s.get(m) for s in scores) for m in SHOWN}
+            lines.append(f"| {held_out} | {name} | {len(scores)} | " + " | ".join(values[m] for m in SHOWN) + " |")
     annotation = [r for r in runs if r.get("annotation")]
     if annotation:
         lines += ["", "Annotation transfer (reference: the other PBMC set; macro-F1 / accuracy on the query's cells of "
@@ -177,10 +190,16 @@ def summary(log: Path) -> str:
                   "|---|---|---|---|---|"]
         for held_out in dict.fromkeys(r["held_out"] for r in annotation):
             fold = [r for r in annotation if r["held_out"] == held_out]
-            for name in (k for k in fold[0]["annotation"] if isinstance(fold[0]["annotation"][k], dict)):
-                lines.append(f"| {held_out} | {name} | {len(fold)} | "
-                             f"{cell(r['annotation'][name]['f1'] for r in fold)} | "
-                             f"{cell(r['annotation'][name]['accuracy'] for r in fold)} |")
+            scores = {}
+            for r in fold:
+                for name, value in r["annotation"].items():
+                    if isinstance(value, dict):  # baseline annotators: once per seed, whatever the variant
+                        label = f"{name} ({r.get('variant', 'demo recipe')})" if name.startswith("ScGene") else name
+                        scores.setdefault(label, {})[r["seed"]] = value
+            for name, by_seed in scores.items():
+                values = list(by_seed.values())
+                lines.append(f"| {held_out} | {name} | {len(values)} | {cell(v['f1'] for v in values)} | "
+                             f"{cell(v['accuracy'] for v in values)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,36 +207,46 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scrna")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "transfer")
-    parser.add_argument("--held-out", nargs="*", default=[s.name for s in SETS], choices=[s.name for s in SETS])
+    parser.add_argument("--sets", type=Path, default=SETS, help="CSV of the sets (see scripts/transfer_sets.csv)")
+    parser.add_argument("--label-map", type=Path, default=LABEL_MAP, help="CSV: dataset, label, shared_type")
+    parser.add_argument("--held-out", nargs="*", help="names of the sets to leave out (default: every labelled set)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--variant", default="demo recipe", choices=list(VARIANTS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from scgene.evaluation import EvaluationSettings, evaluate
 
-    files = {labelled.name: prepared_file(args.data, labelled, args.out) for labelled in SETS}
-    unlabelled = [args.data / name for name in UNLABELLED]
-    label_map = pd.read_csv(LABEL_MAP)
+    sets, unlabelled_files = read_sets(args.sets)
+    files = {labelled.name: prepared_file(args.data, labelled, args.out) for labelled in sets}
+    unlabelled = [args.data / name for name in unlabelled_files]
+    label_map = pd.read_csv(args.label_map)
     log = args.out / "runs.jsonl"
-    done = {(r["held_out"], r["seed"]) for r in map(json.loads, log.read_text().splitlines())} if log.exists() else set()
-    by_name = {labelled.name: labelled for labelled in SETS}
+    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    done = {(r["held_out"], r["seed"], r.get("variant", "demo recipe")) for r in runs}
+    scored_baselines = {(r["held_out"], r["seed"]) for r in runs}  # baselines once per fold and seed
+    by_name = {labelled.name: labelled for labelled in sets}
+    unknown = set(args.held_out or []) - set(by_name)
+    if unknown:
+        parser.error(f"--held-out {sorted(unknown)}: not labelled sets of {args.sets} ({sorted(by_name)})")
     for seed in args.seeds:
-        for name in args.held_out:
-            if (name, seed) in done:
+        for name in args.held_out or list(by_name):
+            if (name, seed, args.variant) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
-            checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps)
+            checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps, args.variant)
             train_seconds = time.perf_counter() - start
             query = anndata.read_h5ad(files[name])
+            baselines = () if (name, seed) in scored_baselines else ("untrained", "prior", "pca", "expression")
             report = evaluate(query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
-                              settings=EvaluationSettings(seed=seed), progress=False)
-            entry = {"held_out": name, "seed": seed, "train_seconds": round(train_seconds, 1),
+                              baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False)
+            entry = {"held_out": name, "seed": seed, "variant": args.variant, "train_seconds": round(train_seconds, 1),
                      "scores": {row: report.table.loc[row].to_dict() for row in report.table.index},
                      "info": report.info}
-            if held_out.pbmc:
-                reference_set = next(s for s in SETS if s.pbmc and s.name != name)
+            if held_out.pbmc and sum(s.pbmc for s in sets) > 1:
+                reference_set = next(s for s in sets if s.pbmc and s.name != name)
                 reference = anndata.read_h5ad(files[reference_set.name])
                 entry["annotation"] = annotation_transfer(
                     reference, query, mapped_labels(reference, reference_set, label_map),

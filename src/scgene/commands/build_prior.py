@@ -149,6 +149,13 @@ def _vocabulary_rows(table, tokenizer, allowed_ids: set[int] | None = None):
     return table.subset(keep)
 
 
+def _provenance(value) -> dict | str:
+    """A file's `uns['provenance']` for the record: a mapping as strings, anything else (e.g. a sentence) as text."""
+    if hasattr(value, "items"):
+        return {str(key): str(item) for key, item in value.items()}
+    return str(value)
+
+
 def _adata_gene_ids(paths: list[Path], tokenizer, gene_column: str | None) -> set[int]:
     """Vocabulary ids of the genes of the .h5ad files (read backed: only var)."""
     import anndata
@@ -216,7 +223,7 @@ def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool)
         "path": str(path),
         "cells": adata.n_obs,
         "genes": adata.n_vars,
-        "provenance": {k: str(v) for k, v in dict(adata.uns.get("provenance", {})).items()},
+        "provenance": _provenance(adata.uns.get("provenance", {})),
         "preprocessing": dict(adata.uns["scgene_preprocessing"]),
     }
     edges, info = coexpression_edges(
