@@ -42,6 +42,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
 from scgene.data.collators import cell_fingerprint
+from scgene.fileio import write_json
+from scgene.inference import TRAINING_GENES_FILE
+from scgene.modeling_scgene import NUM_SPECIAL_TOKENS
 from scgene.training import ScGeneTrainer, check_processes_train_together
 
 
@@ -123,6 +126,17 @@ def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer,
                              "tokenize` on the raw counts, or set --contrastive_loss_weight 0.")
         parts.append(cells.select_columns(columns))
     return tokenizer, datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def save_training_genes(output_dir: str, cells: datasets.Dataset, vocab_size: int, folders: list[str]) -> None:
+    """`training_genes.json` in the checkpoint: the vocabulary ids the corpus's cells carry (read column chunk by column
+    chunk from the Arrow table), so that inference can say when a query's genes are mostly ones the model never saw."""
+    seen = np.zeros(vocab_size, bool)
+    for chunk in cells.data.column("input_ids").chunks:
+        seen[np.unique(chunk.flatten().to_numpy())] = True
+    seen[:NUM_SPECIAL_TOKENS] = False
+    write_json(Path(output_dir) / TRAINING_GENES_FILE, {"cells": cells.num_rows, "datasets": [str(f) for f in folders],
+                                                        "gene_ids": np.flatnonzero(seen).tolist()})
 
 
 def random_split(cells: datasets.Dataset, eval_fraction: float, max_eval_cells: int, seed: int):
@@ -207,6 +221,7 @@ def main() -> ScGeneTrainer:
     trainer.save_model()  # safetensors + config + code + tokenizer
     Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)  # no pickles in a checkpoint
     if trainer.is_world_process_zero():
+        save_training_genes(training_args.output_dir, cells, tokenizer.vocab_size, data_args.dataset)
         print(f"pretraining eval loss: {initial:.4f} before training -> {final:.4f} after")
         print(f"saved to {training_args.output_dir}")
     return trainer

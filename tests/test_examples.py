@@ -59,7 +59,10 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert "pretraining eval loss" in output
     logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
     assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
-    assert {"model.safetensors", "config.json", "modeling_scgene.py", "preprocessor_config.json"} <= {p.name for p in pretrained.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_scgene.py", "preprocessor_config.json",
+            "training_genes.json"} <= {p.name for p in pretrained.iterdir()}
+    trained_on = json.loads((pretrained / "training_genes.json").read_text())["gene_ids"]
+    assert len(trained_on) > 100 and min(trained_on) >= 3  # genes only, no special tokens
     assert not list((tokenized / "tokenized").glob("cache-*"))  # nothing written into the dataset folder
     assert not (pretrained / "training_args.bin").exists()
 

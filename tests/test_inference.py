@@ -342,3 +342,22 @@ def test_plot_format_follows_the_suffix_and_is_checked_first(checkpoint, cells, 
                  str(tmp_path / "umap.pnj")]) == 1
     assert "suffix names no image format" in capsys.readouterr().err and not (tmp_path / "b.h5ad").exists()
 
+
+def test_tokens_of_genes_pretraining_never_saw_are_reported(checkpoint, cells, tmp_path, caplog):
+    """A checkpoint's training_genes.json lists the genes its corpus held: a query made mostly of other genes warns."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(checkpoint, tmp_path / "model")
+    tokenizer = ScGeneTokenizer.from_pretrained(folder)
+    query = cells[:30].copy()
+    ids = tokenizer.map_genes(query).vocab_ids
+    (folder / "training_genes.json").write_text(json.dumps({"gene_ids": ids[: len(ids) // 10].tolist()}))
+    with caplog.at_level("WARNING"):
+        scgene.embed(query, folder, progress=False)
+    share = query.uns["X_scgene"]["prior_coverage"]["share_unseen_in_training"]
+    assert share > 0.5 and "never held" in caplog.text
+    (folder / "training_genes.json").write_text(json.dumps({"gene_ids": ids.tolist()}))
+    scgene.embed(query, folder, progress=False)
+    assert query.uns["X_scgene"]["prior_coverage"]["share_unseen_in_training"] == 0
+

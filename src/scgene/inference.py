@@ -17,6 +17,7 @@ Inference is exact and fast:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import os
 from collections.abc import Callable, Iterator
@@ -39,6 +40,8 @@ DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # a few hundred MB of activations at d=256
 WINDOW_TOKENS = 1 << 21  # cells are length-sorted within windows of about 2M tokens (~25 MB of token arrays)
 UNKNOWN_LABEL = "Unknown"
 PRIOR_GAP_WARNING = 0.25  # warn when more than this share of a run's gene tokens has no prior row
+TRAINING_GENES_FILE = "training_genes.json"  # in a pretrained checkpoint: the vocabulary ids its corpus carried
+UNSEEN_GENES_WARNING = 0.5  # warn when more than this share of a run's gene tokens are genes pretraining never saw
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -123,9 +126,22 @@ def load_model(model, classifier: bool = False, device=None, pooling_layer: int 
             )
     else:
         model = model.base_model
+    model.training_genes = training_genes(model)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
+
+
+def training_genes(model: ScGenePreTrainedModel) -> torch.Tensor | None:
+    """(vocab_size,) bool: the genes the checkpoint was pretrained on, from its `training_genes.json`; None without."""
+    path = os.path.join(str(getattr(model, "name_or_path", "") or ""), TRAINING_GENES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        ids = json.load(handle)["gene_ids"]
+    mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    mask[torch.as_tensor(ids, dtype=torch.long)] = True
+    return mask
 
 
 def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
@@ -231,6 +247,7 @@ class PriorCoverage:
 
     gene_tokens: int = 0
     without_prior: int = 0
+    unseen_in_training: int | None = None  # gene tokens of genes pretraining never saw (None: no record)
 
     @property
     def share_without_prior(self) -> float:
@@ -245,9 +262,18 @@ class PriorCoverage:
                            "vocabulary) avoids it.")
         else:
             logger.info(message + ".")
+        if self.unseen_in_training is not None and self.gene_tokens:
+            share = self.unseen_in_training / self.gene_tokens
+            (logger.warning if share > UNSEEN_GENES_WARNING else logger.info)(
+                f"{share:.1%} of the gene tokens are genes the checkpoint's pretraining corpus never held"
+                + (": the model meets them untrained; expect a weaker embedding." if share > UNSEEN_GENES_WARNING
+                   else "."))
 
     def to_dict(self) -> dict:
-        return {"gene_tokens": self.gene_tokens, "share_without_prior": round(self.share_without_prior, 4)}
+        shares = {"gene_tokens": self.gene_tokens, "share_without_prior": round(self.share_without_prior, 4)}
+        if self.unseen_in_training is not None and self.gene_tokens:
+            shares["share_unseen_in_training"] = round(self.unseen_in_training / self.gene_tokens, 4)
+        return shares
 
 
 def run_record(model: ScGenePreTrainedModel, tokenizer: ScGeneTokenizer, coverage: PriorCoverage, **extra) -> dict:
@@ -286,7 +312,8 @@ def run_over_cells(
         max_tokens_per_batch = np.iinfo(np.int64).max if batch_size else DEFAULT_MAX_TOKENS_PER_BATCH
     device = next(model.parameters()).device
     has_prior = model.get_gene_prior().detach().abs().sum(dim=1) > 0  # (V,)
-    coverage = PriorCoverage()
+    trained = getattr(model, "training_genes", None)
+    coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
     batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
     with torch.inference_mode(), tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
         for batch in batches:
@@ -294,6 +321,8 @@ def run_over_cells(
             genes = (ids >= NUM_SPECIAL_TOKENS) & batch.inputs["attention_mask"].bool()  # (B, G)
             coverage.gene_tokens += int(genes.sum())
             coverage.without_prior += int((genes & ~has_prior[ids]).sum())
+            if trained is not None:
+                coverage.unseen_in_training += int((genes & ~trained.to(ids.device)[ids]).sum())
             consume(batch, model(**batch.inputs))
             bar.update(len(batch.cells))
     coverage.report()
