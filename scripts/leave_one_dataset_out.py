@@ -41,7 +41,8 @@ RECIPE = ["--hidden_size", "128", "--norm_position", "pre", "--pooling", "mean",
 VARIANTS = {
     "demo recipe": [],
     "+ gene-panel views": ["--panel_views_min_fraction", "0.3"],
-    "+ gene-panel views, 900 steps": ["--panel_views_min_fraction", "0.3", "--max_steps", "900"],
+    "+ expression-weighted pooling": ["--pooling", "weighted_mean"],
+    "+ expression-weighted pooling, gene-panel views": ["--pooling", "weighted_mean", "--panel_views_min_fraction", "0.3"],
 }
 SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "label_pc1_corr_genes", "pc1_corr_genes"]
 

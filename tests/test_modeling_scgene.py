@@ -143,7 +143,7 @@ def test_eager_equals_sdpa(encoder_type, attention_type, expression_encoding):
 
 
 @pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "weighted_mean"])
 def test_cell_embedding_ignores_batch_mates_and_padding(encoder_type, pooling):
     model = with_prior(ScGeneModel(tiny_config(encoder_type=encoder_type, pooling=pooling))).eval()
     alone = random_cells(1, 7, seed=3)
@@ -385,6 +385,16 @@ def test_hidden_states_on_request_and_mean_pooling(encoder_type, norm_position):
     torch.testing.assert_close(plain.last_hidden_state, out.last_hidden_state)
     # mean pooling: the mean over real gene tokens (not <cls>, not padding)
     expected = out.last_hidden_state[:, 1:7].mean(1)
+    torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_weighted_mean_pooling_weighs_gene_states_by_expression():
+    model = with_prior(ScGeneModel(tiny_config(pooling="weighted_mean"))).eval()
+    cells = pad_cells(random_cells(2, 6, seed=15), 9)
+    with torch.no_grad():
+        out = model(**cells)
+    weights = cells["expression_values"][:, 1:7].clamp(min=0)  # gene tokens 1..6; <cls> and padding weigh nothing
+    expected = (weights[..., None] * out.last_hidden_state[:, 1:7]).sum(1) / weights.sum(1, keepdim=True)
     torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)
 
 

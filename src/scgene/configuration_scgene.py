@@ -9,7 +9,7 @@ ENCODER_TYPES = ("standard", "dual_branch")
 ATTENTION_TYPES = ("mha", "mla")
 EXPRESSION_ENCODINGS = ("linear", "binned")
 NORM_POSITIONS = ("post", "pre")
-POOLING_MODES = ("cls", "mean")
+POOLING_MODES = ("cls", "mean", "weighted_mean")
 CLASSIFIER_POOLINGS = ("cell", "gene_projection")
 
 
@@ -27,7 +27,8 @@ class ScGeneConfig(PreTrainedConfig):
         expression_encoding (`"linear"` | `"binned"`): `Linear(1, d)` on the value (seed 000), or
             `W_bin · onehot(bin) + alpha · value · v_cont` over `n_bins` bins (seed 001; bin `n_bins` is the mask bin).
         norm_position (`"post"` | `"pre"`): post-LN as in the seed (and `torch.nn.TransformerEncoderLayer`), or pre-LN.
-        pooling (`"cls"` | `"mean"`): the cell embedding is the `<cls>` token or the masked mean of gene tokens.
+        pooling (`"cls"` | `"mean"` | `"weighted_mean"`): the cell embedding is the `<cls>` token, the masked mean of
+            gene tokens, or their mean weighted by expression (as the prior-only baseline weighs the prior rows).
         pooling_layer (`-1`, `-2`, ...): which layer's output the cell embedding is read from: the last (`-1`) or an
             earlier one (`-2` is the second-to-last, as Geneformer reads it), with the encoder's final LayerNorm applied.
             The pretraining losses always train the last layer, so this is a read-out choice that can be changed on a

@@ -601,7 +601,9 @@ class ScGeneModel(ScGenePreTrainedModel):
         self.encoder = ScGeneDualBranchEncoder(config) if config.encoder_type == "dual_branch" else ScGeneEncoder(config)
         self.post_init()
 
-    def pool(self, hidden_states, input_ids, attention_mask) -> torch.Tensor:
+    def pool(self, hidden_states, input_ids, attention_mask, expression_values=None) -> torch.Tensor:
+        """The cell embedding `(B, d)`: the `<cls>` state, or the mean of the gene states, plain (`"mean"`) or weighted
+        by each gene's expression value (`"weighted_mean"`; masked values, below 0, weigh nothing)."""
         if self.config.pooling == "cls":
             if not bool((input_ids[:, 0] == self.config.cls_token_id).all()):
                 raise ValueError(
@@ -612,9 +614,12 @@ class ScGeneModel(ScGenePreTrainedModel):
         keep = input_ids != self.config.cls_token_id
         if attention_mask is not None:
             keep = keep & attention_mask.bool()
-        keep = keep.unsqueeze(1).to(hidden_states.dtype)  # (B, 1, G)
+        keep = keep.to(hidden_states.dtype)
+        if self.config.pooling == "weighted_mean":
+            keep = keep * expression_values.to(hidden_states.dtype).clamp(min=0)
+        keep = keep.unsqueeze(1)  # (B, 1, G)
         # (B, 1, G) @ (B, G, d): the masked sum without a (B, G, d) temporary
-        return torch.bmm(keep, hidden_states).squeeze(1) / keep.sum(-1).clamp(min=1.0)
+        return torch.bmm(keep, hidden_states).squeeze(1) / keep.sum(-1).clamp(min=1e-6)
 
     def forward(
         self,
@@ -651,7 +656,7 @@ class ScGeneModel(ScGenePreTrainedModel):
         )
         return ScGeneModelOutput(
             last_hidden_state=hidden_states,
-            pooler_output=self.pool(pooled_states, input_ids, attention_mask),
+            pooler_output=self.pool(pooled_states, input_ids, attention_mask, expression_values),
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None,
             regulation=tuple(all_regulation) if output_regulation else None,
@@ -753,8 +758,9 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
                 )
             view = self.scgene(view_input_ids, view_expression_values, view_expression_bins, view_attention_mask)
             # on the last layer whatever `pooling_layer` reads: the losses train the last layer
-            cell = self.scgene.pool(hidden_states, input_ids, attention_mask)  # (B, d)
-            view_cell = self.scgene.pool(view.last_hidden_state, view_input_ids, view_attention_mask)  # (B, d)
+            cell = self.scgene.pool(hidden_states, input_ids, attention_mask, expression_values)  # (B, d)
+            view_cell = self.scgene.pool(view.last_hidden_state, view_input_ids, view_attention_mask,
+                                         view_expression_values)  # (B, d)
             losses["contrastive_loss"] = info_nce(self.contrastive_projection(cell),
                                                   self.contrastive_projection(view_cell),
                                                   self.config.contrastive_temperature)
