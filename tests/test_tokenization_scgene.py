@@ -836,3 +836,19 @@ def test_cli_tokenize_reads_a_layer(tmp_path, pbmc):
     assert main(["tokenize", str(tmp_path / "counts.h5ad"), str(tmp_path / "b")]) == 0
     a, b = datasets.load_from_disk(str(tmp_path / "a")), datasets.load_from_disk(str(tmp_path / "b"))
     assert a["input_ids"] == b["input_ids"] and a["total_counts"] == b["total_counts"]
+
+
+def test_a_small_gene_panel_is_named_even_when_it_carries_all_its_counts(tokenizer, pbmc, caplog):
+    """The coverage share is measured on the file's own counts, so 50 genes carry 100% of them: the panel warning
+    counts the genes matched against the vocabulary instead."""
+    panel = pbmc[:20, :60].copy()
+    with caplog.at_level(logging.WARNING):
+        tokenizer(panel)
+    matched = tokenizer.last_coverage.n_matched_genes
+    assert 50 <= matched <= 60 and f"measures {matched} of the vocabulary's 26064 genes" in caplog.text
+    assert tokenizer.last_coverage.count_fraction > 0.95  # the share of the file's own counts stays high
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        ScGeneTokenizer.from_gene_list(list(panel.var_names))(panel)  # a vocabulary of just these genes: no warning
+    assert "gene panel" not in caplog.text
+

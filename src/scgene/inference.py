@@ -52,17 +52,21 @@ UNSEEN_GENES_WARNING = 0.5  # warn when more than this share of a run's gene tok
 @contextlib.contextmanager
 def quiet_transformers_loading() -> Iterator[None]:
     """Loading the encoder from a head checkpoint reports the head's weights as unexpected, which is expected here:
-    transformers' loading report is silenced and `load_model` warns about missing weights itself."""
+    transformers' loading report and its progress bar are silenced; `load_model` raises on missing weights itself."""
     names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
     loggers = [std_logging.getLogger(name) for name in names]
     levels = [each.level for each in loggers]
+    bars = logging.is_progress_bar_enabled()
     for each in loggers:
         each.setLevel(std_logging.ERROR)
+    logging.disable_progress_bar()  # no "Loading weights" bar: loading takes a moment, and progress=False means quiet
     try:
         yield
     finally:
         for each, level in zip(loggers, levels):
             each.setLevel(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_checkpoint(auto_class, source: str, **kwargs):

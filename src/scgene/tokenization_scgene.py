@@ -62,6 +62,7 @@ LEGACY_VOCAB_FILE = "vocab.json"  # where scgene 0.1 saved the vocabulary, besid
 DEFAULT_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources", "human_vocab.json.gz")
 GENE_SELECTIONS = ("all", "nonzero", "top_k")
 BINNINGS = ("quantile_per_cell", "global")
+PANEL_WARNING_GENES = 5000  # fewer matched genes than this is a gene panel, not a transcriptome: a warning says so
 BACKED_READ_CHUNKS = 8  # a backed file is read 8 chunks at a time: a few large reads take half the time of many small
 
 
@@ -289,6 +290,12 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             self._last_coverage = coverage
             fraction = coverage.count_fraction
             (logger.warning if fraction is not None and fraction < 0.9 else logger.info)(f"Gene coverage: {coverage}")
+            if coverage.n_matched_genes < PANEL_WARNING_GENES and self.vocab_size > 2 * PANEL_WARNING_GENES:
+                # the count share above is measured on the file's own genes: a small panel carries all of its counts
+                logger.warning(
+                    f"The input measures {coverage.n_matched_genes} of the vocabulary's {self.vocab_size - 3} genes (a "
+                    f"whole transcriptome matches 15,000 or more): a gene panel. The model sees only those genes, so "
+                    f"cells are told apart less well than from whole transcriptomes; use all the genes you have.")
         if coverage.count_fraction is not None and coverage.count_fraction < self.min_coverage:
             other = "symbols" if coverage.id_type == "Ensembl id" else "Ensembl ids"
             raise ValueError(
