@@ -466,3 +466,15 @@ def test_classifier_head_standardises_features_and_saves_the_statistics(tmp_path
         torch.testing.assert_close(reloaded(**cells).logits, logits)
     with pytest.raises(ValueError, match="features"):
         model.classifier.set_feature_statistics(pooled[:, :3])
+
+
+def test_saved_weights_are_readable_like_any_other_file(tmp_path):
+    import os
+    import stat
+
+    model = with_prior(ScGeneModel(tiny_config()))
+    model.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask
+

@@ -13,8 +13,10 @@ This file ships with every checkpoint as Hub code: it imports only torch and tra
 `.configuration_scgene` relatively.
 """
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -529,7 +531,14 @@ class ScGenePreTrainedModel(PreTrainedModel):
         if not self.get_gene_prior().any():
             logger.warning("Saving a model whose prior gene embedding is all zeros (never set): it knows no gene "
                            "identities. Set the prior with `model.set_gene_prior(matrix)` first.")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        # transformers writes the weights through a private temporary file (mode 0600); give them the permissions
+        # of any other file the user writes, so a shared or published checkpoint can be read by others
+        umask = os.umask(0)
+        os.umask(umask)
+        for weights in Path(save_directory).glob("model*.safetensors"):  # model.safetensors or its shards
+            os.chmod(weights, 0o666 & ~umask)
+        return result
 
     def get_gene_prior(self) -> torch.Tensor:
         """The frozen prior gene embedding buffer, (vocab_size, hidden_size) fp32."""
