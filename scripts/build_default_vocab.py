@@ -42,10 +42,18 @@ def read_gencode(path: Path, include_unnamed_lncrna: bool) -> list[tuple[str, st
     return [gene for group in groups.values() for gene in sorted(group)]
 
 
+def gencode_symbols(path: Path) -> set[str]:
+    """Every GENCODE gene symbol, the genes left out of the vocabulary included (TRAC, IGKC, pseudogenes, ...)."""
+    with gzip.open(path, "rt", newline="") as handle:
+        return {symbol for ensembl_id, symbol, *_ in csv.reader(handle) if symbol != ensembl_id}
+
+
 def read_aliases(genes_dir: Path, genes: list[tuple[str, str]]) -> dict[str, str]:
-    """Unambiguous alias -> Ensembl id, for names that are not already a vocabulary symbol."""
+    """Unambiguous alias -> Ensembl id, for names that are not a gene's own symbol: neither a vocabulary symbol nor the
+    GENCODE symbol of a gene left out of the vocabulary (TRAC is a T-cell receptor gene, not NCOR2, whose old alias it
+    is: a file's TRAC counts must not land on NCOR2)."""
     in_vocab = {ensembl_id for ensembl_id, _ in genes}
-    symbols = {symbol for _, symbol in genes if symbol}
+    symbols = {symbol for _, symbol in genes if symbol} | gencode_symbols(genes_dir / "genes_homo_sapiens.csv.gz")
     targets: dict[str, set[str]] = defaultdict(set)
     with gzip.open(genes_dir / "org_Hs_eg_gene_table.tsv.gz", "rt", newline="") as handle:
         for row in csv.DictReader(handle, delimiter="\t"):

@@ -254,6 +254,18 @@ def test_genes_matched_by_ensembl_versioned_symbol_and_alias(tokenizer, cellbenc
     np.testing.assert_array_equal(explicit, symbol_ids)
 
 
+def test_a_gene_left_out_of_the_vocabulary_never_lands_on_another_gene(tokenizer):
+    """TRAC (T-cell receptor alpha constant) is not in the default vocabulary, and was once an alias of NCOR2: its
+    counts are unmatched, not added to NCOR2."""
+    adata = small_adata([[738, 18]], ["TRAC", "NCOR2"])
+    mapping = tokenizer.map_genes(adata)
+    assert list(mapping.column_to_matched) == [-1, 0] and mapping.coverage.n_duplicated == 0
+    batch = tokenizer.with_settings(min_coverage=0.0)(adata, return_tensors="np")
+    ncor2 = tokenizer.convert_genes_to_ids(["NCOR2"])[0]
+    assert list(batch["input_ids"][0]) == [tokenizer.cls_token_id, ncor2]
+    np.testing.assert_allclose(batch["expression_values"][0][1], np.log1p(18 / 756 * 1e4), rtol=1e-6)  # NCOR2's own
+
+
 def test_alias_resolves_like_the_symbol(tokenizer):
     counts = [[5, 1, 0], [0, 2, 7]]
     by_symbol = tokenizer(small_adata(counts, ["TP53", "KRAS", "CD4"]))
