@@ -478,3 +478,19 @@ def test_saved_weights_are_readable_like_any_other_file(tmp_path):
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o666 & ~umask
 
+
+@pytest.mark.parametrize("model_class", [ScGeneModel, ScGeneForMaskedExpression, ScGeneForCellClassification])
+def test_return_dict_false_gives_the_output_as_a_tuple(model_class):
+    """As every transformers model: `return_dict=False`, as an argument or in the config, returns `to_tuple()`."""
+    model = with_prior(model_class(tiny_config())).eval()
+    cells = random_cells(2, 6, seed=21)
+    with torch.no_grad():
+        expected = model(**cells).to_tuple()
+        as_argument = model(**cells, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(**cells)
+    for output in (as_argument, from_config):
+        assert isinstance(output, tuple) and len(output) == len(expected)
+        for got, want in zip(output, expected):
+            torch.testing.assert_close(got, want)
+

@@ -327,7 +327,7 @@ def run_over_cells(
             coverage.without_prior += int((genes & ~has_prior[ids]).sum())
             if trained is not None:
                 coverage.unseen_in_training += int((genes & ~trained.to(ids.device)[ids]).sum())
-            consume(batch, model(**batch.inputs))
+            consume(batch, model(**batch.inputs, return_dict=True))
             bar.update(len(batch.cells))
     coverage.report()
     return coverage

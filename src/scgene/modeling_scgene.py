@@ -25,7 +25,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_scgene import ScGeneConfig
 
@@ -630,6 +630,7 @@ class ScGeneModel(ScGenePreTrainedModel):
         # (B, 1, G) @ (B, G, d): the masked sum without a (B, G, d) temporary
         return torch.bmm(keep, hidden_states).squeeze(1) / keep.sum(-1).clamp(min=1e-6)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -639,7 +640,6 @@ class ScGeneModel(ScGenePreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_regulation: bool = False,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> ScGeneModelOutput:
         check_inputs(self.config, input_ids, expression_values, expression_bins, attention_mask)
@@ -722,6 +722,7 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         )
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -737,13 +738,12 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         output_hidden_states=None,
         output_attentions=None,
         output_regulation: bool = False,
-        return_dict=None,
         **kwargs,
     ) -> ScGeneMaskedExpressionOutput:
         outputs = self.scgene(
             input_ids, expression_values, expression_bins, attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_regulation=output_regulation,
+            output_regulation=output_regulation, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state  # (B, G, d)
         predicted_values = self.value_head(hidden_states).squeeze(-1)  # (B, G)
@@ -765,7 +765,8 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
                     "contrastive_loss_weight > 0 needs a second view of each cell (view_input_ids, ...): use "
                     "DataCollatorForMaskedExpression(count_views=True)."
                 )
-            view = self.scgene(view_input_ids, view_expression_values, view_expression_bins, view_attention_mask)
+            view = self.scgene(view_input_ids, view_expression_values, view_expression_bins, view_attention_mask,
+                               return_dict=True)
             # on the last layer whatever `pooling_layer` reads: the losses train the last layer
             cell = self.scgene.pool(hidden_states, input_ids, attention_mask, expression_values)  # (B, d)
             view_cell = self.scgene.pool(view.last_hidden_state, view_input_ids, view_attention_mask,
@@ -846,6 +847,7 @@ class ScGeneForCellClassification(ScGenePreTrainedModel):
         """Freeze (seed 000's default) or unfreeze the encoder; the head always trains."""
         self.scgene.requires_grad_(trainable)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -856,13 +858,12 @@ class ScGeneForCellClassification(ScGenePreTrainedModel):
         output_hidden_states=None,
         output_attentions=None,
         output_regulation: bool = False,
-        return_dict=None,
         **kwargs,
     ) -> ScGeneCellClassificationOutput:
         outputs = self.scgene(
             input_ids, expression_values, expression_bins, attention_mask,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-            output_regulation=output_regulation,
+            output_regulation=output_regulation, return_dict=True,
         )
         if self.gene_projection is not None:
             if input_ids.shape[1] != self.config.num_panel_genes:
