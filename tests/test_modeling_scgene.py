@@ -494,3 +494,19 @@ def test_return_dict_false_gives_the_output_as_a_tuple(model_class):
         for got, want in zip(output, expected):
             torch.testing.assert_close(got, want)
 
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification", "single_label_classification"])
+def test_classifier_loss_follows_problem_type(problem_type):
+    config = tiny_config(num_labels=3, problem_type=problem_type)
+    model = with_prior(ScGeneForCellClassification(config)).eval()
+    cells = random_cells(4, 6, seed=22)
+    generator = torch.Generator().manual_seed(0)
+    labels = {"regression": torch.randn(4, 3, generator=generator),
+              "multi_label_classification": torch.randint(0, 2, (4, 3), generator=generator).float(),
+              "single_label_classification": torch.randint(0, 3, (4,), generator=generator)}[problem_type]
+    output = model(**cells, labels=labels)
+    expected = {"regression": torch.nn.functional.mse_loss,
+                "multi_label_classification": torch.nn.functional.binary_cross_entropy_with_logits,
+                "single_label_classification": torch.nn.functional.cross_entropy}[problem_type](output.logits, labels)
+    torch.testing.assert_close(output.loss, expected)
+

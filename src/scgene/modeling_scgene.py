@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -875,7 +876,8 @@ class ScGeneForCellClassification(ScGenePreTrainedModel):
         else:
             features = outputs.pooler_output  # (B, d)
         logits = self.classifier(features)  # (B, num_labels)
-        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        # single-label (cell types), multi-label or regression, by `config.problem_type` as in transformers' heads
+        loss = ForSequenceClassificationLoss(labels, logits.float(), self.config) if labels is not None else None
         return ScGeneCellClassificationOutput(
             loss=loss, logits=logits,
             hidden_states=outputs.hidden_states, attentions=outputs.attentions, regulation=outputs.regulation,
