@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 install: $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # The main job on the PBMC 3k data shipped in tests/data: vocabulary, tokenize, build the prior, pretrain,
 # classify cell types (frozen backbone) against a logistic-regression baseline. Outputs in outputs/demo.
@@ -62,7 +62,7 @@ test-latest:
 	echo "$(TORCH_SPEC)" > .venv-latest/torch-constraint.txt
 	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt -e ".[dev]"
 	.venv-latest/bin/pip freeze --exclude-editable | diff $(LOCK) - || true
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-latest/bin/python -m pytest -q -n 2 tests
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-latest/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info src/*.egg-info

@@ -16,6 +16,7 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("subprocess_heavy")  # not beside the FSDP test: both start several processes
 def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
     pbmc = ad.read_h5ad(DATA / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad")
     pbmc = pbmc[pbmc.obs["cell_type"].isin(["Naive CD4 T", "CD14+ Mono", "B", "NK", "CD8 T"])]
