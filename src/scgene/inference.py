@@ -317,6 +317,7 @@ def run_over_cells(
     device = next(model.parameters()).device
     has_prior = model.get_gene_prior().detach().abs().sum(dim=1) > 0  # (V,)
     trained = getattr(model, "training_genes", None)
+    trained = None if trained is None else trained.to(device)
     coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
     batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
     with torch.inference_mode(), tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
@@ -326,7 +327,7 @@ def run_over_cells(
             coverage.gene_tokens += int(genes.sum())
             coverage.without_prior += int((genes & ~has_prior[ids]).sum())
             if trained is not None:
-                coverage.unseen_in_training += int((genes & ~trained.to(ids.device)[ids]).sum())
+                coverage.unseen_in_training += int((genes & ~trained[ids]).sum())
             consume(batch, model(**batch.inputs, return_dict=True))
             bar.update(len(batch.cells))
     coverage.report()
