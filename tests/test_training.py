@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
+from distributed_helpers import launcher
 from modeling_helpers import tiny_config, with_prior
 from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
@@ -73,9 +74,8 @@ def test_scgene_trains_sharded_with_fsdp2_on_cpu(tmp_path):
     accelerate / the Trainer, FSDP runs only on GPUs: accelerate 1.16 turns it on for GPU backends only.)"""
     script = Path(__file__).parent / "fsdp_train.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sharded_run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                  "--master_port", "29537", str(script)], capture_output=True, text=True, timeout=300,
-                                 env={**env, "FSDP_WEIGHTS": str(tmp_path / "fsdp.safetensors")})
+    sharded_run = subprocess.run([sys.executable, *launcher("torchrun"), str(script)], capture_output=True, text=True,
+                                 timeout=300, env={**env, "FSDP_WEIGHTS": str(tmp_path / "fsdp.safetensors")})
     assert sharded_run.returncode == 0, sharded_run.stderr[-3000:]  # the ranks' own error, not only the exit status
     subprocess.run([sys.executable, str(script)], check=True, capture_output=True, timeout=300,
                    env={**env, "FSDP_WEIGHTS": str(tmp_path / "whole.safetensors")})
