@@ -21,6 +21,10 @@ macro_f1`), and `--early_stopping_patience N` stops after N evaluations without 
 scored at the end. `--class_weighting balanced` weighs each type's loss by the inverse of its share of training
 cells, for imbalanced labels. The head is initialised from `--seed`, so the same seed gives the same model and scores.
 Each test cell's true and predicted label and the prediction's probability are written to OUT/test_predictions.csv.
+The probabilities are calibrated: a temperature fitted on held-out cells (the validation cells, else the test cells)
+is saved as `classifier_temperature` and applied by `scgene annotate`, so `--min-confidence 0.5` means "right at
+least half the time" on cells like the training ones; the test cells' calibration error before and after is in
+OUT/cell_type_results.json.
 
 `--lora_rank 8` trains low-rank adapters (peft LoRA) on the attention projections instead of the whole backbone, in
 the same two stages as `--full_finetune`; the adapters are merged into the saved model, a plain
@@ -54,7 +58,7 @@ from scgene import ScGeneTokenizer
 from scgene.data import DataCollatorForCellClassification
 from scgene.fileio import write_json
 from scgene.inference import quiet_transformers_loading
-from scgene.training import check_processes_train_together
+from scgene.training import check_processes_train_together, expected_calibration_error, fit_temperature
 
 
 @dataclass
@@ -299,13 +303,13 @@ def main():
         )
 
     if model.config.classifier_pooling != "cell":
-        trainer, test_cells = trainer_for(model, training_args, splits, collator), splits["test"]
+        trainer, parts = trainer_for(model, training_args, splits, collator), splits
     else:
         # a frozen backbone gives each cell the same embedding every epoch: embed once, train the head
         embedded = {name: cell_embeddings(model.scgene, part, collator) for name, part in splits.items()}
         # the head reads embeddings standardised with the training cells' statistics (saved with the model)
         model.classifier.set_feature_statistics(embedded["train"][:]["cell_embeddings"])
-        trainer, test_cells = trainer_for(CachedEmbeddingHead(model.classifier), training_args, embedded), embedded["test"]
+        trainer, parts = trainer_for(CachedEmbeddingHead(model.classifier), training_args, embedded), embedded
         if args.full_finetune or args.lora_rank:  # stage 1: the head alone; stage 2: everything (or adapters)
             probe_args = dataclasses.replace(
                 training_args, num_train_epochs=args.probe_epochs, learning_rate=args.probe_learning_rate,
@@ -315,16 +319,21 @@ def main():
             trainer_for(CachedEmbeddingHead(model.classifier), probe_args, embedded, stop_early=False).train()
             tuned = with_lora_adapters(model, args.lora_rank, args.lora_alpha) if args.lora_rank else model
             trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
-            trainer, test_cells = trainer_for(tuned, training_args, splits, collator), splits["test"]
+            trainer, parts = trainer_for(tuned, training_args, splits, collator), splits
     trainer.train()
-    test_output = trainer.predict(test_cells)
+    # calibration: the temperature that makes held-out confidences honest (validation cells, else the test cells)
+    calibration_split = "validation" if "validation" in parts else "test"
+    calibration = trainer.predict(parts[calibration_split])
+    temperature = fit_temperature(calibration.predictions, calibration.label_ids)
+    test_output = trainer.predict(parts["test"])
     scgene_scores = test_output.metrics
     if args.lora_rank:
         model = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()  # adapters folded into the weights
+    model.config.classifier_temperature = temperature
     if trainer.is_world_process_zero():
         model.save_pretrained(training_args.output_dir)  # backbone + trained head: safetensors, config, code
         write_predictions(Path(training_args.output_dir, "test_predictions.csv"), test_output.label_ids,
-                          test_output.predictions, names)
+                          test_output.predictions / temperature, names)
         tokenizer.save_pretrained(training_args.output_dir)
         baseline = LogisticRegression(max_iter=2000)
         baseline.fit(as_sparse(splits["train"], tokenizer.vocab_size), splits["train"][args.label_column])
@@ -335,6 +344,12 @@ def main():
             "labels": names,
             "trainable_parameters": trainable,
             "scgene": {"accuracy": scgene_scores["test_accuracy"], "macro_f1": scgene_scores["test_macro_f1"]},
+            "calibration": {
+                "temperature": temperature, "fitted_on": f"{len(parts[calibration_split])} {calibration_split} cells",
+                "test_ece_before": expected_calibration_error(test_output.predictions, test_output.label_ids),
+                "test_ece_after": expected_calibration_error(test_output.predictions / temperature,
+                                                             test_output.label_ids),
+            },
             "logistic_regression_baseline": baseline_scores,
         }
         write_json(Path(training_args.output_dir, "cell_type_results.json"), results)  # atomically

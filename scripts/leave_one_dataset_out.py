@@ -8,7 +8,8 @@ set (never seen by the model, its prior or its annotator) next to 50 PCs, logist
 the untrained model on the same cells. Where the left-out set is a PBMC set, annotation transfer is scored too: a
 logistic regression on the other PBMC set's embeddings (the reference, labels mapped to shared types by
 `scripts/pbmc_label_map.csv`) labels the left-out cells, against logistic regression on the reference's expression
-and kNN on the reference's 50 PCs.
+and kNN on the reference's 50 PCs; and, refitted without the reference's B cells, how often each calls cells
+"Unknown" (calibrated confidence below 0.5) among types the reference has and among those it lacks.
 
 Every finished (fold, seed) appends to OUT/runs.jsonl and is skipped when the script runs again; OUT/table.md is the
 summary (mean ± sd over seeds).
@@ -44,6 +45,7 @@ VARIANTS = {
     "+ expression-weighted pooling": ["--pooling", "weighted_mean"],
     "+ expression-weighted pooling, gene-panel views": ["--pooling", "weighted_mean", "--panel_views_min_fraction", "0.3"],
 }
+DEFAULT_STEPS = 300
 SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "label_pc1_corr_genes", "pc1_corr_genes"]
 
 
@@ -55,6 +57,15 @@ class LabelledSet:
     keep: tuple[str, str] | None = None  # (obs column, value) of the cells to use
     batch_key: str | None = None
     pbmc: bool = False  # annotation transfer is scored between PBMC sets
+
+
+def recipe_name(variant: str, steps: int = DEFAULT_STEPS) -> str:
+    """A row's name in the tables: the variant, and its step count when not the default (a learning-curve point)."""
+    return variant if steps == DEFAULT_STEPS else f"{variant}, {steps} steps"
+
+
+def run_recipe(entry: dict) -> str:
+    return recipe_name(entry.get("variant", "demo recipe"), entry.get("steps", DEFAULT_STEPS))
 
 
 def read_sets(path: Path) -> tuple[list[LabelledSet], list[str]]:
@@ -86,25 +97,35 @@ def prepared_file(data: Path, labelled: LabelledSet, out: Path) -> Path:
     return target
 
 
-def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[Path], out: Path, seed: int,
-               steps: int, variant: str) -> Path:
-    """Tokenize the fold's corpus, build its prior (once per fold) and pretrain the seed's model; the checkpoint."""
+def checkpoint_path(folder: Path, seed: int, variant: str, steps: int) -> Path:
+    name = recipe_name(variant, steps)
+    suffix = "" if name == "demo recipe" else "_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    return folder / f"model_seed{seed}{suffix}"
+
+
+def pretrain_on(corpus: list[Path], folder: Path, seed: int, steps: int, variant: str) -> Path:
+    """What a user does with a corpus: `scgene tokenize` it and `scgene build-prior` on it (each once per folder), then
+    pretrain the seed's model with the recipe and the variant's flags; returns the checkpoint."""
     scgene = [sys.executable, "-m", "scgene.cli"]
-    fold = out / f"without_{held_out.name}"
-    corpus = [path for name, path in files.items() if name != held_out.name] + unlabelled
-    if not (fold / "tokenized").exists():
-        run(scgene + ["tokenize", *corpus, fold / "tokenized", "--max-length", "256"])
-    if not (fold / "prior" / "prior_record.json").exists():
-        run(scgene + ["build-prior", "--adata", *corpus, "--out", fold / "prior", "--hidden-size", "128",
+    if not (folder / "tokenized").exists():
+        run(scgene + ["tokenize", *corpus, folder / "tokenized", "--max-length", "256"])
+    if not (folder / "prior" / "prior_record.json").exists():
+        run(scgene + ["build-prior", "--adata", *corpus, "--out", folder / "prior", "--hidden-size", "128",
                       "--gene2vec-dim", "64", "--threshold", "0.3", "--no-progress"])
-    suffix = "" if variant == "demo recipe" else "_" + "".join(c if c.isalnum() else "_" for c in variant).strip("_")
-    checkpoint = fold / f"model_seed{seed}{suffix}"
+    checkpoint = checkpoint_path(folder, seed, variant, steps)
     if not (checkpoint / "model.safetensors").exists():
-        run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", fold / "tokenized",
-             "--prior", fold / "prior" / "gene_prior.safetensors", "--output_dir", checkpoint, *RECIPE,
+        run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset", folder / "tokenized",
+             "--prior", folder / "prior" / "gene_prior.safetensors", "--output_dir", checkpoint, *RECIPE,
              "--max_steps", steps, "--seed", seed, "--use_cpu", "--report_to", "none", "--logging_steps", "50",
              "--save_strategy", "no", "--disable_tqdm", "true", *VARIANTS[variant]])  # a variant's flags come last
     return checkpoint
+
+
+def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[Path], out: Path, seed: int,
+               steps: int, variant: str) -> Path:
+    """The fold's checkpoint: pretrained on every set but the one left out."""
+    corpus = [path for name, path in files.items() if name != held_out.name] + unlabelled
+    return pretrain_on(corpus, out / f"without_{held_out.name}", seed, steps, variant)
 
 
 def mapped_labels(adata, labelled: LabelledSet, label_map: pd.DataFrame) -> np.ndarray:
@@ -113,11 +134,36 @@ def mapped_labels(adata, labelled: LabelledSet, label_map: pd.DataFrame) -> np.n
     return adata.obs[labelled.label_key].astype(str).map(table).fillna("").to_numpy()
 
 
+UNKNOWN_BELOW = 0.5  # a calibrated confidence below this makes the call "Unknown"
+ANNOTATORS = ("ScGene embedding + logistic regression", "expression + logistic regression", "reference 50 PCs + kNN")
+WITHHELD_TYPE = "B"  # left out of the reference once, so the query's cells of it are a type the reference lacks
+
+
+def query_probabilities(make_classifier, reference, labels, query, seed: int, calibrate: bool):
+    """The classes and the query's probabilities from a classifier fitted on every reference cell. With `calibrate`,
+    its logits are divided by a temperature fitted on held-out reference cells (a copy fitted on the other 80%)."""
+    from scipy.special import softmax
+    from sklearn.model_selection import train_test_split
+
+    from scgene.training import fit_temperature
+
+    classifier = make_classifier().fit(reference, labels)
+    if not calibrate:
+        return classifier.classes_, classifier.predict_proba(query)
+    fit_cells, held_cells = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
+    probe = make_classifier().fit(reference[fit_cells], labels[fit_cells])
+    temperature = fit_temperature(probe.decision_function(reference[held_cells]),
+                                  np.searchsorted(probe.classes_, labels[held_cells]))
+    return classifier.classes_, softmax(classifier.decision_function(query) / temperature, axis=1)
+
+
 def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, reference_labels, query_labels,
                         checkpoint: Path, seed: int) -> dict:
-    """Macro-F1 / accuracy on the query cells of types the reference has, for three annotators trained on the
-    reference only: logistic regression on ScGene embeddings, on log1p expression of the shared genes, and kNN on the
-    reference's 50 PCs (the query projected onto them)."""
+    """Three annotators trained on the reference only: logistic regression on ScGene embeddings, on log1p expression of
+    the shared genes, and kNN on the reference's 50 PCs (the query projected onto them). Macro-F1 / accuracy on the
+    query cells of types the reference has; then, trained once more without the reference's WITHHELD_TYPE cells, the
+    share of query cells called "Unknown" (calibrated confidence below UNKNOWN_BELOW; kNN: vote share) among cells of
+    types the reference has and among cells of types it lacks (WITHHELD_TYPE and any the reference never had)."""
     import scanpy as sc
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
@@ -128,8 +174,6 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
 
     from scgene import embed
 
-    known = np.isin(query_labels, np.unique(reference_labels)) & (query_labels != "")
-    train = reference_labels != ""
     embedded = {name: embed(cells, checkpoint, key_added=None, progress=False)
                 for name, cells in (("reference", reference), ("query", query))}
     genes = reference.var_names.intersection(query.var_names)
@@ -147,18 +191,31 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
     def logistic():
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
 
-    annotators = {
-        "ScGene embedding + logistic regression": (logistic(), embedded),
-        "expression + logistic regression": (logistic(), expression),
-        "reference 50 PCs + kNN": (KNeighborsClassifier(15), {k: pca.transform(v[:, hvg]) for k, v in expression.items()}),
+    annotators = {  # name: (classifier factory, features, calibrated by temperature)
+        ANNOTATORS[0]: (logistic, embedded, True),
+        ANNOTATORS[1]: (logistic, expression, True),
+        ANNOTATORS[2]: (lambda: KNeighborsClassifier(15),
+                                   {k: pca.transform(v[:, hvg]) for k, v in expression.items()}, False),
     }
     scores = {}
-    for name, (classifier, features) in annotators.items():
-        classifier.fit(features["reference"][train], reference_labels[train])
-        predicted = classifier.predict(features["query"][known])
-        scores[name] = {"f1": float(f1_score(query_labels[known], predicted, average="macro")),
-                        "accuracy": float(accuracy_score(query_labels[known], predicted))}
-    scores["cells"] = int(known.sum())
+    for name, (make_classifier, features, calibrate) in annotators.items():
+        result = {}
+        for withheld in ("", WITHHELD_TYPE):
+            train = (reference_labels != "") & (reference_labels != withheld)
+            classes, probabilities = query_probabilities(make_classifier, features["reference"][train],
+                                                         reference_labels[train], features["query"], seed, calibrate)
+            known = np.isin(query_labels, classes) & (query_labels != "")
+            if not withheld:
+                predicted = classes[probabilities[known].argmax(1)]
+                result |= {"f1": float(f1_score(query_labels[known], predicted, average="macro")),
+                           "accuracy": float(accuracy_score(query_labels[known], predicted))}
+                continue
+            unknown = probabilities.max(1) < UNKNOWN_BELOW
+            novel = ~known & (query_labels != "")
+            result |= {"unknown_rate_known_types": float(unknown[known].mean()),
+                       "unknown_rate_novel_types": float(unknown[novel].mean()), "novel_cells": int(novel.sum())}
+        scores[name] = result
+    scores["cells"] = int((np.isin(query_labels, np.unique(reference_labels)) & (query_labels != "")).sum())
     scores["genes_shared"] = int(len(genes))
     return scores
 
@@ -179,7 +236,7 @@ def summary(log: Path) -> str:
         rows = {}  # ScGene rows are named by their variant; baselines are shared by every variant of the fold
         for r in fold:
             for row, scores in r["scores"].items():
-                name = f"ScGene ({r.get('variant', 'demo recipe')})" if row == "ScGene" else row
+                name = f"ScGene ({run_recipe(r)})" if row == "ScGene" else row
                 rows.setdefault(name, []).append(scores)
         for name, scores in rows.items():
             values = {m: cell(s.get(m) for s in scores) for m in SHOWN}
@@ -187,20 +244,23 @@ def summary(log: Path) -> str:
     annotation = [r for r in runs if r.get("annotation")]
     if annotation:
         lines += ["", "Annotation transfer (reference: the other PBMC set; macro-F1 / accuracy on the query's cells of "
-                  "types the reference has):", "", "| query | annotator | seeds | macro-F1 | accuracy |",
-                  "|---|---|---|---|---|"]
+                  f"types the reference has; \"Unknown\" rates (calibrated confidence < {UNKNOWN_BELOW}) with the "
+                  f"reference's {WITHHELD_TYPE} cells withheld, on cells of types it has / lacks):", "",
+                  "| query | annotator | seeds | macro-F1 | accuracy | Unknown, known types | Unknown, novel types |",
+                  "|---|---|---|---|---|---|---|"]
         for held_out in dict.fromkeys(r["held_out"] for r in annotation):
             fold = [r for r in annotation if r["held_out"] == held_out]
             scores = {}
             for r in fold:
                 for name, value in r["annotation"].items():
                     if isinstance(value, dict):  # baseline annotators: once per seed, whatever the variant
-                        label = f"{name} ({r.get('variant', 'demo recipe')})" if name.startswith("ScGene") else name
+                        label = f"{name} ({run_recipe(r)})" if name.startswith("ScGene") else name
                         scores.setdefault(label, {})[r["seed"]] = value
             for name, by_seed in scores.items():
                 values = list(by_seed.values())
-                lines.append(f"| {held_out} | {name} | {len(values)} | {cell(v['f1'] for v in values)} | "
-                             f"{cell(v['accuracy'] for v in values)} |")
+                columns = ("f1", "accuracy", "unknown_rate_known_types", "unknown_rate_novel_types")
+                lines.append(f"| {held_out} | {name} | {len(values)} | "
+                             + " | ".join(cell(v.get(c) for v in values) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -212,12 +272,15 @@ def main():
     parser.add_argument("--label-map", type=Path, default=LABEL_MAP, help="CSV: dataset, label, shared_type")
     parser.add_argument("--held-out", nargs="*", help="names of the sets to leave out (default: every labelled set)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--variant", default="demo recipe", choices=list(VARIANTS))
+    parser.add_argument("--rescore-annotation", action="store_true",
+                        help="first re-score the annotation transfer of finished runs that lack the Unknown rates")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     from scgene.evaluation import EvaluationSettings, evaluate
+    from scgene.fileio import atomic_path
 
     sets, unlabelled_files = read_sets(args.sets)
     files = {labelled.name: prepared_file(args.data, labelled, args.out) for labelled in sets}
@@ -225,15 +288,34 @@ def main():
     label_map = pd.read_csv(args.label_map)
     log = args.out / "runs.jsonl"
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    done = {(r["held_out"], r["seed"], r.get("variant", "demo recipe")) for r in runs}
+    done = {(r["held_out"], r["seed"], run_recipe(r)) for r in runs}
     scored_baselines = {(r["held_out"], r["seed"]) for r in runs}  # baselines once per fold and seed
     by_name = {labelled.name: labelled for labelled in sets}
     unknown = set(args.held_out or []) - set(by_name)
     if unknown:
         parser.error(f"--held-out {sorted(unknown)}: not labelled sets of {args.sets} ({sorted(by_name)})")
+    def scored_annotation(held_out: LabelledSet, query, checkpoint: Path, seed: int) -> dict:
+        reference_set = next(s for s in sets if s.pbmc and s.name != held_out.name)
+        reference = anndata.read_h5ad(files[reference_set.name])
+        return annotation_transfer(reference, query, mapped_labels(reference, reference_set, label_map),
+                                   mapped_labels(query, held_out, label_map), checkpoint, seed) | {
+            "reference": reference_set.name}
+
+    if args.rescore_annotation:  # finished runs scored before the "Unknown" rates existed: their checkpoints again
+        for entry in runs:
+            if entry.get("annotation") and "unknown_rate_novel_types" not in entry["annotation"][ANNOTATORS[0]]:
+                held_out = by_name[entry["held_out"]]
+                checkpoint = checkpoint_path(args.out / f"without_{held_out.name}", entry["seed"],
+                                             entry.get("variant", "demo recipe"), entry.get("steps", DEFAULT_STEPS))
+                print(f"re-scoring the annotation of {checkpoint}", flush=True)
+                entry["annotation"] = scored_annotation(held_out, anndata.read_h5ad(files[held_out.name]), checkpoint,
+                                                        entry["seed"])
+        with atomic_path(log) as staging:
+            staging.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in runs))
+        (args.out / "table.md").write_text(summary(log))
     for seed in args.seeds:
         for name in args.held_out or list(by_name):
-            if (name, seed, args.variant) in done:
+            if (name, seed, recipe_name(args.variant, args.steps)) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
@@ -243,15 +325,12 @@ def main():
             baselines = () if (name, seed) in scored_baselines else ("untrained", "prior", "pca", "expression")
             report = evaluate(query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
                               baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False)
-            entry = {"held_out": name, "seed": seed, "variant": args.variant, "train_seconds": round(train_seconds, 1),
+            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps,
+                     "train_seconds": round(train_seconds, 1),
                      "scores": {row: report.table.loc[row].to_dict() for row in report.table.index},
                      "info": report.info}
             if held_out.pbmc and sum(s.pbmc for s in sets) > 1:
-                reference_set = next(s for s in sets if s.pbmc and s.name != name)
-                reference = anndata.read_h5ad(files[reference_set.name])
-                entry["annotation"] = annotation_transfer(
-                    reference, query, mapped_labels(reference, reference_set, label_map),
-                    mapped_labels(query, held_out, label_map), checkpoint, seed) | {"reference": reference_set.name}
+                entry["annotation"] = scored_annotation(held_out, query, checkpoint, seed)
             with log.open("a") as handle:
                 handle.write(json.dumps(entry, default=float) + "\n")
             (args.out / "table.md").write_text(summary(log))

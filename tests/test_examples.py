@@ -77,6 +77,10 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert results["test_cells"] == 60 and len(results["labels"]) == 8 and "Platelet" not in results["labels"]
     for model in ("scgene", "logistic_regression_baseline"):
         assert 0.0 <= results[model]["accuracy"] <= 1.0
+    calibration = results["calibration"]
+    assert calibration["fitted_on"] == "60 test cells"  # no validation cells: the test cells
+    assert json.loads((classifier / "config.json").read_text())["classifier_temperature"] == calibration["temperature"]
+    assert 0 <= calibration["test_ece_after"] <= 1 and 0 <= calibration["test_ece_before"] <= 1
     assert "logistic regression baseline" in output
     assert not list((tokenized / "tokenized").glob("cache-*"))
     config = json.loads((classifier / "config.json").read_text())
@@ -190,8 +194,11 @@ def check_inference_uses_training_settings(cells_path, pretrained, classifier):
     annotated = scgene.annotate(long_cells, classifier, progress=False)
     expected = np.array([model.config.id2label[i] for i in logits.argmax(-1).tolist()])
     assert (annotated["scgene_label"].astype(str).to_numpy() == expected).all()
-
-
+    # confidences are calibrated by the temperature the fine-tuning fitted (not 1: raw logits are over-confident)
+    temperature = model.config.classifier_temperature
+    assert temperature != 1.0
+    calibrated = torch.softmax(logits / temperature, dim=-1).max(-1).values.numpy()
+    np.testing.assert_allclose(annotated["scgene_label_confidence"].to_numpy(), calibrated, rtol=1e-5)
 
 
 @pytest.mark.parametrize("launcher_name", ["accelerate", "torchrun"])

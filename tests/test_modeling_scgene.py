@@ -303,6 +303,7 @@ def test_loss_weights_turn_objectives_off():
     [
         ({"contrastive_loss_weight": -1.0}, "contrastive_loss_weight"),
         ({"contrastive_temperature": 0.0}, "contrastive_temperature"),
+        ({"classifier_temperature": -1.0}, "classifier_temperature must be positive"),
         ({"encoder_type": "decoder"}, "encoder_type"),
         ({"attention_type": "gqa"}, "attention_type"),
         ({"expression_encoding": "rank"}, "expression_encoding"),

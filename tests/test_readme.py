@@ -18,7 +18,8 @@ def test_readme_quickstart_runs(tmp_path):
 
 
 def test_readme_first_screen_inference_runs(tmp_path):
-    """The three-line path from checkpoints to obsm / obs / UMAP, on tiny checkpoints and real PBMC cells."""
+    """The three lines from cells to obsm / obs / UMAP: the shipped checkpoint embeds (nothing trained), a tiny
+    classifier stands in for the one `make demo` fine-tunes; real PBMC cells."""
     import anndata as ad
     import torch
 
@@ -32,13 +33,13 @@ def test_readme_first_screen_inference_runs(tmp_path):
                           label2id={"a": 0, "b": 1})
     model = ScGeneForCellClassification(config)
     model.set_gene_prior(torch.randn(config.vocab_size, 16))
-    for name in ("pretrained", "classifier"):
-        model.save_pretrained(tmp_path / "outputs" / "demo" / name)
-        tokenizer.save_pretrained(tmp_path / "outputs" / "demo" / name)
+    model.save_pretrained(tmp_path / "outputs" / "demo" / "classifier")
+    tokenizer.save_pretrained(tmp_path / "outputs" / "demo" / "classifier")
     ad.read_h5ad(Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad")[:60].write_h5ad(
         tmp_path / "cells.h5ad"
     )
-    check = '\nassert adata.obsm["X_scgene"].shape == (60, 16) and "X_umap" in adata.obsm and "scgene_label" in adata.obs'
+    check = '\nassert adata.obsm["X_scgene"].shape == (60, 128) and "X_umap" in adata.obsm and "scgene_label" in adata.obs'
+    check += '\nassert adata.uns["X_scgene"]["model"] == str(scgene.DEFAULT_CHECKPOINT)'
     result = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

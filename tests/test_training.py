@@ -86,3 +86,19 @@ def test_scgene_trains_sharded_with_fsdp2_on_cpu(tmp_path):
     difference = max((sharded[name] - whole[name]).abs().max().item() for name in whole)
     print(f"FSDP2 (2 CPU processes) vs 1 process: max abs weight difference {difference:.2e}")
     assert difference < 1e-5
+
+
+def test_temperature_scaling_recovers_the_temperature_that_generated_the_labels():
+    """Labels drawn from softmax(z) and logits 3z: the fitted temperature is about 3, and the calibration error of
+    logits / T is below that of the raw logits."""
+    from scgene.training import expected_calibration_error, fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(20_000, 5, generator=generator) * 2
+    labels = torch.multinomial(torch.softmax(true_logits, -1), 1, generator=generator).squeeze(1)
+    temperature = fit_temperature(true_logits * 3, labels)
+    assert temperature == pytest.approx(3.0, rel=0.05)
+    assert expected_calibration_error(true_logits * 3 / temperature, labels) < 0.02
+    assert expected_calibration_error(true_logits * 3, labels) > 0.1
+    with pytest.raises(ValueError, match="one label per cell"):
+        fit_temperature(true_logits[:10], labels[:5])

@@ -51,8 +51,14 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
         annotation = run["annotation"]
         assert annotation["reference"] != run["held_out"] and annotation["cells"] == 300
         assert annotation["expression + logistic regression"]["f1"] > 0.6
+        # refitted without the reference's B cells: the query's B cells are the type it lacks
+        query = pbmc[:300] if run["held_out"] == "pbmc_a" else pbmc[300:600]
+        expression = annotation["expression + logistic regression"]
+        assert expression["novel_cells"] == (query.obs["cell_type"] == "B").sum()
+        assert expression["unknown_rate_novel_types"] > expression["unknown_rate_known_types"]
     table = (out / "table.md").read_text()
-    assert "| pbmc_a | ScGene (demo recipe) | 1 |" in table and "reference 50 PCs + kNN" in table
+    assert "| pbmc_a | ScGene (demo recipe, 2 steps) | 1 |" in table and "reference 50 PCs + kNN" in table
+    assert "Unknown, novel types" in table
     # finished folds are skipped; another variant adds its rows and reuses the baselines
     subprocess.run(command, check=True, capture_output=True)
     assert len((out / "runs.jsonl").read_text().splitlines()) == 2
@@ -60,4 +66,4 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
                    capture_output=True)
     last = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
     assert last["variant"] == "+ gene-panel views" and list(last["scores"]) == ["ScGene"]
-    assert "| pbmc_b | ScGene (+ gene-panel views) | 1 |" in (out / "table.md").read_text()
+    assert "| pbmc_b | ScGene (+ gene-panel views, 2 steps) | 1 |" in (out / "table.md").read_text()

@@ -15,7 +15,7 @@ from transformers import (
 
 from .configuration_scgene import ScGeneConfig
 from .evaluation import evaluate
-from .inference import annotate, embed, embed_genes, gene_prior
+from .inference import DEFAULT_CHECKPOINT, annotate, embed, embed_genes, gene_prior
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
     ScGeneForCellClassification,
@@ -43,6 +43,7 @@ AutoFeatureExtractor.register(ScGeneConfig, ScGeneTokenizer, exist_ok=True)
 ScGeneTokenizer.register_for_auto_class("AutoFeatureExtractor")
 
 __all__ = [
+    "DEFAULT_CHECKPOINT",
     "embed",
     "annotate",
     "embed_genes",

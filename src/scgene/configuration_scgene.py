@@ -35,6 +35,9 @@ class ScGeneConfig(PreTrainedConfig):
             trained checkpoint (`from_pretrained(path, pooling_layer=-2)`).
         classifier_pooling (`"cell"` | `"gene_projection"`): the classifier reads the pooled cell embedding, or (seed
             000 exactly) the `(batch, num_panel_genes)` vector made by projecting each gene's output to one number.
+        classifier_temperature: the classifier's calibration temperature: `scgene.annotate`'s probabilities are
+            `softmax(logits / classifier_temperature)` (the logits stay raw). The fine-tuning script fits it on held-out
+            cells, so that a confidence threshold ("Unknown" below it) means what it says.
         value_loss_weight, bin_loss_weight, contrastive_loss_weight: the pretraining objectives' weights; the
             contrastive one pulls together the cell embeddings of two count-downsampled views of the same cell and
             apart from other cells, so the embedding keeps the cell's identity rather than its sequencing depth.
@@ -85,6 +88,7 @@ class ScGeneConfig(PreTrainedConfig):
     num_panel_genes: int | None = None
     classifier_hidden_size: int = 128
     classifier_dropout: float = 0.1
+    classifier_temperature: float = 1.0
     freeze_backbone: bool = True
     # pretraining objectives (each loss is reported apart): masked value MSE, masked bin cross-entropy, and an
     # InfoNCE between the pooled embeddings of two count-downsampled views of each cell (0 = off)
@@ -148,8 +152,9 @@ class ScGeneConfig(PreTrainedConfig):
         for name in ("value_loss_weight", "bin_loss_weight", "contrastive_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(self, name)}.")
-        if not self.contrastive_temperature > 0:
-            raise ValueError(f"contrastive_temperature must be positive, got {self.contrastive_temperature}.")
+        for name in ("contrastive_temperature", "classifier_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}.")

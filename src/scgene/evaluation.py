@@ -333,7 +333,7 @@ def depth_covariates(adata) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate(
     adata,
-    model,
+    model=None,
     *,
     label_key: str,
     batch_key: str | None = None,
@@ -349,7 +349,7 @@ def evaluate(
     """Score `model`'s cell embeddings of `adata` (raw counts in X; an AnnData or a path, never modified) against
     `obs[label_key]`, next to `baselines` (any of "untrained", "prior", "pca", "expression") on the same cells.
 
-    `model`: checkpoint folder, Hub id or loaded ScGene model; `pooling_layer` and `tokenize_kwargs` as for
+    `model`: checkpoint folder, Hub id or loaded ScGene model (default: the shipped `DEFAULT_CHECKPOINT`); `pooling_layer` and `tokenize_kwargs` as for
     `scgene.embed` (the untrained model reads the same layer).
     """
     import anndata

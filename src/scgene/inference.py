@@ -22,6 +22,7 @@ import logging as std_logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,8 @@ UNKNOWN_LABEL = "Unknown"
 PRIOR_GAP_WARNING = 0.25  # warn when more than this share of a run's gene tokens has no prior row
 TRAINING_GENES_FILE = "training_genes.json"  # in a pretrained checkpoint: the vocabulary ids its corpus carried
 UNSEEN_GENES_WARNING = 0.5  # warn when more than this share of a run's gene tokens are genes pretraining never saw
+# The checkpoint used when no model is given: built by scripts/build_default_checkpoint.py (its README.md is the card).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "resources" / "default_model"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -95,11 +98,20 @@ def load_checkpoint(auto_class, source: str, **kwargs):
 
 
 def load_model(model, classifier: bool = False, device=None, pooling_layer: int | None = None) -> ScGenePreTrainedModel:
-    """A checkpoint path / Hub id or a loaded ScGene model -> the model to run, in eval mode on `device`.
+    """A checkpoint path / Hub id or a loaded ScGene model (None: `DEFAULT_CHECKPOINT`) -> the model to run, in eval
+    mode on `device`.
 
     `classifier=False` returns the encoder (`ScGeneModel`: the base model of any head); `classifier=True` needs a
     `ScGeneForCellClassification` checkpoint. `pooling_layer` overrides the checkpoint's read-out layer.
     """
+    if model is None:
+        if classifier:
+            raise ValueError("No cell-type annotator ships with scgene (none beat logistic regression on transfer: "
+                             "docs/transfer.md): pass model= a classifier fine-tuned with examples/finetune_cell_type.py.")
+        if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+            raise FileNotFoundError(f"The default checkpoint is missing from {DEFAULT_CHECKPOINT}: rebuild it with "
+                                    "`python scripts/build_default_checkpoint.py`, or pass a model.")
+        model = DEFAULT_CHECKPOINT
     overrides = {} if pooling_layer is None else {"pooling_layer": pooling_layer}
     if overrides and not isinstance(model, (str, os.PathLike)):
         raise ValueError("pooling_layer is applied when loading a checkpoint; on a loaded model set "
@@ -341,7 +353,7 @@ def run_over_cells(
 
 def embed(
     adata,
-    model,
+    model=None,
     *,
     tokenizer=None,
     key_added: str | None = "X_scgene",
@@ -354,7 +366,8 @@ def embed(
 ) -> np.ndarray:
     """Cell embeddings (the model's `pooler_output`) -> `adata.obsm[key_added]`, float32, one row per cell in input order.
 
-    `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used). `tokenizer`: by default
+    `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used); by default the
+    checkpoint that ships with scgene (`DEFAULT_CHECKPOINT`). `tokenizer`: by default
     the one saved with the checkpoint, with its saved settings; `tokenize_kwargs` (`gene_selection`, `max_length`,
     `top_k`, `gene_column`) override them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
     per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
@@ -394,7 +407,7 @@ def annotate(
     """Cell-type labels from a `ScGeneForCellClassification` checkpoint.
 
     Writes `obs[key_added]` (categorical, names from the model's `id2label`), `obs[key_added + "_confidence"]` (the
-    highest class probability) and `obsm[key_added + "_probabilities"]` (columns in `id2label` order, listed in
+    highest class probability, calibrated by the checkpoint's `classifier_temperature`) and `obsm[key_added + "_probabilities"]` (columns in `id2label` order, listed in
     `uns[key_added]["labels"]`). Cells whose confidence is below `min_confidence` are labelled "Unknown" (a type the
     classifier never saw), and so are cells without counts on vocabulary genes (confidence 0), with a warning. Returns the two obs columns as a DataFrame (also for a path, which is never written).
     """
@@ -408,8 +421,10 @@ def annotate(
         expressed_genes = np.zeros(cells.n_obs, np.int64)
         obs_names = cells.obs_names.copy()
 
+        temperature = classifier.config.classifier_temperature
+
         def consume(batch, outputs):
-            probabilities[batch.cells] = torch.softmax(outputs.logits.float(), dim=-1).cpu().numpy()
+            probabilities[batch.cells] = torch.softmax(outputs.logits.float() / temperature, dim=-1).cpu().numpy()
             ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
             expressed_genes[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).sum(dim=1).cpu().numpy()
 
@@ -442,7 +457,7 @@ def annotate(
 
 def embed_genes(
     adata,
-    model,
+    model=None,
     *,
     tokenizer=None,
     key_added: str | None = "X_scgene_genes",
@@ -485,7 +500,7 @@ def embed_genes(
     return pd.DataFrame(per_gene[expressed], index=var_names[expressed]).assign(n_cells=n_cells[expressed].astype(np.int64))
 
 
-def gene_prior(model, *, tokenizer=None, adata=None, key_added: str | None = "X_scgene_prior") -> pd.DataFrame:
+def gene_prior(model=None, *, tokenizer=None, adata=None, key_added: str | None = "X_scgene_prior") -> pd.DataFrame:
     """The static prior gene embedding of every vocabulary gene that has one (a non-zero row), as a DataFrame indexed by
     symbol (Ensembl id where a gene has no symbol) with an `ensembl_id` column. With `adata`, also writes its genes'
     rows to `adata.varm[key_added]` (NaN where a gene has no prior)."""

@@ -11,11 +11,43 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
 LOSS_COMPONENTS = ("value_loss", "bin_loss", "contrastive_loss")
+
+
+def fit_temperature(logits, labels) -> float:
+    """The temperature T that minimises the negative log-likelihood of `softmax(logits / T)` on held-out cells
+    (temperature scaling): the predicted labels stay the same, the confidences become calibrated. `logits`:
+    (cells, classes); `labels`: class indices."""
+    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if logits.ndim != 2 or len(logits) != len(labels) or not len(labels):
+        raise ValueError(f"fit_temperature needs (cells, classes) logits and one label per cell; got logits of shape "
+                         f"{tuple(logits.shape)} and {len(labels)} labels.")
+    log_temperature = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def negative_log_likelihood():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(negative_log_likelihood)
+    return float(log_temperature.detach().exp())
+
+
+def expected_calibration_error(logits, labels, n_bins: int = 10) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the share of cells in each bin."""
+    probabilities = torch.softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), dim=-1).numpy()
+    confidence, correct = probabilities.max(-1), probabilities.argmax(-1) == np.asarray(labels)
+    bins = np.minimum((confidence * n_bins).astype(int), n_bins - 1)
+    return float(sum(abs(correct[bins == b].mean() - confidence[bins == b].mean()) * (bins == b).mean()
+                     for b in np.unique(bins)))
 
 
 def check_processes_train_together(args) -> None:

@@ -27,10 +27,10 @@ FLAGS = {
 POOLING_LAYER_HELP = "read the cell embedding from this layer: -1 the last, -2 the second-to-last (default: the checkpoint's)"
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = True) -> None:
     """Input, model, output and batching flags shared by `scgene embed` and `scgene annotate`."""
     parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X; read backed, never modified)")
-    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--model", required=model_required, help=model_help)
     parser.add_argument("--out", required=True, help="the .h5ad to write: the input plus the new columns (atomically)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
@@ -64,7 +64,8 @@ def command_inputs(args: argparse.Namespace) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used)")
+    add_common_arguments(parser, "ScGene checkpoint folder or Hub id (any head: its encoder is used; default: the "
+                                 "checkpoint shipped with scgene)", model_required=False)
     parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
     parser.add_argument("--plot", metavar="IMAGE", help="save a UMAP of the embedding here (png, pdf, svg, ...)")

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = EvaluationSettings()
     parser.add_argument("input", help="labelled .h5ad with raw counts in X (read, never modified)")
-    parser.add_argument("--model", required=True, help="ScGene checkpoint folder or Hub id (any head: its encoder is used)")
+    parser.add_argument("--model", help="ScGene checkpoint folder or Hub id (any head: its encoder is used; default: the "
+                                        "checkpoint shipped with scgene)")
     parser.add_argument("--label-key", required=True, help="obs column with the cell labels (e.g. cell_type)")
     parser.add_argument("--batch-key", help="obs column with batches: adds label transfer across batches and batch mixing")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
