@@ -221,7 +221,8 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
 
 
 def summary(log: Path) -> str:
-    """Per left-out set: ScGene and the baselines, mean ± sd over seeds; then the annotation transfer."""
+    """Per metric, a table of ScGene's recipes and the baselines by left-out set (mean ± sd over seeds; the number of
+    runs where above 2); then the annotation transfer."""
     runs = [json.loads(line) for line in log.read_text().splitlines()]
 
     def cell(values):
@@ -230,17 +231,22 @@ def summary(log: Path) -> str:
             return "–"
         return f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else "")
 
-    lines = ["| left out | embedding | seeds | " + " | ".join(SHOWN) + " |", "|---" * (len(SHOWN) + 3) + "|"]
-    for held_out in dict.fromkeys(r["held_out"] for r in runs):
-        fold = [r for r in runs if r["held_out"] == held_out]
-        rows = {}  # ScGene rows are named by their variant; baselines are shared by every variant of the fold
-        for r in fold:
-            for row, scores in r["scores"].items():
-                name = f"ScGene ({run_recipe(r)})" if row == "ScGene" else row
-                rows.setdefault(name, []).append(scores)
-        for name, scores in rows.items():
-            values = {m: cell(s.get(m) for s in scores) for m in SHOWN}
-            lines.append(f"| {held_out} | {name} | {len(scores)} | " + " | ".join(values[m] for m in SHOWN) + " |")
+    held_outs = list(dict.fromkeys(r["held_out"] for r in runs))
+    by_fold = {}  # fold -> embedding -> scores per run; ScGene rows are named by their recipe, baselines shared
+    for r in runs:
+        for row, scores in r["scores"].items():
+            name = f"ScGene ({run_recipe(r)})" if row == "ScGene" else row
+            by_fold.setdefault(r["held_out"], {}).setdefault(name, []).append(scores)
+    lines = []
+    for metric in SHOWN:  # one table per metric: an embedding per row, a left-out set per column
+        names = list(dict.fromkeys(name for fold in by_fold.values() for name in fold))
+        lines += [f"**{metric}**", "", "| embedding | " + " | ".join(held_outs) + " |", "|---" * (len(held_outs) + 1) + "|"]
+        for name in names:
+            values = [by_fold[h].get(name, []) for h in held_outs]
+            if any(s.get(metric) is not None and not np.isnan(s[metric]) for v in values for s in v):
+                lines.append(f"| {name} | " + " | ".join(
+                    cell(s.get(metric) for s in v) + (f" (n={len(v)})" if len(v) > 2 else "") for v in values) + " |")
+        lines.append("")
     annotation = [r for r in runs if r.get("annotation")]
     if annotation:
         lines += ["", "Annotation transfer (reference: the other PBMC set; macro-F1 / accuracy on the query's cells of "

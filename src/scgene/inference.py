@@ -393,7 +393,7 @@ def embed(
 
 def annotate(
     adata,
-    model,
+    model=None,
     *,
     tokenizer=None,
     key_added: str = "scgene_label",

@@ -59,8 +59,11 @@ def inference_options(args: argparse.Namespace) -> dict:
 
 def command_inputs(args: argparse.Namespace) -> list[str]:
     """What a command reads, which its outputs may never replace: the input file, and the model and tokenizer when
-    they are local folders."""
-    return [args.input] + [path for path in (args.model, args.tokenizer) if path and os.path.exists(path)]
+    they are local folders (the shipped checkpoint when no model is given)."""
+    from ..inference import DEFAULT_CHECKPOINT
+
+    models = (args.model or DEFAULT_CHECKPOINT, args.tokenizer)
+    return [args.input] + [str(path) for path in models if path and os.path.exists(path)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

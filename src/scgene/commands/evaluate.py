@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 
 from . import USER_ERRORS, coverage_report_shown, user_error_message
-from .embed import POOLING_LAYER_HELP
+from .embed import POOLING_LAYER_HELP, command_inputs
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
          "gene_column=": "--gene-column", "tokenizer=": "--tokenizer", "layer=": "--layer ", "use_raw=True": "--use-raw",
@@ -58,7 +57,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.n_neighbors < 1 or (args.max_length is not None and args.max_length < 1):
             raise ValueError("--n-neighbors and --max-length must be positive integers.")
-        inputs = [path for path in (args.input, args.model, args.tokenizer) if path and os.path.exists(path)]
+        inputs = command_inputs(args)
         with contextlib.ExitStack() as claims:  # report files are checked before the run; replaced, never an input
             for path in (args.markdown, args.json):
                 if path:
