@@ -11,7 +11,7 @@ checkpoint in Hub layout (config, safetensors, tokenizer with its vocabulary, re
 `build_record.json`, model card) replaces OUT in one step.
 
     python scripts/build_default_checkpoint.py --data ../shared/data/scrna
-    python scripts/build_default_checkpoint.py --code-only   # after a model module changed: refresh the remote code
+    python scripts/build_default_checkpoint.py --refresh-only   # after a module changed: new remote code and card
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ import time
 from pathlib import Path
 
 import anndata
-import numpy as np
 import pandas as pd
-from leave_one_dataset_out import RECIPE, SETS, SHOWN, VARIANTS, prepared_file, pretrain_on, read_sets
+from leave_one_dataset_out import RECIPE, SETS, VARIANTS, prepared_file, pretrain_on, read_sets
 
 import scgene
 from scgene.evaluation import EvaluationSettings, evaluate
 from scgene.fileio import atomic_directory, atomic_path, sha256_file
+from scgene.hub import CARD_NAME, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = "+ expression-weighted pooling"  # the measured best of the ablation in docs/transfer.md
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "training_genes.json")
 MAX_MEGABYTES = 25
+CARD_REPO_ID = "scgene/scgene-human-small"  # the name the card's snippets use; `scgene push` writes the real one
 
 
 def git_commit() -> str:
@@ -70,33 +71,6 @@ def zero_shot_scores(checkpoint: Path, data: Path, work: Path, unseen: list, see
     return scores
 
 
-def model_card(record: dict) -> str:
-    lines = [
-        "---", "library_name: transformers", "license: apache-2.0", "tags: [single-cell, scRNA-seq, biology]", "---",
-        "", "# ScGene, the default human checkpoint of scgene", "",
-        "A small ScGene encoder (2 layers, d=128, frozen full-vocabulary gene prior) with its masked-expression head, "
-        "pretrained on every human set the project may ship a model of. It is the checkpoint `scgene.embed(adata)` "
-        "uses when no model is given. Rebuilt by `python scripts/build_default_checkpoint.py`.", "",
-        "## Zero-shot on sets it never saw", "",
-        "`scgene.evaluate` on labelled sets outside its corpus (the baselines are fitted on the same cells, so PCA and "
-        "logistic regression see the query's own data; ScGene does not):", "",
-        "| set | embedding | " + " | ".join(SHOWN) + " |", "|---" * (len(SHOWN) + 2) + "|",
-    ]
-    for name, rows in record["zero_shot"].items():
-        for row, values in rows.items():
-            cells = [f"{values[m]:.3f}" if values.get(m) is not None and np.isfinite(values[m]) else "–" for m in SHOWN]
-            lines.append(f"| {name} | {row} | " + " | ".join(cells) + " |")
-    lines += [
-        "", "ScGene stays below 50 PCs on every set measured so far; the leave-one-dataset-out table and its "
-        "targets are in the repository's `docs/transfer.md`. Use it to embed cells, not as a finished atlas model.", "",
-        "## Training data", "", "| set | cells | licence |", "|---|---|---|",
-        *[f"| {row['file']} | {row['cells']} | {row['licence']} |" for row in record["corpus"]],
-        "", f"Recipe: `{' '.join(record['pretraining_flags'])}`; {record['steps']} steps, seed {record['seed']}; "
-        f"tokenizing, the prior and pretraining took {record['build_seconds']:.0f} s on {record['machine']}.", "",
-    ]
-    return "\n".join(lines)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scrna")
@@ -104,15 +78,18 @@ def main():
     parser.add_argument("--out", type=Path, default=scgene.DEFAULT_CHECKPOINT)
     parser.add_argument("--steps", type=int, default=1000)  # 1000 beat 300 on the left-out sets (docs/transfer.md)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--code-only", action="store_true",
-                        help="only copy the package's current modules over OUT's remote code (weights unchanged)")
+    parser.add_argument("--refresh-only", action="store_true",
+                        help="only copy the package's current modules over OUT's remote code and write its card again "
+                             "(weights and record unchanged)")
     args = parser.parse_args()
-    if args.code_only:
+    if args.refresh_only:
         package = Path(scgene.__file__).parent
         for code in sorted(args.out.glob("*.py")):
             with atomic_path(code) as staging:
                 shutil.copy2(package / code.name, staging)
-            print(f"refreshed {code}")
+        with atomic_path(args.out / CARD_NAME) as staging:
+            staging.write_text(str(model_card(args.out, repo_id=CARD_REPO_ID)))
+        print(f"Refreshed the remote code and the card of {args.out}")
         return
 
     corpus, files, unseen = corpus_table(args.data, args.work)
@@ -132,12 +109,12 @@ def main():
         for code in checkpoint.glob("*.py"):  # the remote code save_pretrained wrote
             shutil.copy2(code, staging / code.name)
         (staging / "build_record.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
-        (staging / "README.md").write_text(model_card(record))
+        (staging / CARD_NAME).write_text(str(model_card(staging, repo_id=CARD_REPO_ID)))
         megabytes = sum(path.stat().st_size for path in staging.iterdir()) / 2**20
         if megabytes > MAX_MEGABYTES:
             raise SystemExit(f"The checkpoint is {megabytes:.1f} MB, over the {MAX_MEGABYTES} MB it may ship at.")
     print(f"Wrote {args.out} ({megabytes:.1f} MB)")
-    print(model_card(record))
+    print((args.out / CARD_NAME).read_text())
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_the_default_checkpoint_is_a_hub_folder_within_budget_trained_on_shippab
 
 def test_the_shipped_remote_code_is_the_package_code():
     """The code a Hub user runs (trust_remote_code) is this package's: refresh it with
-    `python scripts/build_default_checkpoint.py --code-only` when a module changes."""
+    `python scripts/build_default_checkpoint.py --refresh-only` when a module changes."""
     for code in scgene.DEFAULT_CHECKPOINT.glob("*.py"):
         assert code.read_bytes() == (PACKAGE / code.name).read_bytes(), f"{code.name} differs from the package's"
 

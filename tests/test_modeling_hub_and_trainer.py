@@ -1,6 +1,5 @@
 """ScGene with the rest of the ecosystem: Trainer steps, remote code without scgene, and an offline hub cache."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -8,12 +7,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
+from hub_cache import populate_hub_cache
 from modeling_helpers import random_cells, tiny_config, with_prior
 from scgene import ScGeneForCellClassification, ScGeneForMaskedExpression
 
@@ -124,27 +123,7 @@ def test_checkpoint_loads_with_remote_code_where_scgene_is_not_installed(tmp_pat
 
 def test_auto_model_loads_org_repo_from_an_offline_hub_cache(tmp_path):
     checkpoint = saved_reference(tmp_path)
-    # lay the files out the way a Hub download does: each file's content in blobs/ under its hash (sha256 for LFS
-    # files such as the weights, the git blob sha1 for the others), linked from snapshots/<commit>/ by a relative
-    # symlink, and refs/main naming the commit
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_cache = tmp_path / "hub" / "models--org--scgene"
-    snapshot, blobs = repo_cache / "snapshots" / commit, repo_cache / "blobs"
-    snapshot.mkdir(parents=True)
-    blobs.mkdir()
-    for file in checkpoint.iterdir():
-        content = file.read_bytes()
-        if file.suffix == ".safetensors":
-            blob = hashlib.sha256(content).hexdigest()
-        else:
-            blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-        (blobs / blob).write_bytes(content)
-        (snapshot / file.name).symlink_to(Path("..", "..", "blobs", blob))
-    (repo_cache / "refs").mkdir()
-    (repo_cache / "refs" / "main").write_text(commit)
-    scanned = huggingface_hub.scan_cache_dir(tmp_path / "hub")  # huggingface_hub's own reading of the layout
-    assert [(repo.repo_id, len(repo.revisions)) for repo in scanned.repos] == [("org/scgene", 1)] and not scanned.warnings
-
+    populate_hub_cache(tmp_path / "hub", "org/scgene", {file.name: file.read_bytes() for file in checkpoint.iterdir()})
     output = run_python(
         f"""
         import torch, scgene

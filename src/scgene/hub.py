@@ -1,0 +1,190 @@
+"""Publishing a checkpoint: a model card made from measurements, and one Hub commit with everything a user needs.
+
+`model_card(folder, evaluations=...)` writes the card from what was measured: `model-index` results (huggingface_hub's
+`EvalResult`) for ScGene on each evaluated set, the baselines of the same run in the text, the training data with
+their licences and the recipe from the checkpoint's `build_record.json` when it has one, and the limits read off the
+numbers (where ScGene loses to 50 PCs or to its own prior). `push(folder, repo_id)` uploads the weights, the remote
+code, the tokenizer with its vocabulary and that card in a single commit; transformers' own `push_to_hub` would write
+its default card over README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+CARD_NAME = "README.md"
+BUILD_RECORD = "build_record.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+SCGENE_ROW, PCA_ROW, PRIOR_ROW = "ScGene", "PCA (50 PCs of log1p HVGs)", "prior only"
+# metric key of `scgene evaluate` -> (model-index metric type, readable name)
+CARD_METRICS = {
+    "knn_f1": ("f1", "kNN macro-F1 (k=15, 5-fold)"),
+    "logreg_f1": ("f1", "logistic-regression macro-F1 (5-fold)"),
+    "kmeans_ari": ("adjusted_rand_score", "KMeans ARI"),
+    "leiden_ari": ("adjusted_rand_score", "Leiden ARI"),
+    "label_pc1_corr_genes": ("pearsonr", "within-label |r| of PC1 with genes detected (lower is better)"),
+}
+LIMIT_METRICS = ("knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari")
+
+
+def checked_checkpoint(folder) -> Path:
+    """A folder that holds a saved ScGene checkpoint with its tokenizer and remote code, or a clear error."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass the checkpoint folder that save_pretrained wrote.")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}: a checkpoint to publish needs the weights, config and "
+                                "tokenizer (model.save_pretrained(folder) and tokenizer.save_pretrained(folder)).")
+    auto_map = json.loads((folder / "config.json").read_text()).get("auto_map", {})
+    code = sorted({reference.split(".")[0] + ".py" for reference in auto_map.values()})
+    if not code or any(not (folder / name).is_file() for name in code):
+        raise FileNotFoundError(f"{folder} lacks the remote code its config names ({code or 'no auto_map'}): save the "
+                                "model with scgene imported, which registers the classes for the Auto API.")
+    return folder
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _parameters(folder: Path) -> tuple[int, int]:
+    """(trained parameters, frozen prior entries) from the safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        sizes = {name: math.prod(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    prior = sum(size for name, size in sizes.items() if name.endswith("gene_prior.weight"))
+    return sum(sizes.values()) - prior, prior
+
+
+def _score_table(name: str, rows: dict) -> list[str]:
+    lines = [f"**{name}**", "", "| embedding | " + " | ".join(CARD_METRICS) + " |", "|---" * (len(CARD_METRICS) + 1) + "|"]
+    for row, scores in rows.items():
+        cells = [f"{scores[m]:.3f}" if _finite(scores.get(m)) else "–" for m in CARD_METRICS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _limits(evaluations: dict) -> list[str]:
+    """One line per set and metric where ScGene scores below 50 PCs or its own prior."""
+    lines = []
+    for dataset, rows in evaluations.items():
+        ours = rows.get(SCGENE_ROW, {})
+        for baseline in (PCA_ROW, PRIOR_ROW):
+            for metric in LIMIT_METRICS:
+                theirs = rows.get(baseline, {}).get(metric)
+                if _finite(ours.get(metric)) and _finite(theirs) and ours[metric] < theirs:
+                    lines.append(f"- {dataset}: {CARD_METRICS[metric][1]} {ours[metric]:.3f}, below {baseline} "
+                                 f"({theirs:.3f}).")
+    return lines
+
+
+def model_card(folder, evaluations: dict | None = None, repo_id: str | None = None) -> ModelCard:
+    """The card of the checkpoint in `folder`.
+
+    `evaluations`: set name -> the `scores` of `scgene evaluate --json` on cells the model never saw (embedding row ->
+    metric -> value); the zero-shot scores of the checkpoint's `build_record.json` are added. Every ScGene score
+    becomes a `model-index` result; baselines are reported in the text beside it.
+    """
+    folder = checked_checkpoint(folder)
+    config = json.loads((folder / "config.json").read_text())
+    record_path = folder / BUILD_RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    evaluations = {**record.get("zero_shot", {}), **(evaluations or {})}
+    model_name = repo_id.split("/")[-1] if repo_id else folder.name
+    where = repo_id or str(folder)
+    results = [
+        EvalResult(task_type="feature-extraction", task_name="cell embedding, zero-shot", dataset_type=dataset,
+                   dataset_name=dataset, metric_type=CARD_METRICS[metric][0], metric_name=CARD_METRICS[metric][1],
+                   metric_value=round(float(rows[SCGENE_ROW][metric]), 4))
+        for dataset, rows in evaluations.items() if SCGENE_ROW in rows
+        for metric in CARD_METRICS if _finite(rows[SCGENE_ROW].get(metric))
+    ]
+    data = ModelCardData(library_name="transformers", pipeline_tag="feature-extraction", license="apache-2.0",
+                         tags=["scgene", "single-cell", "scRNA-seq", "biology", "custom_code"], model_name=model_name,
+                         eval_results=results or None)
+    trained, prior = _parameters(folder)
+    architecture = (config.get("architectures") or ["ScGeneModel"])[0]
+    lines = [
+        f"# {model_name}", "",
+        f"A ScGene single-cell model ({architecture}): {config['num_hidden_layers']} layers, d = "
+        f"{config['hidden_size']}, {config['num_attention_heads']} heads, {config['encoder_type']} encoder with "
+        f"{config['attention_type']} attention, {config['pooling']} pooling; {trained:,} trained parameters and a frozen "
+        f"prior gene embedding of {config['vocab_size']:,} x {config['hidden_size']} ({prior:,} entries). Each gene of a "
+        "cell is a token: the prior (co-expression gene2vec and gene knowledge, fused) plus an expression embedding.",
+        "", "## Use", "",
+        "```python", "import scanpy as sc", "from transformers import AutoFeatureExtractor, AutoModel", "",
+        'adata = sc.read_h5ad("cells.h5ad")  # raw counts, human genes (symbols or Ensembl ids)',
+        f'model = AutoModel.from_pretrained("{where}", trust_remote_code=True).eval()',
+        f'tokenizer = AutoFeatureExtractor.from_pretrained("{where}", trust_remote_code=True)',
+        'embeddings = model(**tokenizer(adata, return_tensors="pt")).pooler_output  # (cells, d)',
+        "```", "",
+        f"With scgene installed, `scgene.embed(adata, \"{where}\")` does the same in batches under a token budget and "
+        "writes `adata.obsm[\"X_scgene\"]`.", "",
+        "## Evaluation on cells it never saw", "",
+        "`scgene evaluate` on labelled sets outside the training corpus. The baselines are computed on the same cells "
+        "in the same run: 50 PCs of the set's own scaled log1p HVGs, logistic regression on its expression, the prior "
+        "alone (expression-weighted mean of the prior rows) and the untrained model. PCA and logistic regression are "
+        "fitted on the query itself; ScGene is not.", "",
+    ]
+    for dataset, rows in evaluations.items():
+        lines += _score_table(dataset, rows)
+    if not evaluations:
+        lines += ["No evaluation was given: measure with `scgene evaluate --json` on cells the model never saw.", ""]
+    limits = _limits(evaluations)
+    lines += ["## Limits", "",
+              *(limits or ["- None measured on the sets above; the sets are small (hundreds to thousands of cells)."]),
+              "- Trained on a small corpus (see below), on 2 CPU cores: not an atlas-scale model.", ""]
+    if record:
+        lines += ["## Training data", "", "| file | cells | licence |", "|---|---|---|",
+                  *[f"| {row['file']} | {row['cells']} | {row['licence']} |" for row in record.get("corpus", [])], "",
+                  "## Training record", "",
+                  f"- recipe: `{' '.join(record.get('pretraining_flags', []))}`",
+                  f"- {record.get('steps')} steps, seed {record.get('seed')}; tokenizing, prior and pretraining took "
+                  f"{record.get('build_seconds', float('nan')):.0f} s on {record.get('machine', 'unknown')}",
+                  f"- scgene {record.get('scgene_version')} at commit {record.get('git_commit')}", ""]
+    lines += ["## Intended use", "",
+              "Cell embeddings for exploration (neighbours, UMAP, clustering) and as features for a classifier. Check "
+              "the evaluation above against PCA on your own labelled cells before relying on it.", ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    ModelCard(str(card))  # parses its own metadata back: a malformed model-index raises here, not on the Hub
+    return card
+
+
+def push(folder, repo_id: str, *, evaluations: dict | None = None, private: bool = False, token: str | None = None,
+         commit_message: str = "Upload ScGene checkpoint", api: HfApi | None = None):
+    """Upload the checkpoint in `folder` to `repo_id` in one commit: every file of the folder (weights, config, remote
+    code, tokenizer with its vocabulary, records) and the card made by `model_card` as README.md. The folder itself
+    is not changed. Returns the commit info."""
+    folder = checked_checkpoint(folder)
+    card = model_card(folder, evaluations=evaluations, repo_id=repo_id)
+    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
+                  for path in sorted(folder.iterdir())
+                  if path.is_file() and not path.name.startswith(".") and path.name != CARD_NAME]
+    operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.create_commit(repo_id, operations=operations, commit_message=commit_message)
+
+
+def read_evaluations(specs: list[str]) -> dict:
+    """`NAME=FILE.json` pairs (files written by `scgene evaluate --json`) -> set name -> scores."""
+    evaluations = {}
+    for spec in specs:
+        name, separator, path = spec.partition("=")
+        if not separator or not name or not path:
+            raise ValueError(f"--evaluation takes NAME=FILE.json (the set's name, then scgene evaluate's JSON); got "
+                             f"{spec!r}.")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--evaluation {spec}: no file {path}.")
+        report = json.loads(Path(path).read_text())
+        if "scores" not in report:
+            raise ValueError(f"--evaluation {spec}: {path} has no 'scores'; write it with `scgene evaluate --json`.")
+        evaluations[name] = report["scores"]
+    return evaluations
