@@ -31,7 +31,7 @@ from leave_one_dataset_out import RECIPE, SETS, VARIANTS, prepared_file, pretrai
 import scgene
 from scgene.evaluation import EvaluationSettings, evaluate
 from scgene.fileio import atomic_directory, atomic_path, sha256_file
-from scgene.hub import CARD_NAME, model_card
+from scgene.hub import CARD_NAME, model_card, publishable_files
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = "+ expression-weighted pooling"  # the measured best of the ablation in docs/transfer.md
@@ -71,6 +71,16 @@ def zero_shot_scores(checkpoint: Path, data: Path, work: Path, unseen: list, see
     return scores
 
 
+def complete_for_the_hub(folder: Path) -> None:
+    """Write into `folder` what `scgene push` uploads beside its own files: the package's current remote code (the
+    `cell-embedding` pipeline's included), the config naming that pipeline, and the card."""
+    contents = {name: content for name, content in publishable_files(folder).items() if isinstance(content, bytes)}
+    contents[CARD_NAME] = str(model_card(folder, repo_id=CARD_REPO_ID)).encode()
+    for name, content in contents.items():
+        with atomic_path(folder / name) as staging:
+            staging.write_bytes(content)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scrna")
@@ -83,13 +93,8 @@ def main():
                              "(weights and record unchanged)")
     args = parser.parse_args()
     if args.refresh_only:
-        package = Path(scgene.__file__).parent
-        for code in sorted(args.out.glob("*.py")):
-            with atomic_path(code) as staging:
-                shutil.copy2(package / code.name, staging)
-        with atomic_path(args.out / CARD_NAME) as staging:
-            staging.write_text(str(model_card(args.out, repo_id=CARD_REPO_ID)))
-        print(f"Refreshed the remote code and the card of {args.out}")
+        complete_for_the_hub(args.out)
+        print(f"Refreshed the remote code, the config's pipeline and the card of {args.out}")
         return
 
     corpus, files, unseen = corpus_table(args.data, args.work)
@@ -109,7 +114,7 @@ def main():
         for code in checkpoint.glob("*.py"):  # the remote code save_pretrained wrote
             shutil.copy2(code, staging / code.name)
         (staging / "build_record.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
-        (staging / CARD_NAME).write_text(str(model_card(staging, repo_id=CARD_REPO_ID)))
+        complete_for_the_hub(staging)
         megabytes = sum(path.stat().st_size for path in staging.iterdir()) / 2**20
         if megabytes > MAX_MEGABYTES:
             raise SystemExit(f"The checkpoint is {megabytes:.1f} MB, over the {MAX_MEGABYTES} MB it may ship at.")

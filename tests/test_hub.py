@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
@@ -94,13 +95,48 @@ def test_push_is_one_commit_of_the_checkpoint_and_its_card_which_loads_offline_w
         assert all(torch.equal(inputs[key], expected[key]) for key in expected)  # the checkpoint's own vocabulary
         with torch.no_grad():
             torch.save(model(**inputs).pooler_output, r"{tmp_path / 'pooled.pt'}")
+        from transformers import pipeline
+        embedder = pipeline("cell-embedding", model="org/scgene-x", trust_remote_code=True)
+        assert type(embedder).__module__.startswith("transformers_modules"), type(embedder).__module__
+        embedder(r"{tmp_path / 'cells.h5ad'}", max_tokens_per_batch=500).to_pickle(r"{tmp_path / 'table.pkl'}")
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "home")}
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     pooled = torch.load(tmp_path / "pooled.pt", weights_only=True).numpy()
-    np.testing.assert_allclose(pooled, scgene.embed(cells, progress=False), atol=1e-5)
+    expected = scgene.embed(cells, progress=False)
+    np.testing.assert_allclose(pooled, expected, atol=1e-5)
+    table = pd.read_pickle(tmp_path / "table.pkl")  # the pipeline, from the pushed files only
+    assert table.index.tolist() == cells.obs_names.tolist()
+    np.testing.assert_allclose(table.to_numpy(), expected, atol=1e-5)
+    config = json.loads(files["config.json"])
+    assert config["custom_pipelines"]["cell-embedding"]["impl"] == "pipeline_scgene.CellEmbeddingPipeline"
+
+
+def test_the_cell_embedding_pipeline_gives_scgene_embed_numbers(tmp_path):
+    from transformers import pipeline
+
+    cells = ad.read_h5ad(PBMC)[:40].copy()
+    # a checkpoint saved by save_pretrained names no pipeline: with scgene imported, the registered task serves it
+    plain = tmp_path / "plain"
+    shutil.copytree(scgene.DEFAULT_CHECKPOINT, plain)
+    config = json.loads((plain / "config.json").read_text())
+    del config["custom_pipelines"]
+    (plain / "config.json").write_text(json.dumps(config))
+    embedder = pipeline("cell-embedding", model=str(plain))
+    assert isinstance(embedder, scgene.CellEmbeddingPipeline)
+    np.testing.assert_array_equal(embedder(cells).to_numpy(), scgene.embed(cells.copy(), progress=False))
+    # the shipped checkpoint names its own copy of the pipeline (remote code, as on the Hub)
+    embedder = pipeline("cell-embedding", model=str(scgene.DEFAULT_CHECKPOINT), trust_remote_code=True)
+    assert type(embedder).__name__ == "CellEmbeddingPipeline"
+    table = embedder(cells)
+    np.testing.assert_array_equal(table.to_numpy(), scgene.embed(cells.copy(), progress=False))  # same batching
+    assert table.index.tolist() == cells.obs_names.tolist() and "X_scgene" not in cells.obsm  # input untouched
+    cells.write_h5ad(tmp_path / "cells.h5ad")
+    smaller_batches = embedder(str(tmp_path / "cells.h5ad"), max_tokens_per_batch=300, max_length=128)
+    np.testing.assert_allclose(smaller_batches.to_numpy(), scgene.embed(cells, max_length=128, progress=False),
+                               atol=1e-5)
 
 
 def test_scgene_push_cli(tmp_path, monkeypatch, capsys):

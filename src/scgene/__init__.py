@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_scgene import ScGeneConfig
 from .evaluation import evaluate
@@ -25,6 +26,8 @@ from .modeling_scgene import (
     ScGeneModelOutput,
     ScGenePreTrainedModel,
 )
+from .pipeline_scgene import TASK as PIPELINE_TASK
+from .pipeline_scgene import CellEmbeddingPipeline
 from .tokenization_scgene import ScGeneTokenizer
 
 __version__ = "0.1.0"
@@ -41,6 +44,8 @@ ScGeneConfig.register_for_auto_class()
 # the tokenizer turns numbers (an AnnData) into a BatchFeature, the feature-extractor pattern (as for audio)
 AutoFeatureExtractor.register(ScGeneConfig, ScGeneTokenizer, exist_ok=True)
 ScGeneTokenizer.register_for_auto_class("AutoFeatureExtractor")
+# pipeline("cell-embedding", model=...) with scgene imported; published checkpoints also carry it (scgene.hub)
+PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=CellEmbeddingPipeline, pt_model=AutoModel)
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -58,4 +63,5 @@ __all__ = [
     "ScGeneModelOutput",
     "ScGeneMaskedExpressionOutput",
     "ScGeneCellClassificationOutput",
+    "CellEmbeddingPipeline",
 ]

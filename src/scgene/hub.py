@@ -4,8 +4,8 @@
 `EvalResult`) for ScGene on each evaluated set, the baselines of the same run in the text, the training data with
 their licences and the recipe from the checkpoint's `build_record.json` when it has one, and the limits read off the
 numbers (where ScGene loses to 50 PCs or to its own prior). `push(folder, repo_id)` uploads the weights, the remote
-code, the tokenizer with its vocabulary and that card in a single commit; transformers' own `push_to_hub` would write
-its default card over README.md.
+code, the tokenizer with its vocabulary, the `cell-embedding` pipeline and that card in a single commit; transformers'
+own `push_to_hub` would write its default card over README.md. `publishable_files(folder)` is that set of files.
 """
 
 from __future__ import annotations
@@ -47,6 +47,36 @@ def checked_checkpoint(folder) -> Path:
         raise FileNotFoundError(f"{folder} lacks the remote code its config names ({code or 'no auto_map'}): save the "
                                 "model with scgene imported, which registers the classes for the Auto API.")
     return folder
+
+
+def pipeline_code() -> dict[str, bytes]:
+    """`pipeline_scgene.py` and the package modules it imports (inference, tokenizer, model, ...): the remote code that
+    `pipeline("cell-embedding", model=REPO, trust_remote_code=True)` fetches with it."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import pipeline_scgene
+
+    files = [pipeline_scgene.__file__, *get_relative_import_files(pipeline_scgene.__file__)]
+    return {Path(file).name: Path(file).read_bytes() for file in files}
+
+
+def config_with_pipeline(config: dict) -> dict:
+    """The checkpoint's config naming the custom pipeline, as `Pipeline.save_pretrained` would write it."""
+    from .pipeline_scgene import TASK, CellEmbeddingPipeline
+
+    task = {"impl": f"pipeline_scgene.{CellEmbeddingPipeline.__name__}", "pt": ["AutoModel"]}
+    return config | {"custom_pipelines": {**config.get("custom_pipelines", {}), TASK: task}}
+
+
+def publishable_files(folder) -> dict[str, Path | bytes]:
+    """What a published checkpoint holds, by name: every file of `folder` (a path; not hidden ones, not its README.md:
+    the card is made apart), its config naming the `cell-embedding` pipeline, and the pipeline's code (contents)."""
+    folder = checked_checkpoint(folder)
+    files: dict[str, Path | bytes] = {path.name: path for path in sorted(folder.iterdir())
+                                      if path.is_file() and not path.name.startswith(".") and path.name != CARD_NAME}
+    config = config_with_pipeline(json.loads((folder / "config.json").read_text()))
+    files["config.json"] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    return files | pipeline_code()
 
 
 def _finite(value) -> bool:
@@ -159,14 +189,12 @@ def model_card(folder, evaluations: dict | None = None, repo_id: str | None = No
 
 def push(folder, repo_id: str, *, evaluations: dict | None = None, private: bool = False, token: str | None = None,
          commit_message: str = "Upload ScGene checkpoint", api: HfApi | None = None):
-    """Upload the checkpoint in `folder` to `repo_id` in one commit: every file of the folder (weights, config, remote
-    code, tokenizer with its vocabulary, records) and the card made by `model_card` as README.md. The folder itself
-    is not changed. Returns the commit info."""
-    folder = checked_checkpoint(folder)
+    """Upload the checkpoint in `folder` to `repo_id` in one commit: `publishable_files` (weights, config, remote code,
+    tokenizer with its vocabulary, records, the `cell-embedding` pipeline) and the card made by `model_card` as
+    README.md. The folder itself is not changed. Returns the commit info."""
     card = model_card(folder, evaluations=evaluations, repo_id=repo_id)
-    operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-                  for path in sorted(folder.iterdir())
-                  if path.is_file() and not path.name.startswith(".") and path.name != CARD_NAME]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes) else
+                                     str(content)) for name, content in publishable_files(folder).items()]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
     api = api or HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)

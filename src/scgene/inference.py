@@ -132,10 +132,10 @@ def load_model(model, classifier: bool = False, device=None, pooling_layer: int 
                 f"(e.g. {missing[:3]}): the config and the weights disagree (a config edited by hand?). Use the "
                 "config.json saved with these weights; the model would otherwise run with randomly initialised parts."
             )
-    if not isinstance(model, ScGenePreTrainedModel):
+    if not is_scgene(model):
         raise TypeError(f"model must be an ScGene checkpoint path, Hub id or ScGene model, got {type(model).__name__}.")
     if classifier:
-        if not isinstance(model, ScGeneForCellClassification):
+        if not is_scgene(model, ScGeneForCellClassification):
             raise ValueError(
                 f"Annotation needs a cell-type classifier (ScGeneForCellClassification), got {type(model).__name__}: "
                 "fine-tune one with examples/finetune_cell_type.py."
@@ -146,6 +146,13 @@ def load_model(model, classifier: bool = False, device=None, pooling_layer: int 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval()
+
+
+def is_scgene(model, kind: type = ScGenePreTrainedModel) -> bool:
+    """Whether `model` is a ScGene model of `kind`, built by this package's classes or by a checkpoint's copy of them
+    (remote code, as the `cell-embedding` pipeline loads): compared by class name, not identity."""
+    return any(cls.__name__ == kind.__name__ and cls.__module__.rsplit(".", 1)[-1] == "modeling_scgene"
+               for cls in type(model).__mro__)
 
 
 def training_genes(model: ScGenePreTrainedModel) -> torch.Tensor | None:
