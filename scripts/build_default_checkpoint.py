@@ -92,6 +92,9 @@ def main():
                         help="only copy the package's current modules over OUT's remote code and write its card again "
                              "(weights and record unchanged)")
     args = parser.parse_args()
+    if args.out.exists() and not (args.out / "build_record.json").is_file():  # replaced or refreshed below
+        raise SystemExit(f"{args.out} exists and was not written by this script (no build_record.json): it is never "
+                         "replaced. Pass another --out, or remove it yourself.")
     if args.refresh_only:
         complete_for_the_hub(args.out)
         print(f"Refreshed the remote code, the config's pipeline and the card of {args.out}")

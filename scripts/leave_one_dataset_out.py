@@ -202,8 +202,10 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
         result = {}
         for withheld in ("", WITHHELD_TYPE):
             train = (reference_labels != "") & (reference_labels != withheld)
+            # the scores of the full reference read only the argmax, which a temperature does not move
             classes, probabilities = query_probabilities(make_classifier, features["reference"][train],
-                                                         reference_labels[train], features["query"], seed, calibrate)
+                                                         reference_labels[train], features["query"], seed,
+                                                         calibrate and bool(withheld))
             known = np.isin(query_labels, classes) & (query_labels != "")
             if not withheld:
                 predicted = classes[probabilities[known].argmax(1)]

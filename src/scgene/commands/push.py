@@ -22,16 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub import CARD_NAME, checked_checkpoint, model_card, push, read_evaluations
+    from ..hub import CARD_NAME, model_card, publishable_files, push, read_evaluations
 
     try:
         evaluations = read_evaluations(args.evaluation)
         if args.dry_run:
-            folder = checked_checkpoint(args.folder)
-            card = model_card(folder, evaluations=evaluations, repo_id=args.repo_id)
+            files = publishable_files(args.folder)  # checks the folder first
+            card = model_card(args.folder, evaluations=evaluations, repo_id=args.repo_id)
             with open(args.dry_run, "x", encoding="utf-8") as handle:  # "x": an existing file is never replaced
                 handle.write(str(card))
-            files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
             print("Would upload to " + args.repo_id + ": " + ", ".join(sorted({*files, CARD_NAME})))
             print(f"Wrote the card to {args.dry_run}")
             return 0
