@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 
 install: $(STAMP)
 
+# transformers' common model tests come from the sdist of the installed transformers (tests/fetch_transformers_tests.py)
 test: $(STAMP)
+	$(BIN)/python tests/fetch_transformers_tests.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 
 # The main job on the PBMC 3k data shipped in tests/data: vocabulary, tokenize, build the prior, pretrain,
@@ -62,6 +64,7 @@ test-latest:
 	echo "$(TORCH_SPEC)" > .venv-latest/torch-constraint.txt
 	.venv-latest/bin/pip install --quiet --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt -e ".[dev]"
 	.venv-latest/bin/pip freeze --exclude-editable | diff $(LOCK) - || true
+	.venv-latest/bin/python tests/fetch_transformers_tests.py
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv-latest/bin/python -m pytest -q -n 2 --dist loadgroup tests
 
 clean:
