@@ -25,10 +25,17 @@ merged): `--stream_shards` contiguous shards, each process reading its own (acce
 order and through a `--shuffle_buffer` of cells, for `--max_steps` steps. The evaluation cells are the ones whose
 content hash falls in `--eval_fraction` (the same cells on every node and in every run; a cell repeated in the corpus
 is never on both sides), at most `--max_eval_cells` of them.
+
+The saved model folder gets `build_record.json` (`scgene.hub.training_record`), which `scgene push` turns into the
+card's "Training data" and "Training record": the cells of each dataset (of each source file, for a dataset
+tokenized from several), the licence given with `--data_licence` ("not recorded" without it), the command line,
+steps, seed, wall time of training (of this run only, when resumed), machine, scgene version and git commit.
 """
 
 import json
 import math
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +50,7 @@ from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.data import DataCollatorForMaskedExpression
 from scgene.data.collators import cell_fingerprint
 from scgene.fileio import write_json
+from scgene.hub import BUILD_RECORD, tokenized_corpus, training_record
 from scgene.inference import TRAINING_GENES_FILE
 from scgene.modeling_scgene import NUM_SPECIAL_TOKENS
 from scgene.training import ScGeneTrainer, check_processes_train_together
@@ -62,6 +70,10 @@ class PretrainingArguments:
                                                              "of the process count)"})
     shuffle_buffer: int = field(default=10_000, metadata={"help": "cells in a streamed corpus's shuffle buffer"})
     max_eval_cells: int = field(default=1_000, metadata={"help": "at most this many evaluation cells"})
+    data_licence: list[str] = field(
+        default_factory=list, metadata={"help": "licence of the training data, for build_record.json and the model "
+                                                "card: one for every --dataset, or one per --dataset in their order"}
+    )
     panel_views_min_fraction: float | None = field(
         default=None, metadata={"help": "contrastive views also keep a random U(f, 1) share of each cell's genes and "
                                         "renormalise over them, as a smaller gene panel would (e.g. 0.3)"}
@@ -164,6 +176,15 @@ def streamed_splits(cells: datasets.Dataset, data_args: PretrainingArguments, se
     return train, evaluation
 
 
+def devices_used(training_args: TrainingArguments) -> str | None:
+    """What trained besides the CPU, e.g. "2 x NVIDIA H100 80GB HBM3" (processes x device); None on the CPU."""
+    device = training_args.device
+    if device.type == "cpu":
+        return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{training_args.world_size} x {name}"
+
+
 def checkpoint_to_resume(training_args: TrainingArguments) -> str | None:
     """--resume_from_checkpoint DIR, or `last` for the newest checkpoint in --output_dir (None when there is none)."""
     resume = training_args.resume_from_checkpoint
@@ -184,6 +205,7 @@ def main() -> ScGeneTrainer:
 
     count_views = model_args.contrastive_loss_weight > 0  # two count-downsampled views of each cell
     tokenizer, cells = load_corpus(data_args.dataset, count_views)
+    corpus = tokenized_corpus(data_args.dataset, data_args.data_licence)  # checks the licences before training
     if data_args.streaming:
         if training_args.max_steps <= 0:
             raise SystemExit("--streaming needs --max_steps: a stream has no length to count epochs in.")
@@ -215,13 +237,18 @@ def main() -> ScGeneTrainer:
     if resume and trainer.is_world_process_zero():
         step = json.loads(Path(resume, "trainer_state.json").read_text())["global_step"]
         print(f"resuming from {resume} at step {step}", flush=True)
+    start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.perf_counter() - start
     initial = next(log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log)
     final = trainer.evaluate()["eval_loss"]
     trainer.save_model()  # safetensors + config + code + tokenizer
     Path(training_args.output_dir, "training_args.bin").unlink(missing_ok=True)  # no pickles in a checkpoint
     if trainer.is_world_process_zero():
         save_training_genes(training_args.output_dir, cells, tokenizer.vocab_size, data_args.dataset)
+        write_json(Path(training_args.output_dir) / BUILD_RECORD, training_record(
+            corpus=corpus, pretraining_flags=sys.argv[1:], steps=trainer.state.global_step, seed=training_args.seed,
+            build_seconds=train_seconds, devices=devices_used(training_args)))
         print(f"pretraining eval loss: {initial:.4f} before training -> {final:.4f} after")
         print(f"saved to {training_args.output_dir}")
     return trainer

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -31,18 +29,13 @@ from leave_one_dataset_out import RECIPE, SETS, VARIANTS, prepared_file, pretrai
 import scgene
 from scgene.evaluation import EvaluationSettings, evaluate
 from scgene.fileio import atomic_directory, atomic_path, sha256_file
-from scgene.hub import CARD_NAME, model_card, publishable_files
+from scgene.hub import BUILD_RECORD, CARD_NAME, model_card, publishable_files, training_record
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT = "+ expression-weighted pooling"  # the measured best of the ablation in docs/transfer.md
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "training_genes.json")
 MAX_MEGABYTES = 25
 CARD_REPO_ID = "scgene/scgene-human-small"  # the name the card's snippets use; `scgene push` writes the real one
-
-
-def git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return result.stdout.strip() or "unknown"
 
 
 def corpus_table(data: Path, work: Path) -> tuple[pd.DataFrame, list[Path], list]:
@@ -92,8 +85,8 @@ def main():
                         help="only copy the package's current modules over OUT's remote code and write its card again "
                              "(weights and record unchanged)")
     args = parser.parse_args()
-    if args.out.exists() and not (args.out / "build_record.json").is_file():  # replaced or refreshed below
-        raise SystemExit(f"{args.out} exists and was not written by this script (no build_record.json): it is never "
+    if args.out.exists() and not (args.out / BUILD_RECORD).is_file():  # replaced or refreshed below
+        raise SystemExit(f"{args.out} exists and was not written by this script (no {BUILD_RECORD}): it is never "
                          "replaced. Pass another --out, or remove it yourself.")
     if args.refresh_only:
         complete_for_the_hub(args.out)
@@ -104,10 +97,9 @@ def main():
     start = time.perf_counter()
     checkpoint = pretrain_on(files, args.work, args.seed, args.steps, VARIANT)
     build_seconds = time.perf_counter() - start
-    record = {
-        "scgene_version": scgene.__version__, "git_commit": git_commit(), "machine": platform.platform(),
-        "corpus": corpus.to_dict("records"), "variant": VARIANT, "pretraining_flags": RECIPE + VARIANTS[VARIANT],
-        "steps": args.steps, "seed": args.seed, "build_seconds": round(build_seconds, 1),
+    record = training_record(corpus=corpus.to_dict("records"), pretraining_flags=RECIPE + VARIANTS[VARIANT],
+                             steps=args.steps, seed=args.seed, build_seconds=build_seconds) | {
+        "variant": VARIANT,
         "prior_record": json.loads((args.work / "prior" / "prior_record.json").read_text()),
         "zero_shot": zero_shot_scores(checkpoint, args.data, args.work, unseen, args.seed),
     }
@@ -116,7 +108,7 @@ def main():
             shutil.copy2(checkpoint / name, staging / name)
         for code in checkpoint.glob("*.py"):  # the remote code save_pretrained wrote
             shutil.copy2(code, staging / code.name)
-        (staging / "build_record.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+        (staging / BUILD_RECORD).write_text(json.dumps(record, indent=2, default=float) + "\n")
         complete_for_the_hub(staging)
         megabytes = sum(path.stat().st_size for path in staging.iterdir()) / 2**20
         if megabytes > MAX_MEGABYTES:

@@ -12,7 +12,7 @@ and kNN on the reference's 50 PCs; and, refitted without the reference's B cells
 "Unknown" (calibrated confidence below 0.5) among types the reference has and among those it lacks.
 
 Every finished (fold, seed) appends to OUT/runs.jsonl and is skipped when the script runs again; OUT/table.md is the
-summary (mean ± sd over seeds).
+summary (mean ± sd over seeds), which `scgene push DIR ORG/NAME --transfer OUT/runs.jsonl` puts on the model card.
 
     python scripts/leave_one_dataset_out.py --data ../shared/data/scrna --out outputs/transfer --seeds 0 1 2
 """
@@ -31,6 +31,17 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from scgene.transfer import (
+    DEFAULT_STEPS,
+    DEFAULT_VARIANT,
+    RUNS_FILE,
+    mean_sd,
+    metric_tables,
+    read_runs,
+    recipe_name,
+    run_recipe,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 LABEL_MAP = REPO / "scripts" / "pbmc_label_map.csv"
 SETS = REPO / "scripts" / "transfer_sets.csv"  # the labelled human sets of ../shared/data/scrna, and one unlabelled
@@ -40,12 +51,11 @@ RECIPE = ["--hidden_size", "128", "--norm_position", "pre", "--pooling", "mean",
           "--learning_rate", "1e-3", "--per_device_train_batch_size", "32"]
 # Variants of the recipe, each a row of the ablation: name -> extra pretraining flags.
 VARIANTS = {
-    "demo recipe": [],
+    DEFAULT_VARIANT: [],
     "+ gene-panel views": ["--panel_views_min_fraction", "0.3"],
     "+ expression-weighted pooling": ["--pooling", "weighted_mean"],
     "+ expression-weighted pooling, gene-panel views": ["--pooling", "weighted_mean", "--panel_views_min_fraction", "0.3"],
 }
-DEFAULT_STEPS = 300
 SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "label_pc1_corr_genes", "pc1_corr_genes"]
 
 
@@ -57,15 +67,6 @@ class LabelledSet:
     keep: tuple[str, str] | None = None  # (obs column, value) of the cells to use
     batch_key: str | None = None
     pbmc: bool = False  # annotation transfer is scored between PBMC sets
-
-
-def recipe_name(variant: str, steps: int = DEFAULT_STEPS) -> str:
-    """A row's name in the tables: the variant, and its step count when not the default (a learning-curve point)."""
-    return variant if steps == DEFAULT_STEPS else f"{variant}, {steps} steps"
-
-
-def run_recipe(entry: dict) -> str:
-    return recipe_name(entry.get("variant", "demo recipe"), entry.get("steps", DEFAULT_STEPS))
 
 
 def read_sets(path: Path) -> tuple[list[LabelledSet], list[str]]:
@@ -99,7 +100,7 @@ def prepared_file(data: Path, labelled: LabelledSet, out: Path) -> Path:
 
 def checkpoint_path(folder: Path, seed: int, variant: str, steps: int) -> Path:
     name = recipe_name(variant, steps)
-    suffix = "" if name == "demo recipe" else "_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    suffix = "" if name == DEFAULT_VARIANT else "_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
     return folder / f"model_seed{seed}{suffix}"
 
 
@@ -223,32 +224,10 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
 
 
 def summary(log: Path) -> str:
-    """Per metric, a table of ScGene's recipes and the baselines by left-out set (mean ± sd over seeds; the number of
-    runs where above 2); then the annotation transfer."""
-    runs = [json.loads(line) for line in log.read_text().splitlines()]
-
-    def cell(values):
-        values = np.array([v for v in values if v is not None and not np.isnan(v)], float)
-        if not len(values):
-            return "–"
-        return f"{values.mean():.3f}" + (f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else "")
-
-    held_outs = list(dict.fromkeys(r["held_out"] for r in runs))
-    by_fold = {}  # fold -> embedding -> scores per run; ScGene rows are named by their recipe, baselines shared
-    for r in runs:
-        for row, scores in r["scores"].items():
-            name = f"ScGene ({run_recipe(r)})" if row == "ScGene" else row
-            by_fold.setdefault(r["held_out"], {}).setdefault(name, []).append(scores)
-    lines = []
-    for metric in SHOWN:  # one table per metric: an embedding per row, a left-out set per column
-        names = list(dict.fromkeys(name for fold in by_fold.values() for name in fold))
-        lines += [f"**{metric}**", "", "| embedding | " + " | ".join(held_outs) + " |", "|---" * (len(held_outs) + 1) + "|"]
-        for name in names:
-            values = [by_fold[h].get(name, []) for h in held_outs]
-            if any(s.get(metric) is not None and not np.isnan(s[metric]) for v in values for s in v):
-                lines.append(f"| {name} | " + " | ".join(
-                    cell(s.get(metric) for s in v) + (f" (n={len(v)})" if len(v) > 2 else "") for v in values) + " |")
-        lines.append("")
+    """Per metric, a table of ScGene's recipes and the baselines by left-out set (mean ± sd over seeds, and their
+    number: `scgene.transfer.metric_tables`, which the model card shows too); then the annotation transfer."""
+    runs = read_runs(log)
+    lines = metric_tables(runs, {metric: metric for metric in SHOWN})
     annotation = [r for r in runs if r.get("annotation")]
     if annotation:
         lines += ["", "Annotation transfer (reference: the other PBMC set; macro-F1 / accuracy on the query's cells of "
@@ -268,7 +247,7 @@ def summary(log: Path) -> str:
                 values = list(by_seed.values())
                 columns = ("f1", "accuracy", "unknown_rate_known_types", "unknown_rate_novel_types")
                 lines.append(f"| {held_out} | {name} | {len(values)} | "
-                             + " | ".join(cell(v.get(c) for v in values) for c in columns) + " |")
+                             + " | ".join(mean_sd(v.get(c) for v in values) for c in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -281,7 +260,7 @@ def main():
     parser.add_argument("--held-out", nargs="*", help="names of the sets to leave out (default: every labelled set)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--variant", default="demo recipe", choices=list(VARIANTS))
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS))
     parser.add_argument("--rescore-annotation", action="store_true",
                         help="first re-score the annotation transfer of finished runs that lack the Unknown rates")
     args = parser.parse_args()
@@ -294,8 +273,8 @@ def main():
     files = {labelled.name: prepared_file(args.data, labelled, args.out) for labelled in sets}
     unlabelled = [args.data / name for name in unlabelled_files]
     label_map = pd.read_csv(args.label_map)
-    log = args.out / "runs.jsonl"
-    runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log = args.out / RUNS_FILE
+    runs = read_runs(log) if log.exists() else []
     done = {(r["held_out"], r["seed"], run_recipe(r)) for r in runs}
     scored_baselines = {(r["held_out"], r["seed"]) for r in runs}  # baselines once per fold and seed
     by_name = {labelled.name: labelled for labelled in sets}
@@ -314,7 +293,7 @@ def main():
             if entry.get("annotation") and "unknown_rate_novel_types" not in entry["annotation"][ANNOTATORS[0]]:
                 held_out = by_name[entry["held_out"]]
                 checkpoint = checkpoint_path(args.out / f"without_{held_out.name}", entry["seed"],
-                                             entry.get("variant", "demo recipe"), entry.get("steps", DEFAULT_STEPS))
+                                             entry.get("variant", DEFAULT_VARIANT), entry.get("steps", DEFAULT_STEPS))
                 print(f"re-scoring the annotation of {checkpoint}", flush=True)
                 entry["annotation"] = scored_annotation(held_out, anndata.read_h5ad(files[held_out.name]), checkpoint,
                                                         entry["seed"])

@@ -56,7 +56,8 @@ def test_pretrain_then_finetune_scripts(tokenized):
     output = run([sys.executable, REPO / "examples" / "pretrain_masked_expression.py",
                   "--dataset", tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors",
                   "--output_dir", pretrained, "--max_steps", "4", "--per_device_train_batch_size", "8",
-                  "--pooling", "mean", "--contrastive_loss_weight", "0.5", "--logging_steps", "2", *TINY_MODEL, *COMMON])
+                  "--pooling", "mean", "--contrastive_loss_weight", "0.5", "--logging_steps", "2",
+                  "--data_licence", "CC-BY-4.0 (10x Genomics)", *TINY_MODEL, *COMMON])
     assert "pretraining eval loss" in output
     logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
     assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
@@ -66,6 +67,7 @@ def test_pretrain_then_finetune_scripts(tokenized):
     assert len(trained_on) > 100 and min(trained_on) >= 3  # genes only, no special tokens
     assert not list((tokenized / "tokenized").glob("cache-*"))  # nothing written into the dataset folder
     assert not (pretrained / "training_args.bin").exists()
+    check_the_training_record_reaches_the_card(tokenized, pretrained)
 
     classifier = tokenized / "classifier"
     output = run([sys.executable, REPO / "examples" / "finetune_cell_type.py", "--model", pretrained,
@@ -88,6 +90,28 @@ def test_pretrain_then_finetune_scripts(tokenized):
     check_inference_uses_training_settings(tokenized / "cells.h5ad", pretrained, classifier)
     check_full_finetune_trains_head_then_backbone(tokenized, pretrained)
     check_lora_adapters_merge_into_a_plain_checkpoint(tokenized, pretrained)
+
+
+def check_the_training_record_reaches_the_card(tokenized, pretrained):
+    """The pretraining script's build_record.json: the corpus with the licence given, the command line, steps, seed,
+    wall time, machine, version, commit; `scgene push`'s card renders each of them."""
+    from scgene.hub import model_card
+
+    record = json.loads((pretrained / "build_record.json").read_text())
+    assert record["corpus"] == [{"file": str(tokenized / "tokenized"), "cells": 300,
+                                 "licence": "CC-BY-4.0 (10x Genomics)"}]
+    assert record["pretraining_flags"][:4] == ["--dataset", str(tokenized / "tokenized"), "--prior",
+                                               str(tokenized / "gene_prior.safetensors")]
+    assert record["steps"] == 4 and record["seed"] == 0 and record["build_seconds"] > 0
+    assert record["scgene_version"] == scgene.__version__ and "CPU cores" in record["machine"]
+    card = str(model_card(pretrained))
+    training = card[card.index("## Training data"):card.index("## Intended use")]
+    assert f"| {tokenized / 'tokenized'} | 300 | CC-BY-4.0 (10x Genomics) |" in training
+    assert f"- recipe (pretraining flags): `{' '.join(record['pretraining_flags'])}`" in training
+    assert "- steps: 4; seed: 0" in training and f"machine: {record['machine']}" in training
+    assert f"- wall time of the build: {record['build_seconds']:.0f} s" in training
+    assert f"git commit: {record['git_commit'] or 'not recorded'}" in training
+    assert "- Pretrained on 300 cells (see Training data)" in card
 
 
 def test_finetuning_is_seeded_takes_a_predefined_split_and_names_missing_columns(tokenized, tmp_path):

@@ -1,6 +1,8 @@
 """Publishing (`scgene.hub`, `scgene push`): a model card made from measurements that parses back, one Hub commit that
 holds the whole checkpoint and that card (the Hub client's calls recorded, nothing sent), and the pushed files loading
-through `AutoModel` / `AutoFeatureExtractor` from an offline cache in a process where scgene cannot be imported."""
+through `AutoModel` / `AutoFeatureExtractor` from an offline cache in a process where scgene cannot be imported. The
+card's training record (`build_record.json`) says what it lacks, and its leave-one-dataset-out section is the
+protocol's runs.jsonl summarised."""
 
 import json
 import os
@@ -20,9 +22,19 @@ from huggingface_hub import HfApi, ModelCard
 import scgene
 from hub_cache import populate_hub_cache
 from scgene.cli import main
-from scgene.hub import model_card, push
+from scgene.evaluation import METRICS
+from scgene.hub import BUILD_RECORD, git_commit, model_card, push, tokenized_corpus, training_record
 
 PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
+REPO = Path(__file__).resolve().parents[1]
+PCA = "PCA (50 PCs of log1p HVGs)"
+# (left-out set, seed) -> embedding -> (kNN macro-F1, KMeans ARI): what scripts/leave_one_dataset_out.py measured
+TRANSFER_SCORES = {
+    ("pbmc_a", 0): {"ScGene": (0.69, 0.40), "ScGene untrained": (0.50, 0.20), "prior only": (0.60, 0.30), PCA: (0.90, 0.70)},
+    ("pbmc_a", 1): {"ScGene": (0.71, 0.44), "ScGene untrained": (0.50, 0.22), "prior only": (0.62, 0.34), PCA: (0.92, 0.70)},
+    ("pbmc_b", 0): {"ScGene": (0.80, 0.50), "ScGene untrained": (0.70, 0.40), "prior only": (0.82, 0.45), PCA: (0.78, 0.60)},
+    ("pbmc_b", 1): {"ScGene": (0.80, 0.52), "ScGene untrained": (0.70, 0.40), "prior only": (0.84, 0.45), PCA: (0.78, 0.62)},
+}
 EVALUATION = {"scores": {
     "ScGene": {"knn_f1": 0.61, "logreg_f1": 0.7, "kmeans_ari": 0.3, "leiden_ari": 0.5, "label_pc1_corr_genes": 0.4},
     "prior only": {"knn_f1": 0.55, "logreg_f1": 0.72, "kmeans_ari": 0.2, "leiden_ari": 0.45},
@@ -157,11 +169,122 @@ def test_scgene_push_cli(tmp_path, monkeypatch, capsys):
     assert main(["push", str(checkpoint), "org/x", "--evaluation", f"my_set={evaluation}"]) == 0
     assert "Pushed" in capsys.readouterr().out and client.calls[1][1] == "org/x"
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before  # the user's folder is untouched
+    # --transfer: the leave-one-dataset-out runs on the card
+    runs = write_transfer_runs(tmp_path / "runs.jsonl")
+    assert main(["push", str(checkpoint), "org/x", "--transfer", str(runs), "--dry-run", str(tmp_path / "t.md")]) == 0
+    assert "| ScGene (demo recipe) | 0.700 ± 0.014 (n=2) |" in (tmp_path / "t.md").read_text()
     # bad input: one-line errors that name the fix
     assert main(["push", str(checkpoint), "org/x", "--evaluation", str(evaluation)]) == 1
     assert "NAME=FILE.json" in capsys.readouterr().err
+    assert main(["push", str(checkpoint), "org/x", "--transfer", str(tmp_path)]) == 1
+    assert f"is a folder: pass the protocol's runs file, {tmp_path / 'runs.jsonl'}" in capsys.readouterr().err
     (checkpoint / "modeling_scgene.py").unlink()
     assert main(["push", str(checkpoint), "org/x"]) == 1
     assert "lacks the remote code" in capsys.readouterr().err
     assert main(["push", str(tmp_path / "missing"), "org/x"]) == 1
     assert "is not a folder" in capsys.readouterr().err
+
+
+def write_transfer_runs(path: Path) -> Path:
+    """A runs.jsonl as scripts/leave_one_dataset_out.py writes it: the demo recipe on two left-out sets with two seeds
+    (the baselines in each fold and seed's run, NaN where a metric was not measured), then a second variant on one."""
+
+    def row(knn_f1, kmeans_ari):
+        return dict.fromkeys(METRICS, float("nan")) | {"knn_f1": knn_f1, "kmeans_ari": kmeans_ari}
+
+    def run(held_out, seed, variant, scores):
+        return {"held_out": held_out, "seed": seed, "variant": variant, "steps": 300, "train_seconds": 12.5,
+                "scores": scores, "info": {"n_cells": 300, "n_labels": 5, "label_key": "cell_type"}}
+
+    runs = [run(held_out, seed, "demo recipe", {name: row(*values) for name, values in rows.items()} | {
+                "expression (logistic regression on log1p HVGs)": dict.fromkeys(METRICS, float("nan")) | {"logreg_f1": 0.95}})
+            for (held_out, seed), rows in TRANSFER_SCORES.items()]
+    runs.append(run("pbmc_b", 0, "+ gene-panel views", {"ScGene": row(0.85, 0.65)}))
+    path.write_text("".join(json.dumps(entry, default=float) + "\n" for entry in runs))
+    return path
+
+
+def test_the_card_shows_the_leave_one_dataset_out_runs_and_their_limits(tmp_path):
+    runs = write_transfer_runs(tmp_path / "runs.jsonl")
+    (tmp_path / "README.md").write_text(str(model_card(scgene.DEFAULT_CHECKPOINT, transfer=runs)))
+    text = ModelCard.load(tmp_path / "README.md", ignore_metadata_errors=False).text
+    section = text[text.index("## Leave-one-dataset-out transfer"):text.index("## Limits")]
+    knn = section[section.index("**kNN macro-F1 (k=15, 5-fold)**"):section.index("**KMeans ARI**")]
+    assert knn.splitlines()[2:9] == [
+        "| embedding | pbmc_a | pbmc_b |", "|---|---|---|",
+        "| ScGene (demo recipe) | 0.700 ± 0.014 (n=2) | 0.800 ± 0.000 (n=2) |",
+        "| ScGene untrained | 0.500 ± 0.000 (n=2) | 0.700 ± 0.000 (n=2) |",
+        "| prior only | 0.610 ± 0.014 (n=2) | 0.830 ± 0.014 (n=2) |",
+        f"| {PCA} | 0.910 ± 0.014 (n=2) | 0.780 ± 0.000 (n=2) |",
+        "| ScGene (+ gene-panel views) | – | 0.850 (n=1) |",
+    ]
+    assert "| ScGene (demo recipe) | 0.420 ± 0.028 (n=2) | 0.510 ± 0.014 (n=2) |" in section  # KMeans ARI
+    assert "| expression (logistic regression on log1p HVGs) | 0.950 ± 0.000 (n=2) | 0.950 ± 0.000 (n=2) |" in section
+    assert "**Leiden ARI**" not in section  # measured in no run: no empty table
+    limits = text[text.index("## Limits"):text.index("## Training data")]
+    where = "left out (leave-one-dataset-out, means over seeds): ScGene (demo recipe) below"
+    assert [line for line in limits.splitlines() if "left out" in line] == [
+        f"- pbmc_a {where} {PCA} on kNN macro-F1 (k=15, 5-fold) 0.700 < 0.910; KMeans ARI 0.420 < 0.700.",
+        f"- pbmc_b {where} {PCA} on KMeans ARI 0.510 < 0.610.",
+        f"- pbmc_b {where} prior only on kNN macro-F1 (k=15, 5-fold) 0.800 < 0.830.",
+    ]  # the gene-panel variant beats both baselines where it was measured: no limit claimed for it
+    assert "- lymph_node: kNN macro-F1 (k=15, 5-fold)" in limits  # the zero-shot limits stay
+
+
+@pytest.mark.parametrize("content, error, message", [
+    (None, FileNotFoundError, "no such file; pass the runs.jsonl"),
+    ("", ValueError, "holds no runs"),
+    ('{"held_out": "a", "seed": 0, "scores": {"ScGene": {"knn_f1": 0.5}}}\n{"held_out": "a", "seed": 1,',
+     ValueError, "line 2: not JSON"),
+    ('{"held_out": "a", "seed": 0}', ValueError, "line 1: no scores"),
+    ('{"held_out": "a", "seed": 0, "scores": {"PCA": {"knn_f1": 0.5}}}', ValueError, "'scores' has no 'ScGene' row"),
+    ('{"held_out": "a", "seed": 0, "scores": {"ScGene": {"knn_f1": "high"}}}', ValueError, "a score is not a number"),
+])
+def test_a_malformed_transfer_file_is_named_with_the_fix(tmp_path, content, error, message):
+    runs = tmp_path / "runs.jsonl"
+    if content is not None:
+        runs.write_text(content)
+    with pytest.raises(error, match=message):
+        model_card(scgene.DEFAULT_CHECKPOINT, transfer=runs)
+    with pytest.raises(IsADirectoryError, match="is a folder: pass the protocol's runs file"):
+        model_card(scgene.DEFAULT_CHECKPOINT, transfer=tmp_path)
+
+
+def test_a_training_record_counts_each_source_and_the_card_says_what_is_not_recorded(tmp_path):
+    cells = ad.read_h5ad(PBMC)
+    cells[:20].copy().write_h5ad(tmp_path / "first.h5ad")
+    cells[20:30].copy().write_h5ad(tmp_path / "second.h5ad")
+    tokenized = tmp_path / "tokenized"
+    assert main(["tokenize", str(tmp_path / "first.h5ad"), str(tmp_path / "second.h5ad"), str(tokenized),
+                 "--max-length", "64"]) == 0
+    assert tokenized_corpus([tokenized], ["MIT"]) == [
+        {"file": "first", "dataset": str(tokenized), "cells": 20, "licence": "MIT"},
+        {"file": "second", "dataset": str(tokenized), "cells": 10, "licence": "MIT"}]
+    assert {row["licence"] for row in tokenized_corpus([tokenized, tokenized])} == {"not recorded"}
+    with pytest.raises(ValueError, match="3 licences for 2 datasets: give one licence for all"):
+        tokenized_corpus([tokenized, tokenized], ["MIT", "CC-BY-4.0", "GPL-3.0"])
+    assert git_commit(tmp_path) is None  # not a git checkout
+    if (REPO / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        assert git_commit() == head
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(scgene.DEFAULT_CHECKPOINT, checkpoint)
+    record = training_record(corpus=tokenized_corpus([tokenized], ["MIT"]), pretraining_flags=[], steps=5, seed=None,
+                             build_seconds=float("nan")) | {"git_commit": None}
+    del record["machine"]
+    (checkpoint / BUILD_RECORD).write_text(json.dumps(record))
+    text = str(model_card(checkpoint))
+    training = text[text.index("## Training data"):text.index("## Intended use")]
+    assert "| first | 20 | MIT |" in training and "| second | 10 | MIT |" in training
+    assert "- recipe (pretraining flags): not recorded" in training
+    assert "- steps: 5; seed: not recorded" in training
+    assert "- wall time of the build: not recorded; machine: not recorded" in training
+    assert f"- scgene version: {scgene.__version__}; git commit: not recorded" in training
+    assert "None" not in training and "nan" not in training
+    assert "- Pretrained on 30 cells (see Training data): a small corpus, not an atlas-scale model." in text
+
+    (checkpoint / BUILD_RECORD).unlink()
+    text = str(model_card(checkpoint))
+    assert "Not recorded: checkpoint has no build_record.json" in text and "## Training record" not in text
+    assert "- The training corpus is not recorded." in text

@@ -1,11 +1,13 @@
 """Publishing a checkpoint: a model card made from measurements, and one Hub commit with everything a user needs.
 
-`model_card(folder, evaluations=...)` writes the card from what was measured: `model-index` results (huggingface_hub's
-`EvalResult`) for ScGene on each evaluated set, the baselines of the same run in the text, the training data with
-their licences and the recipe from the checkpoint's `build_record.json` when it has one, and the limits read off the
-numbers (where ScGene loses to 50 PCs or to its own prior). `push(folder, repo_id)` uploads the weights, the remote
-code, the tokenizer with its vocabulary, the `cell-embedding` pipeline and that card in a single commit; transformers'
-own `push_to_hub` would write its default card over README.md. `publishable_files(folder)` is that set of files.
+`model_card(folder, evaluations=..., transfer=...)` writes the card from what was measured: `model-index` results
+(huggingface_hub's `EvalResult`) for ScGene on each evaluated set, the baselines of the same run in the text, the
+recipe's leave-one-dataset-out tables (`scgene.transfer`), the training data with their licences and the recipe from
+the checkpoint's `build_record.json` (`training_record`, written by examples/pretrain_masked_expression.py and
+scripts/build_default_checkpoint.py), and the limits read off the numbers (where ScGene loses to 50 PCs or to its own
+prior). `push(folder, repo_id)` uploads the weights, the remote code, the tokenizer with its vocabulary, the
+`cell-embedding` pipeline and that card in a single commit; transformers' own `push_to_hub` would write its default
+card over README.md. `publishable_files(folder)` is that set of files.
 """
 
 from __future__ import annotations
@@ -13,14 +15,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .transfer import SCGENE_ROW, finite_values, metric_tables, read_runs, scgene_row, scores_by_fold
 
 CARD_NAME = "README.md"
 BUILD_RECORD = "build_record.json"
+NOT_RECORDED = "not recorded"
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-SCGENE_ROW, PCA_ROW, PRIOR_ROW = "ScGene", "PCA (50 PCs of log1p HVGs)", "prior only"
+PCA_ROW, PRIOR_ROW = "PCA (50 PCs of log1p HVGs)", "prior only"
+ATLAS_SCALE_CELLS = 1_000_000  # atlas-scale single-cell models pretrain on tens of millions of cells
 # metric key of `scgene evaluate` -> (model-index metric type, readable name)
 CARD_METRICS = {
     "knn_f1": ("f1", "kNN macro-F1 (k=15, 5-fold)"),
@@ -47,6 +57,60 @@ def checked_checkpoint(folder) -> Path:
         raise FileNotFoundError(f"{folder} lacks the remote code its config names ({code or 'no auto_map'}): save the "
                                 "model with scgene imported, which registers the classes for the Auto API.")
     return folder
+
+
+def git_commit(source: str | os.PathLike = Path(__file__).parent) -> str | None:
+    """The commit checked out where git tracks `source` (default: this package's code); None where it does not (an
+    installed package, no git)."""
+
+    def git(*arguments: str) -> str | None:
+        try:
+            result = subprocess.run(["git", *arguments], cwd=source, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    if git("ls-files", "--error-unmatch", ".") is None:  # untracked, e.g. installed into a venv inside a checkout
+        return None
+    return git("rev-parse", "HEAD") or None
+
+
+def training_record(*, corpus: list[dict], pretraining_flags: Sequence, steps: int, seed: int, build_seconds: float,
+                    devices: str | None = None) -> dict:
+    """A checkpoint's `build_record.json`, with the keys `model_card` renders: `corpus` (a row per training input:
+    file, cells, licence), `pretraining_flags`, `steps`, `seed`, `build_seconds` (wall time of the build), `machine`
+    (this one; with `devices`, e.g. "2 x NVIDIA H100", where training did not run on the CPU), `scgene_version` and
+    `git_commit` (None outside a git checkout)."""
+    from . import __version__
+
+    machine = f"{platform.platform()}, {os.cpu_count()} CPU cores" + (f", trained on {devices}" if devices else "")
+    return {"corpus": corpus, "pretraining_flags": [str(flag) for flag in pretraining_flags], "steps": steps,
+            "seed": seed, "build_seconds": round(build_seconds, 1), "machine": machine, "scgene_version": __version__,
+            "git_commit": git_commit()}
+
+
+def tokenized_corpus(folders: Sequence, licences: Sequence[str] = ()) -> list[dict]:
+    """The `corpus` rows of a training record for `scgene tokenize` folders: a row per source file where a folder has
+    a `source` column (several files tokenized together), else a row for the folder. `licences`: one for every
+    folder, one per folder in their order, or none ("not recorded")."""
+    import datasets
+
+    if len(licences) not in (0, 1, len(folders)):
+        raise ValueError(f"{len(licences)} licences for {len(folders)} datasets: give one licence for all of them, or "
+                         "one per dataset in the order of the datasets.")
+    rows = []
+    for index, folder in enumerate(folders):
+        licence = licences[index] if len(licences) == len(folders) else licences[0] if licences else NOT_RECORDED
+        cells = datasets.load_from_disk(str(folder))
+        if "source" not in cells.column_names:
+            rows.append({"file": str(folder), "cells": cells.num_rows, "licence": licence})
+            continue
+        feature = cells.features["source"]
+        name = feature.int2str if isinstance(feature, datasets.ClassLabel) else str
+        for count in cells.data.column("source").value_counts().to_pylist():  # in order of first appearance
+            rows.append({"file": name(count["values"]), "dataset": str(folder), "cells": count["counts"],
+                         "licence": licence})
+    return rows
 
 
 def pipeline_code() -> dict[str, bytes]:
@@ -115,14 +179,87 @@ def _limits(evaluations: dict) -> list[str]:
     return lines
 
 
-def model_card(folder, evaluations: dict | None = None, repo_id: str | None = None) -> ModelCard:
+def _recorded(value, template: str = "{}") -> str:
+    """`value` through `template`, or "not recorded" where the record has none (missing, None, empty, NaN)."""
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
+        return NOT_RECORDED
+    return template.format(value)
+
+
+def _training_sections(folder: Path, record: dict) -> list[str]:
+    """"Training data" and "Training record" from `build_record.json`, saying "not recorded" for what it lacks."""
+    if not record:
+        return ["## Training data", "", f"Not recorded: {folder.name} has no {BUILD_RECORD} (examples/"
+                "pretrain_masked_expression.py writes one next to the weights).", ""]
+    corpus = record.get("corpus") or []
+    table = ["| file | cells | licence |", "|---|---|---|",
+             *[f"| {_recorded(row.get('file'))} | {_recorded(row.get('cells'))} | {_recorded(row.get('licence'))} |"
+               for row in corpus]]
+    flags = " ".join(map(str, record.get("pretraining_flags") or []))
+    return ["## Training data", "", *(table if corpus else [f"Not recorded in {BUILD_RECORD}."]), "",
+            "## Training record", "",
+            f"- recipe (pretraining flags): {_recorded(flags, '`{}`')}",
+            f"- steps: {_recorded(record.get('steps'))}; seed: {_recorded(record.get('seed'))}",
+            f"- wall time of the build: {_recorded(record.get('build_seconds'), '{:.0f} s')}; machine: "
+            f"{_recorded(record.get('machine'))}",
+            f"- scgene version: {_recorded(record.get('scgene_version'))}; git commit: "
+            f"{_recorded(record.get('git_commit'))}", ""]
+
+
+def _corpus_limit(record: dict) -> str:
+    """The limit line on the corpus size, from the record's cells."""
+    cells = [row.get("cells") for row in record.get("corpus") or []]
+    if not cells or not all(isinstance(count, int) for count in cells):
+        return "- The training corpus is not recorded."
+    small = ": a small corpus, not an atlas-scale model" if sum(cells) < ATLAS_SCALE_CELLS else ""
+    return f"- Pretrained on {sum(cells):,} cells (see Training data){small}."
+
+
+def _transfer_section(runs: list[dict]) -> list[str]:
+    return ["## Leave-one-dataset-out transfer", "",
+            "How the recipe transfers (`scripts/leave_one_dataset_out.py`): for each labelled set, a model is "
+            "pretrained with the recipe, its prior included, on the other sets only, and scored zero-shot on the set "
+            "left out, next to the baselines of `scgene evaluate` on the same cells in the same run. These models are "
+            "the recipe's, not this checkpoint; each ScGene row is named by its recipe. A column per set left out; "
+            "each cell the mean ± sd over seeds and their number n.", "",
+            *metric_tables(runs, {metric: name for metric, (_, name) in CARD_METRICS.items()})]
+
+
+def _mean(scores: list[dict], metric: str) -> float:
+    """The mean of a row's `metric` over its runs; NaN where not measured, so that no comparison with it holds."""
+    values = finite_values(scores, metric)
+    return float(np.mean(values)) if values else math.nan
+
+
+def _transfer_limits(runs: list[dict]) -> list[str]:
+    """One line per left-out set, recipe and baseline (50 PCs, the prior) whose mean over seeds beats the recipe's."""
+    recipes = list(dict.fromkeys(scgene_row(run) for run in runs))
+    lines = []
+    for held_out, rows in scores_by_fold(runs).items():
+        for recipe in recipes:
+            ours = {metric: _mean(rows.get(recipe, []), metric) for metric in LIMIT_METRICS}
+            for baseline in (PCA_ROW, PRIOR_ROW):
+                theirs = {metric: _mean(rows.get(baseline, []), metric) for metric in LIMIT_METRICS}
+                below = [f"{CARD_METRICS[metric][1]} {ours[metric]:.3f} < {theirs[metric]:.3f}"
+                         for metric in LIMIT_METRICS if ours[metric] < theirs[metric]]
+                if below:
+                    lines.append(f"- {held_out} left out (leave-one-dataset-out, means over seeds): {recipe} below "
+                                 f"{baseline} on " + "; ".join(below) + ".")
+    return lines
+
+
+def model_card(folder, evaluations: dict | None = None, repo_id: str | None = None,
+               transfer: str | os.PathLike | None = None) -> ModelCard:
     """The card of the checkpoint in `folder`.
 
     `evaluations`: set name -> the `scores` of `scgene evaluate --json` on cells the model never saw (embedding row ->
     metric -> value); the zero-shot scores of the checkpoint's `build_record.json` are added. Every ScGene score
-    becomes a `model-index` result; baselines are reported in the text beside it.
+    becomes a `model-index` result; baselines are reported in the text beside it. `transfer`: the runs.jsonl of
+    `scripts/leave_one_dataset_out.py`, whose tables become the "Leave-one-dataset-out transfer" section and whose
+    losses to 50 PCs or the prior join the limits.
     """
     folder = checked_checkpoint(folder)
+    runs = read_runs(transfer) if transfer is not None else []
     config = json.loads((folder / "config.json").read_text())
     record_path = folder / BUILD_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
@@ -167,18 +304,13 @@ def model_card(folder, evaluations: dict | None = None, repo_id: str | None = No
         lines += _score_table(dataset, rows)
     if not evaluations:
         lines += ["No evaluation was given: measure with `scgene evaluate --json` on cells the model never saw.", ""]
-    limits = _limits(evaluations)
+    if runs:
+        lines += _transfer_section(runs)
+    limits = _limits(evaluations) + _transfer_limits(runs)
     lines += ["## Limits", "",
               *(limits or ["- None measured on the sets above; the sets are small (hundreds to thousands of cells)."]),
-              "- Trained on a small corpus (see below), on 2 CPU cores: not an atlas-scale model.", ""]
-    if record:
-        lines += ["## Training data", "", "| file | cells | licence |", "|---|---|---|",
-                  *[f"| {row['file']} | {row['cells']} | {row['licence']} |" for row in record.get("corpus", [])], "",
-                  "## Training record", "",
-                  f"- recipe: `{' '.join(record.get('pretraining_flags', []))}`",
-                  f"- {record.get('steps')} steps, seed {record.get('seed')}; tokenizing, prior and pretraining took "
-                  f"{record.get('build_seconds', float('nan')):.0f} s on {record.get('machine', 'unknown')}",
-                  f"- scgene {record.get('scgene_version')} at commit {record.get('git_commit')}", ""]
+              _corpus_limit(record), ""]
+    lines += _training_sections(folder, record)
     lines += ["## Intended use", "",
               "Cell embeddings for exploration (neighbours, UMAP, clustering) and as features for a classifier. Check "
               "the evaluation above against PCA on your own labelled cells before relying on it.", ""]
@@ -187,12 +319,13 @@ def model_card(folder, evaluations: dict | None = None, repo_id: str | None = No
     return card
 
 
-def push(folder, repo_id: str, *, evaluations: dict | None = None, private: bool = False, token: str | None = None,
-         commit_message: str = "Upload ScGene checkpoint", api: HfApi | None = None):
+def push(folder, repo_id: str, *, evaluations: dict | None = None, transfer: str | os.PathLike | None = None,
+         private: bool = False, token: str | None = None, commit_message: str = "Upload ScGene checkpoint",
+         api: HfApi | None = None):
     """Upload the checkpoint in `folder` to `repo_id` in one commit: `publishable_files` (weights, config, remote code,
-    tokenizer with its vocabulary, records, the `cell-embedding` pipeline) and the card made by `model_card` as
-    README.md. The folder itself is not changed. Returns the commit info."""
-    card = model_card(folder, evaluations=evaluations, repo_id=repo_id)
+    tokenizer with its vocabulary, records, the `cell-embedding` pipeline) and the card made by `model_card` (with
+    `evaluations` and `transfer`) as README.md. The folder itself is not changed. Returns the commit info."""
+    card = model_card(folder, evaluations=evaluations, repo_id=repo_id, transfer=transfer)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content if isinstance(content, bytes) else
                                      str(content)) for name, content in publishable_files(folder).items()]
     operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
