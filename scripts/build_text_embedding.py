@@ -6,6 +6,10 @@ each text, as build-prior reads them) are reduced to their leading principal com
 an 8-byte key per text, so that `knowledge_embedding` finds any of these texts whichever table rows a run uses.
 
     python scripts/build_text_embedding.py [--components 128] [--output src/scgene/resources/knowledge/...]
+
+After the table gains genes, `--extend` keeps the shipped rows and their principal components and adds only the new
+texts, encoded the same way and projected onto those components (seconds, not a quarter of an hour; the metadata
+records how many rows were added this way).
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ def main() -> None:
     parser.add_argument("--components", type=int, default=128)
     parser.add_argument("--cache", type=Path, default=DEFAULT_TEXT_CACHE, help="text embedding cache (build-prior's)")
     parser.add_argument("--output", type=Path, default=PRECOMPUTED_TEXT)
+    parser.add_argument("--extend", action="store_true",
+                        help="keep OUTPUT's rows and components; encode and project only the table's new texts")
     args = parser.parse_args()
+    if args.extend:
+        extend(args)
+        return
     from safetensors.numpy import save_file
     from sklearn.decomposition import PCA
 
@@ -76,6 +85,35 @@ def main() -> None:
         save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(staged), metadata=metadata)
     print(f"{len(texts)} texts -> {args.components} PCs ({metadata['explained_variance']} of the variance) in "
           f"{args.output} ({args.output.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s)")
+
+
+def extend(args) -> None:
+    """Add the texts of the table that OUTPUT lacks, projected onto OUTPUT's principal components."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    arrays = load_file(args.output)
+    with safe_open(args.output, "np") as handle:
+        metadata = dict(handle.metadata())
+    known = {key.tobytes() for key in arrays["text_keys"]}
+    table = read_knowledge_table(args.table)
+    new_texts = list(dict.fromkeys(text for column in table.texts.values() for text in column
+                                   if text and text_key(text) not in known))
+    if not new_texts:
+        print(f"{args.output} already holds every text of {args.table.name}")
+        return
+    vectors = text_embedding(new_texts, DEFAULT_TEXT_MODEL, cache_dir=args.cache, max_tokens=PRECOMPUTED_MAX_TOKENS)
+    projected = (vectors.astype(np.float64) - arrays["pca_mean"]) @ arrays["pca_components"].T.astype(np.float64)
+    arrays["embedding"] = np.concatenate([arrays["embedding"], projected.astype(np.float16)])
+    arrays["text_keys"] = np.concatenate([arrays["text_keys"],
+                                          np.stack([np.frombuffer(text_key(text), np.uint8) for text in new_texts])])
+    added = int(metadata.get("projected_texts", 0)) + len(new_texts)
+    metadata |= {"texts": str(len(arrays["text_keys"])), "projected_texts": str(added), "table": args.table.name,
+                 "table_sha256": hashlib.sha256(args.table.read_bytes()).hexdigest()}
+    with atomic_path(args.output) as staged:
+        save_file({name: np.ascontiguousarray(array) for name, array in arrays.items()}, str(staged), metadata=metadata)
+    print(f"{len(new_texts)} new texts projected onto the {metadata['components']} components of {args.output} "
+          f"({metadata['texts']} texts)")
 
 
 if __name__ == "__main__":

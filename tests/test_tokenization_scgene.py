@@ -255,15 +255,29 @@ def test_genes_matched_by_ensembl_versioned_symbol_and_alias(tokenizer, cellbenc
 
 
 def test_a_gene_left_out_of_the_vocabulary_never_lands_on_another_gene(tokenizer):
-    """TRAC (T-cell receptor alpha constant) is not in the default vocabulary, and was once an alias of NCOR2: its
-    counts are unmatched, not added to NCOR2."""
-    adata = small_adata([[738, 18]], ["TRAC", "NCOR2"])
+    """DHFRP1, a pseudogene left out of the default vocabulary, is also an old alias of DHFR: its counts are
+    unmatched, not added to DHFR."""
+    adata = small_adata([[738, 18]], ["DHFRP1", "DHFR"])
     mapping = tokenizer.map_genes(adata)
     assert list(mapping.column_to_matched) == [-1, 0] and mapping.coverage.n_duplicated == 0
     batch = tokenizer.with_settings(min_coverage=0.0)(adata, return_tensors="np")
+    dhfr = tokenizer.convert_genes_to_ids(["DHFR"])[0]
+    assert list(batch["input_ids"][0]) == [tokenizer.cls_token_id, dhfr]
+    np.testing.assert_allclose(batch["expression_values"][0][1], np.log1p(18 / 756 * 1e4), rtol=1e-6)  # DHFR's own
+
+
+def test_immune_receptor_genes_are_vocabulary_genes_with_ids_after_the_earlier_vocabulary(tokenizer):
+    """TRAC (once an alias of NCOR2, whose counts it took), TRBC1/2, IGKC, IGHM, IGLC2, IGHA1 are genes of their own;
+    they were appended, so every gene of the earlier 26,064-gene vocabulary keeps its id."""
+    names = ["TRAC", "TRBC1", "TRBC2", "IGKC", "IGHM", "IGLC2", "IGHA1"]
+    ids = tokenizer.convert_genes_to_ids(names)
+    assert min(ids) >= 3 + 26064 and len(set(ids)) == len(names)
+    # ids of the earlier vocabulary (checkpoints trained on it read these)
+    assert tokenizer.convert_genes_to_ids(["NCOR2", "TP53", "CD3E", "MS4A1"]) == [16238, 8012, 16894, 9867]
+    adata = small_adata([[738, 18]], ["TRAC", "NCOR2"])
+    batch = tokenizer.with_settings(min_coverage=0.0)(adata, return_tensors="np")
     ncor2 = tokenizer.convert_genes_to_ids(["NCOR2"])[0]
-    assert list(batch["input_ids"][0]) == [tokenizer.cls_token_id, ncor2]
-    np.testing.assert_allclose(batch["expression_values"][0][1], np.log1p(18 / 756 * 1e4), rtol=1e-6)  # NCOR2's own
+    assert sorted(batch["input_ids"][0][1:]) == sorted([ids[0], ncor2])
 
 
 def test_alias_resolves_like_the_symbol(tokenizer):
@@ -857,7 +871,7 @@ def test_a_small_gene_panel_is_named_even_when_it_carries_all_its_counts(tokeniz
     with caplog.at_level(logging.WARNING):
         tokenizer(panel)
     matched = tokenizer.last_coverage.n_matched_genes
-    assert 50 <= matched <= 60 and f"measures {matched} of the vocabulary's 26064 genes" in caplog.text
+    assert 50 <= matched <= 60 and f"measures {matched} of the vocabulary's 26476 genes" in caplog.text
     assert tokenizer.last_coverage.count_fraction > 0.95  # the share of the file's own counts stays high
     caplog.clear()
     with caplog.at_level(logging.WARNING):

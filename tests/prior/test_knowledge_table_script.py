@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scgene.prior.knowledge import read_knowledge_table
+from scgene.prior.knowledge import DEFAULT_TABLE, read_knowledge_table
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = REPO / "tests" / "data" / "prior" / "knowledge_sources_mini"
@@ -41,9 +41,10 @@ def test_script_builds_the_documented_table_reproducibly(script, tmp_path):
     assert len(table.genes) == 13 and list(table.texts) == ["description"]
     column = {name: table.binary[:, k] for k, name in enumerate(table.binary_columns)}
     row = {gene: i for i, gene in enumerate(table.genes)}
-    assert table.binary_columns[:4] == [
-        "type:protein_coding", "type:lncRNA", "type:mitochondrial", "transcription_factor"
+    assert table.binary_columns[:5] == [
+        "type:protein_coding", "type:lncRNA", "type:mitochondrial", "type:immune_receptor", "transcription_factor"
     ]
+    assert column["type:immune_receptor"].sum() == 0  # no IG/TR gene among the 13 (the shipped table: see below)
     assert {g for g in row if column["transcription_factor"][row[g]]} == {"MYC", "SPI1", "TP53"}  # Lambert 2018
     assert column["type:lncRNA"][row["MALAT1"]] == 1 and column["type:protein_coding"][row["MALAT1"]] == 0
     assert column["type:mitochondrial"][row["MT-CO1"]] == 1
@@ -51,7 +52,7 @@ def test_script_builds_the_documented_table_reproducibly(script, tmp_path):
     go = [c for c in table.binary_columns if c.startswith("GO:")]
     assert len(hallmarks) == 17 and column["HALLMARK_HYPOXIA"][row["GAPDH"]] == 1
     assert go and all(2 <= column[c].sum() <= 4 for c in go)  # GO sets filtered by size in the vocabulary
-    assert len(table.binary_columns) == 4 + len(hallmarks) + len(go)
+    assert len(table.binary_columns) == 5 + len(hallmarks) + len(go)
     # the unnamed gene is keyed by its Ensembl id; every gene has a description (GO text or a fallback)
     assert "ENSG00000100101" in row and all(table.texts["description"])
     assert table.texts["description"][row["CD3E"]].startswith("CD3E (CD3 epsilon subunit of T-cell receptor complex)")
@@ -64,3 +65,11 @@ def test_script_names_missing_inputs(script, tmp_path):
     with pytest.raises(SystemExit, match="--min-size <= --max-size"):
         script.main(["--data", str(MINI), "--vocab", str(VOCAB), "--min-size", "5", "--max-size", "4"])
     assert not (tmp_path / "t.csv.gz").exists()
+
+
+def test_the_shipped_table_flags_the_immune_receptor_genes():
+    table = read_knowledge_table(DEFAULT_TABLE)
+    flagged = table.binary[:, table.binary_columns.index("type:immune_receptor")].astype(bool)
+    genes = {gene for gene, is_receptor in zip(table.genes, flagged) if is_receptor}
+    assert flagged.sum() == 412 and {"TRAC", "TRBC1", "TRBC2", "IGKC", "IGHM", "IGLC2", "IGHA1"} <= genes
+    assert not genes & {"CD3E", "MS4A1", "NCOR2"}
