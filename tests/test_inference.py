@@ -237,7 +237,7 @@ def test_a_mistyped_path_is_named_not_taken_for_a_hub_id(checkpoint, cells, tmp_
     capsys.readouterr()
     assert main(["embed", str(source), "--model", "./nope", "--out", str(tmp_path / "out.h5ad")]) == 1
     assert capsys.readouterr().err == "scgene embed: error: ./nope: no such folder (a checkpoint is a folder with " \
-                                      "config.json and model.safetensors).\n"
+                                      "config.json and model.safetensors); check the path.\n"
 
 
 def test_pooling_layer_reads_another_layer_in_the_api_and_the_command(checkpoint, cells, tmp_path, capsys):

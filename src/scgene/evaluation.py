@@ -321,7 +321,10 @@ def labelled_cells(adata, label_key: str, batch_key: str | None, n_folds: int):
     if batch_key is not None:
         keep &= adata.obs[batch_key].notna().to_numpy()
     if labels[keep].astype(str).nunique() < 2:
-        raise ValueError(f"obs[{label_key!r}] needs at least two labels with {n_folds}+ cells each to evaluate against.")
+        cells_per_label = {str(label): int(cells) for label, cells in counts.items()}
+        raise ValueError(f"obs[{label_key!r}] needs at least two labels with {n_folds}+ cells each to evaluate against; "
+                         f"it has {cells_per_label} over {len(labels)} cells. Pass more labelled cells, or another "
+                         "label_key.")
     return keep
 
 

@@ -41,7 +41,8 @@ def preprocess(
     - NaN, infinite or negative values raise `ValueError`; the input AnnData is never modified.
     """
     if adata.n_obs == 0:
-        raise ValueError("The AnnData has no cells (n_obs == 0): nothing to preprocess.")
+        raise ValueError("The AnnData has no cells (n_obs == 0): nothing to preprocess; pass a file with cells "
+                         "(check the filters that made it).")
     if not target_sum > 0:
         raise ValueError(f"target_sum must be positive (counts per cell after normalize_total), got {target_sum}")
     if max_mito_fraction is not None and not 0 <= max_mito_fraction <= 1:

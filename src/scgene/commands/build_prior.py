@@ -103,15 +103,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_model(path: str):
-    """Load a ScGene checkpoint with the class it was saved as (base model or a head)."""
+    """Load a ScGene checkpoint with the class it was saved as (base model or a head); a mistyped path, a damaged
+    weights file or a config that disagrees with the weights is a one-line error naming the fix."""
     import scgene
+    from scgene.fileio import local_or_hub
+    from scgene.inference import load_checkpoint, load_weights
 
-    config = scgene.ScGeneConfig.from_pretrained(path)
+    path = local_or_hub(path, "a checkpoint is a folder with config.json and model.safetensors")
+    config = load_checkpoint(scgene.ScGeneConfig, path)
     architecture = (getattr(config, "architectures", None) or ["ScGeneModel"])[0]
     model_class = getattr(scgene, architecture, None)
     if model_class is None:
-        raise ValueError(f"{path} holds a {architecture}, which is not a ScGene model class.")
-    return model_class.from_pretrained(path)
+        raise ValueError(f"{path} holds a {architecture}, which is not a ScGene model class; pass a ScGene checkpoint.")
+    return load_weights(model_class, path)
 
 
 def _check_shapes(args, tokenizer, model) -> None:
@@ -204,6 +208,9 @@ def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool)
     from scgene.prior.coexpression import coexpression_edges
 
     adata = _read_sparse_adata(path)
+    if adata.n_obs < 2:
+        raise ValueError(f"{path} has {adata.n_obs} cells, and a co-expression network needs at least 2; pass a file "
+                         "with more cells, or precomputed vectors with --gene2vec.")
     if args.gene_column is not None and args.gene_column not in adata.var.columns:
         raise ValueError(
             f"--gene-column {args.gene_column!r} is not a column of {path}'s var; its columns are "
