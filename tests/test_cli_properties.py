@@ -29,11 +29,11 @@ import pytest
 import scipy.sparse as sp
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_inference import tiny
 
 from scgene import ScGeneTokenizer
 from scgene.cli import main
 from scgene.inference import UNKNOWN_LABEL
+from test_inference import tiny
 
 PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
 HIDDEN_SIZE = 32  # of the tiny checkpoint (tests/test_inference.py)
@@ -276,7 +276,9 @@ def assert_correct_result(command: str, case: CellsCase, run: Run, output: Path)
 
 
 def assert_warned_where_ambiguous(command: str, case: CellsCase, run: Run) -> None:
-    """Ambiguous inputs that may go through must be reported with their numbers, or the way out named."""
+    """Ambiguous inputs that may go through must be reported with their numbers, or the way out named; the gene
+    coverage is shown by every command that tokenizes, and no 'Loading weights' bar."""
+    assert "Gene coverage: " in run.err and "Loading weights" not in run.err, run.err
     if case.counts_elsewhere and not case.flag and case.adata.X.nnz:  # (all-zero values show no scale)
         expected_flag = "--layer counts" if "counts" in case.adata.layers else "--use-raw"
         assert "log1p-normalised" in run.err and expected_flag in run.err, run.err
@@ -292,7 +294,7 @@ def assert_warned_where_ambiguous(command: str, case: CellsCase, run: Run) -> No
 COMMANDS = ("embed", "annotate", "evaluate", "tokenize", "build-prior")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_bad_cells_give_a_correct_result_or_a_one_line_error(data, pbmc_cells, checkpoints):
     case = data.draw(cells_cases(pbmc_cells), label="cells")
@@ -370,3 +372,23 @@ def test_evaluate_with_too_few_labelled_cells_counts_them_and_names_the_fix(pbmc
     run = run_cli(["evaluate", str(source), "--model", str(checkpoints["intact"]), "--label-key", "cell_type"])
     assert_one_line_error(run, "evaluate")
     assert "over 3 cells. Pass more labelled cells, or another --label-key." in run.err
+
+
+def test_the_api_with_progress_off_prints_nothing(pbmc_cells, checkpoints, capfd):
+    """progress=False is quiet: no 'Loading weights' bar from transformers."""
+    import scgene
+
+    capfd.readouterr()
+    scgene.embed(pbmc_cells.adata[:10].copy(), checkpoints["intact"], progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+
+
+def test_from_anndata_keeps_a_symbol_and_its_former_alias_apart():
+    """Was (bb31448): `Ensembl id ENSG00000196498 appears twice in the vocabulary.` for a file holding TRAC and NCOR2,
+    TRAC being an alias of NCOR2 in the default vocabulary; the same alias summed TRAC's counts into NCOR2."""
+    cells = ad.AnnData(np.array([[738.0, 18.0, 5.0]]), var=pd.DataFrame(index=["TRAC", "NCOR2", "CD3E"]))
+    own = ScGeneTokenizer.from_anndata(cells)
+    assert len(set(own.convert_genes_to_ids(["TRAC", "NCOR2", "CD3E"]))) == 3
+    default = ScGeneTokenizer()
+    tokens = default.with_settings(min_coverage=0.0)(cells, return_tensors="np")["input_ids"][0][1:]
+    assert sorted(default.convert_ids_to_genes(tokens.tolist())) == ["CD3E", "NCOR2", "TRAC"]
