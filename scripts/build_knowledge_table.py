@@ -5,7 +5,7 @@ order, with columns:
 
 - `gene` (symbol; the Ensembl id for unnamed genes) and `ensembl_id`: the keys matched to a tokenizer;
 - `type:protein_coding`, `type:lncRNA`, `type:mitochondrial`, `type:immune_receptor`: 0/1 gene type (GENCODE
-  biotype; IG_* and TR_* gene segments);
+  biotype; IG_C and TR_C constant genes);
 - `transcription_factor`: 0/1, Lambert et al. 2018 human TFs;
 - the 50 MSigDB hallmark sets and the GO BP/MF/CC sets of 50 to 500 genes, as 0/1 memberships; a column is
   named by the hallmark set, or by `GO:id name`;
@@ -121,7 +121,7 @@ def build(data: Path, min_size: int, max_size: int, vocab_path: Path = VOCAB) ->
         "type:protein_coding": [int(biotypes[e] == "protein_coding") for e, _ in genes],
         "type:lncRNA": [int(biotypes[e] == "lncRNA") for e, _ in genes],
         "type:mitochondrial": [int(s.startswith("MT-")) for _, s in genes],
-        "type:immune_receptor": [int(biotypes[e][:3] in ("IG_", "TR_")) for e, _ in genes],
+        "type:immune_receptor": [int(biotypes[e] in ("IG_C_gene", "TR_C_gene")) for e, _ in genes],
         "transcription_factor": [int(s in tfs) for s in symbols],
     }
     for name, members in sets.items():

@@ -87,7 +87,7 @@ def test_build_prior_needs_an_input(tmp_path):
 def test_build_prior_checks_shapes_before_computing(checkpoint, pbmc_h5ad, tmp_path):
     with pytest.raises(SystemExit, match="--gene2vec-dim 200 exceeds the hidden size 16"):
         main(["build-prior", "--adata", str(pbmc_h5ad), "--hidden-size", "16", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="but the prior would be 26479 x 16"):
+    with pytest.raises(SystemExit, match="but the prior would be 26087 x 16"):
         main(["build-prior", "--adata", str(pbmc_h5ad), "--model", str(checkpoint), "--out", str(tmp_path)])
     assert list(tmp_path.iterdir()) == []
 
