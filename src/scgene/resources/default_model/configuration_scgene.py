@@ -54,7 +54,7 @@ class ScGeneConfig(PreTrainedConfig):
     model_type = "scgene"
 
     # vocabulary: ids 0, 1, 2 are <pad>, <cls>, <mask>; genes follow
-    vocab_size: int = 26067  # the default human vocabulary shipped in src/scgene/resources (3 special + 26,064 genes)
+    vocab_size: int = 26087  # the default human vocabulary shipped in src/scgene/resources (3 special + 26,084 genes)
     pad_token_id: int = 0
     cls_token_id: int = 1
     mask_token_id: int = 2

@@ -38,7 +38,7 @@ def local_or_hub(name, what: str) -> str:
     looks_like_path = (isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~")) or text.count("/") > 1
                        or ("/" in text and os.path.isdir(text.split("/")[0])))
     if looks_like_path and not os.path.isdir(text):
-        raise FileNotFoundError(f"{name}: no such folder ({what}).")
+        raise FileNotFoundError(f"{name}: no such folder ({what}); check the path.")
     return text
 
 

@@ -97,6 +97,20 @@ def load_checkpoint(auto_class, source: str, **kwargs):
                                 f"({str(error).splitlines()[0]}); check the path.") from None
 
 
+def load_weights(model_class, source: str, **kwargs):
+    """`model_class.from_pretrained(source, **kwargs)` through `load_checkpoint`, refusing a config that describes
+    weights the weights file lacks (they would be randomly initialised)."""
+    model, info = load_checkpoint(model_class, source, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"{model.name_or_path}: config.json describes {len(missing)} weights that model.safetensors lacks "
+            f"(e.g. {missing[:3]}): the config and the weights disagree (a config edited by hand?). Use the "
+            "config.json saved with these weights; the model would otherwise run with randomly initialised parts."
+        )
+    return model
+
+
 def load_model(model, classifier: bool = False, device=None, pooling_layer: int | None = None) -> ScGenePreTrainedModel:
     """A checkpoint path / Hub id or a loaded ScGene model (None: `DEFAULT_CHECKPOINT`) -> the model to run, in eval
     mode on `device`.
@@ -124,14 +138,7 @@ def load_model(model, classifier: bool = False, device=None, pooling_layer: int 
                 f"{model} is not a cell-type classifier checkpoint (its config names no ScGeneForCellClassification): "
                 "loading it as one would add an untrained head. Fine-tune one with examples/finetune_cell_type.py."
             )
-        model, info = load_checkpoint(auto_class, model, output_loading_info=True, **overrides)
-        if info["missing_keys"]:
-            missing = sorted(info["missing_keys"])
-            raise ValueError(
-                f"{model.name_or_path}: config.json describes {len(missing)} weights that model.safetensors lacks "
-                f"(e.g. {missing[:3]}): the config and the weights disagree (a config edited by hand?). Use the "
-                "config.json saved with these weights; the model would otherwise run with randomly initialised parts."
-            )
+        model = load_weights(auto_class, model, **overrides)
     if not is_scgene(model):
         raise TypeError(f"model must be an ScGene checkpoint path, Hub id or ScGene model, got {type(model).__name__}.")
     if classifier:

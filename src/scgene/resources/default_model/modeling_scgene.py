@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.loss.loss_utils import ForSequenceClassificationLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.utils import ModelOutput, can_return_tuple, is_tracing, logging, torch_compilable_check
 
 from .configuration_scgene import ScGeneConfig
 
@@ -52,8 +52,10 @@ class ScGeneModelOutput(ModelOutput):
 
     last_hidden_state: torch.FloatTensor | None = None  # (B, G, d)
     pooler_output: torch.FloatTensor | None = None  # (B, d)
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None  # L + 1 × (B, G, d)
-    attentions: tuple[torch.FloatTensor, ...] | None = None  # L × (B, heads, G, G), eager only
+    # L + 1 × (B, G, d): the embeddings, then each layer's output; the last is `last_hidden_state`. Dual-branch: the
+    # expression branch's states (the gene branch does not depend on expression), then the fused output.
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # L × (B, heads, G, G), eager only (else None per layer)
     regulation: tuple[torch.FloatTensor, ...] | None = None  # L × (B, heads, G, G), signed, dual-branch only
 
 
@@ -88,16 +90,20 @@ class ScGeneCellClassificationOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class ScGenePriorEmbedding(nn.Module):
-    """The fused prior gene embedding (vocab_size, d): a persistent fp32 buffer, never trainable.
+class ScGenePriorEmbedding(nn.Embedding):
+    """The fused prior gene embedding (vocab_size, d): the model's input embedding, held in a persistent fp32 buffer
+    that is never trainable.
 
     A buffer rather than a frozen parameter: it stays out of optimizers, PEFT and `requires_grad_()` cannot unfreeze
-    it, and FSDP does not see mixed `requires_grad` in one module.
+    it, and FSDP does not see mixed `requires_grad` in one module. An `nn.Embedding` all the same, so transformers and
+    PEFT find it through `get_input_embeddings()` (e.g. to make its output require gradients under checkpointing).
     """
 
     def __init__(self, config: ScGeneConfig):
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(config.vocab_size, config.hidden_size, dtype=torch.float32))
+        prior = torch.zeros(config.vocab_size, config.hidden_size, dtype=torch.float32)
+        super().__init__(config.vocab_size, config.hidden_size, _weight=prior, _freeze=True)
+        del self.weight  # the parameter nn.Embedding wrapped around it: the prior is a buffer
+        self.register_buffer("weight", prior)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight)  # (B, G, d) fp32
@@ -149,9 +155,10 @@ class ScGeneEmbeddings(nn.Module):
 
     def gene_identity(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, G) ids -> (B, G, d): what each token is, independent of expression."""
-        identity = self.gene_prior(input_ids).to(dtype)  # a fresh tensor, so the special rows are added in place
-        is_special = input_ids < NUM_SPECIAL_TOKENS  # (B, G): a handful of <cls>/<pad>/<mask> positions
-        identity[is_special] = identity[is_special] + self.special_tokens(input_ids[is_special])
+        identity = self.gene_prior(input_ids).to(dtype)
+        is_special = (input_ids < NUM_SPECIAL_TOKENS).unsqueeze(-1)  # (B, G, 1): the <cls>/<pad>/<mask> positions
+        special = self.special_tokens(input_ids.clamp(max=NUM_SPECIAL_TOKENS - 1)).to(dtype)  # (B, G, d)
+        identity = torch.where(is_special, identity + special, identity)
         if self.gene_embeddings is not None:
             identity = identity + self.gene_embeddings(input_ids)
         return identity
@@ -302,11 +309,13 @@ class ScGeneRegulatedAttention(ScGeneAttention):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
         )  # (B, G, 2H, dh)
-        expression, regulated = attn_output.chunk(2, dim=2)  # (B, G, H, dh) each
-        combined = expression + self.regulation_scale.view(1, 1, -1, 1) * regulated
-        if attn_weights is not None:  # eager: report the effective signed weights A_expr + R
+        if attn_weights is None:  # fused kernels: the two maps come back as 2H heads of output
+            expression, regulated = attn_output.chunk(2, dim=2)  # (B, G, H, dh) each
+            combined = expression + self.regulation_scale.view(1, 1, -1, 1) * regulated
+        else:  # eager: the effective signed weights A_expr + R, and the output computed from them (same numbers)
             weights_expr, weights_reg = attn_weights.chunk(2, dim=1)
             attn_weights = weights_expr + self.regulation_scale.view(1, -1, 1, 1) * weights_reg * signs.transpose(2, 3)
+            combined = torch.matmul(attn_weights, value).transpose(1, 2)  # (B, G, H, dh)
         regulation = None
         if output_regulation:
             regulation = self.signed_regulation(gene_states, gene_attention_mask).expand(batch_size, -1, -1, -1)
@@ -435,8 +444,8 @@ class ScGeneDualBranchEncoder(nn.Module):
                 output_regulation, pooling_layer=-1):
         gene_states, expression_states = identity, expression  # (Bg, G, d), (B, G, d) with Bg in {1, B}
         all_hidden, all_attn, all_regulation = [], [], []
-        if output_hidden_states:
-            all_hidden.append(expression_states + gene_states)
+        if output_hidden_states:  # the expression branch: the states each layer passes on (gradients reach them)
+            all_hidden.append(expression_states)
         read_at = len(self.layers) + pooling_layer  # the layer whose output makes the cell embedding
         for index, layer in enumerate(self.layers):
             gene_states, expression_states, attn_weights, regulation = layer(
@@ -445,7 +454,7 @@ class ScGeneDualBranchEncoder(nn.Module):
             if index == read_at:
                 read_states = gene_states, expression_states
             if output_hidden_states:
-                all_hidden.append(expression_states + gene_states)
+                all_hidden.append(expression_states)
             all_attn.append(attn_weights)
             all_regulation.append(regulation)
         hidden_states = self.fuse(gene_states, expression_states)
@@ -473,7 +482,7 @@ class ScGenePreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ScGeneLayer", "ScGeneDualBranchLayer"]
-    _keep_in_fp32_modules = ["gene_prior"]
+    _keep_in_fp32_modules_strict = ["gene_prior"]  # fp32 under fp16 and bf16 alike
     _supports_sdpa = True
     _supports_attention_backend = True
     accepts_loss_kwargs = False  # losses are means over cells; the Trainer scales them for accumulation
@@ -541,6 +550,20 @@ class ScGenePreTrainedModel(PreTrainedModel):
             os.chmod(weights, 0o666 & ~umask)
         return result
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The input embedding: the frozen prior gene embedding (`ScGenePriorEmbedding`)."""
+        return self.base_model.embeddings.gene_prior
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.base_model.embeddings.gene_prior = value
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise ValueError(
+            "ScGene's vocabulary is the rows of its frozen prior gene embedding: resizing would leave new genes without "
+            "a prior. Build a prior for the new vocabulary (`scgene build-prior`) and create the model with its "
+            "vocab_size, then `model.set_gene_prior(matrix)`."
+        )
+
     def get_gene_prior(self) -> torch.Tensor:
         """The frozen prior gene embedding buffer, (vocab_size, hidden_size) fp32."""
         return self.base_model.embeddings.gene_prior.weight
@@ -577,25 +600,26 @@ def check_inputs(config: ScGeneConfig, input_ids, expression_values, expression_
     if input_ids.shape[1] == 0:
         raise ValueError(f"The batch has no tokens (input_ids of shape {tuple(input_ids.shape)}): each cell needs at "
                          "least its <cls> token or one gene; tokenize the cells with ScGeneTokenizer.")
-    if not torch.isfinite(expression_values).all():
-        raise ValueError("`expression_values` contain NaN or infinite values: they would make every embedding NaN. "
-                         "Check the input matrix (the tokenizer rejects such values) or what was computed from it.")
+    torch_compilable_check(torch.isfinite(expression_values).all(), lambda: (
+        "`expression_values` contain NaN or infinite values: they would make every embedding NaN. Check the input "
+        "matrix (the tokenizer rejects such values) or what was computed from it."))
     named = {"expression_values": expression_values, "expression_bins": expression_bins, "attention_mask": attention_mask}
     for name, tensor in named.items():
         if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
             raise ValueError(f"`{name}` has shape {tuple(tensor.shape)} but `input_ids` has {tuple(input_ids.shape)}.")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= config.vocab_size):
-        raise ValueError(f"`input_ids` must lie in [0, {config.vocab_size}); got [{input_ids.min()}, {input_ids.max()}].")
+    torch_compilable_check(((input_ids >= 0) & (input_ids < config.vocab_size)).all(), lambda: (
+        f"`input_ids` must lie in [0, {config.vocab_size}); got [{input_ids.min()}, {input_ids.max()}]."))
     if config.expression_encoding == "binned":
         if expression_bins is None or expression_bins.dtype.is_floating_point:
             raise ValueError("expression_encoding='binned' needs integer `expression_bins` (the tokenizer's bins).")
-        if expression_bins.numel() and (expression_bins.min() < 0 or expression_bins.max() > config.n_bins):
-            raise ValueError(f"`expression_bins` must lie in [0, {config.n_bins}] ({config.n_bins} is the mask bin).")
+        torch_compilable_check(((expression_bins >= 0) & (expression_bins <= config.n_bins)).all(), lambda: (
+            f"`expression_bins` must lie in [0, {config.n_bins}] ({config.n_bins} is the mask bin)."))
 
 
 def additive_key_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """(B, G) 1/0 -> (B, 1, 1, G) additive mask over keys, or None when nothing is padded (fastest kernels)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    """(B, G) 1/0 -> (B, 1, 1, G) additive mask over keys, or None when nothing is padded (fastest kernels; in eager
+    mode only: a traced graph keeps the mask, whatever the example batch held)."""
+    if attention_mask is None or (not is_tracing(attention_mask) and bool(attention_mask.all())):
         return None
     mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
@@ -615,11 +639,9 @@ class ScGeneModel(ScGenePreTrainedModel):
         """The cell embedding `(B, d)`: the `<cls>` state, or the mean of the gene states, plain (`"mean"`) or weighted
         by each gene's expression value (`"weighted_mean"`; masked values, below 0, weigh nothing)."""
         if self.config.pooling == "cls":
-            if not bool((input_ids[:, 0] == self.config.cls_token_id).all()):
-                raise ValueError(
-                    "pooling='cls' needs the <cls> token at position 0 of every cell: tokenize with the <cls> token "
-                    "added, or use a config with pooling='mean'."
-                )
+            torch_compilable_check((input_ids[:, 0] == self.config.cls_token_id).all(), (
+                "pooling='cls' needs the <cls> token at position 0 of every cell: tokenize with the <cls> token added, "
+                "or use a config with pooling='mean'."))
             return hidden_states[:, 0]
         keep = input_ids != self.config.cls_token_id
         if attention_mask is not None:
@@ -649,7 +671,8 @@ class ScGeneModel(ScGenePreTrainedModel):
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if output_attentions and self.config._attn_implementation != "eager":
-            raise ValueError("output_attentions=True needs attn_implementation='eager' (SDPA does not return weights).")
+            logger.warning_once(f"output_attentions=True: the {self.config._attn_implementation} attention returns no "
+                                "weights (None per layer). Load the model with attn_implementation='eager' for them.")
 
         dtype = self.dtype
         expression_values = expression_values.to(dtype)
@@ -674,7 +697,10 @@ class ScGeneModel(ScGenePreTrainedModel):
 
     @staticmethod
     def shares_gene_panel(input_ids, attention_mask) -> bool:
-        """True when every cell of the batch has the same genes (and padding) as the first."""
+        """True when every cell of the batch has the same genes (and padding) as the first. Never while tracing: a
+        graph for any batch runs the gene branch per cell."""
+        if is_tracing(input_ids):
+            return False
         same_ids = bool((input_ids == input_ids[:1]).all())
         return same_ids and (attention_mask is None or bool((attention_mask == attention_mask[:1]).all()))
 
@@ -687,8 +713,9 @@ class ScGeneModel(ScGenePreTrainedModel):
 def mean_per_cell(errors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """`errors (B, G)` averaged over each cell's `positions (B, G)`, then over the cells that have any."""
     counts = positions.sum(dim=1)  # (B,)
-    per_cell = torch.where(positions, errors, torch.zeros_like(errors)).sum(dim=1)[counts > 0] / counts[counts > 0]
-    return per_cell.mean()
+    per_cell = torch.where(positions, errors, torch.zeros_like(errors)).sum(dim=1) / counts.clamp(min=1)
+    has_any = (counts > 0).to(per_cell.dtype)
+    return (per_cell * has_any).sum() / has_any.sum()
 
 
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -753,8 +780,8 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         losses = {}
         if labels is not None:
             masked = labels != -100
-            if not bool(masked.any()):
-                raise ValueError("`labels` mark no masked position (all -100): mask some genes before computing a loss.")
+            torch_compilable_check(masked.any(), "`labels` mark no masked position (all -100): mask some genes before "
+                                   "computing a loss.")
             squared_errors = (predicted_values.float() - labels.float()).square()  # (B, G)
             losses["value_loss"] = mean_per_cell(squared_errors, masked)
             if bin_logits is not None and bin_labels is not None:

@@ -619,16 +619,17 @@ def expression_source(adata, layer: str | None, use_raw: bool):
     if layer is not None and use_raw:
         raise ValueError("Pass layer= or use_raw=True, not both: they name two different expression matrices.")
     if use_raw and getattr(adata, "raw", None) is None:
-        raise ValueError("use_raw=True, but adata.raw is None: the counts are in X or a layer (pass layer=).")
+        raise ValueError("use_raw=True, but adata.raw is None: leave out use_raw=True to read X"
+                         + (f", or read a layer (one of {list(adata.layers)}: layer=NAME)." if adata.layers else "."))
     if layer is not None and layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} is not in adata.layers (it has {list(adata.layers)}); pass one of those, "
-                       "or leave it out to read X.")
+        raise KeyError(f"layer {layer!r} is not in adata.layers (it has {list(adata.layers) or 'none'}); "
+                       + ("pass one of those, or " if adata.layers else "") + "leave out the layer to read X.")
     return adata if layer is None and not use_raw else ExpressionSource(adata, layer, use_raw)
 
 
 def counts_hint(adata, rows: int = 64) -> str:
     """Where `adata` keeps raw counts besides a log-normalised X: a layer or `.raw` whose first cells hold non-negative
-    integers with integer totals above 100, named with the argument (and flag) that reads it; "" if none."""
+    integers, some above 1 (a 0/1 mask is not counts), named with the argument (and flag) that reads it; "" if none."""
     candidates = {f"layer={name!r} (--layer {name})": matrix for name, matrix in adata.layers.items()}
     if getattr(adata, "raw", None) is not None:
         candidates["use_raw=True (--use-raw)"] = adata.raw.X
@@ -638,7 +639,7 @@ def counts_hint(adata, rows: int = 64) -> str:
         except (TypeError, ValueError):
             continue
         data = values.data
-        if data.size and data.min() >= 0 and np.array_equal(data, np.round(data)) and data.sum() / values.shape[0] > 100:
+        if data.size and data.min() >= 0 and data.max() > 1 and np.array_equal(data, np.round(data)):
             return f"Raw counts seem to be there too: pass {argument} to tokenize them instead."
     return ""
 
