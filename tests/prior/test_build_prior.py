@@ -368,3 +368,38 @@ def test_a_terminated_run_leaves_the_previous_prior_and_no_staging_folder(pbmc_h
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert [path.name for path in tmp_path.iterdir()] == ["prior"]
+
+
+def test_build_prior_reads_counts_from_a_layer_or_raw_and_names_them_next_to_a_log_x(checkpoint, pbmc_h5ad, tmp_path,
+                                                                                    caplog):
+    """X holds log1p(CPM) and the counts sit in layers['counts'] and .raw: without a flag the warning names both ways to
+    read them; `--layer counts` and `--use-raw` build the co-expression from the counts (normalised here, not taken as
+    log values), and `--use-raw` reads .raw's genes."""
+    import logging
+
+    import scanpy as sc
+
+    counts = anndata.read_h5ad(pbmc_h5ad)
+    logged = counts.copy()
+    sc.pp.normalize_total(logged, target_sum=1e6)
+    sc.pp.log1p(logged)
+    logged.layers["counts"] = counts.X.copy()
+    logged.raw = counts
+    path = tmp_path / "logged.h5ad"
+    logged.write_h5ad(path)
+    before = path.read_bytes()
+    base = ["build-prior", "--adata", str(path), "--tokenizer", str(checkpoint), "--hidden-size", "16",
+            "--no-knowledge", "--threshold", "0.3", "--gene2vec-dim", "8", "--no-progress"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*base, "--out", str(tmp_path / "from_x")]) == 0
+    assert "X looks log-normalised" in caplog.text and "--layer counts" in caplog.text
+    records = {}
+    for name, flags in {"from_x": [], "layer": ["--layer", "counts"], "raw": ["--use-raw"]}.items():
+        if flags:
+            assert main([*base, *flags, "--out", str(tmp_path / name)]) == 0
+        record = json.loads((tmp_path / name / "prior_record.json").read_text())
+        records[name] = record["sources"]["adata"][0]["preprocessing"]["input_was_log_normalized"]
+    assert records == {"from_x": True, "layer": False, "raw": False}
+    with pytest.raises(SystemExit, match="use_raw=True, not both|not both"):
+        main([*base, "--layer", "counts", "--use-raw", "--out", str(tmp_path / "both")])
+    assert path.read_bytes() == before and not (tmp_path / "both").exists()

@@ -1,6 +1,6 @@
 """`scgene build-prior`: the whole prior recipe of seed 000 from one command.
 
-    scgene build-prior --adata IN.h5ad [IN2.h5ad ...] [--knowledge TABLE] [--tokenizer PATH] --out DIR
+    scgene build-prior --adata IN.h5ad [IN2.h5ad ...] [--layer L | --use-raw] [--knowledge TABLE] [--tokenizer PATH] --out DIR
 
 1. read each AnnData with X sparse (a dense on-disk X chunk by chunk), preprocess it (normalize_total + log1p,
    as the tokenizer does) and compute its co-expression edges blockwise; the files' edges are pooled, with genes
@@ -20,6 +20,7 @@ only the files written by this run.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ from scgene.commands import USER_ERRORS, load_tokenizer, user_error_message
 from scgene.fileio import atomic_directory, claimed_output, sha256_file, write_json, write_output_marker
 from scgene.prior.coexpression import SIGNS
 from scgene.prior.knowledge import DEFAULT_TABLE, DEFAULT_TEXT_MODEL, ORTHOLOG_TABLES, ortholog_table
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scgene" / "text_embeddings"
 
@@ -61,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--gene2vec", type=Path, help="use these word2vec-text gene vectors instead of training them")
     io.add_argument("--model", help="checkpoint to receive the prior; saved with it to DIR/model")
     io.add_argument("--gene-column", help="adata.var column with the gene names (default: var_names)")
+    io.add_argument("--layer", help="read each --adata file's counts from adata.layers[LAYER] instead of X")
+    io.add_argument("--use-raw", action="store_true", help="read each --adata file's counts (and genes) from adata.raw")
     io.add_argument("--hidden-size", type=int, help="prior width (default: --model's, else ScGeneConfig's)")
     io.add_argument("--seed", type=int, default=0, help="seed of cell subsampling, gene2vec and knowledge embedding")
     io.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -160,15 +165,17 @@ def _provenance(value) -> dict | str:
     return str(value)
 
 
-def _adata_gene_ids(paths: list[Path], tokenizer, gene_column: str | None) -> set[int]:
-    """Vocabulary ids of the genes of the .h5ad files (read backed: only var)."""
+def _adata_gene_ids(paths: list[Path], tokenizer, gene_column: str | None, use_raw: bool = False) -> set[int]:
+    """Vocabulary ids of the genes of the .h5ad files (read backed: only var; `.raw`'s genes with `use_raw`)."""
     import anndata
+
+    from scgene.tokenization_scgene import expression_source
 
     ids: set[int] = set()
     for path in paths:
         adata = anndata.read_h5ad(path, backed="r")
         try:
-            ids |= {int(i) for i in tokenizer.map_genes(adata, gene_column).vocab_ids}
+            ids |= {int(i) for i in tokenizer.map_genes(expression_source(adata, None, use_raw), gene_column).vocab_ids}
         finally:
             adata.file.close()
     return ids
@@ -177,26 +184,36 @@ def _adata_gene_ids(paths: list[Path], tokenizer, gene_column: str | None) -> se
 DENSE_CHUNK_VALUES = 1 << 24  # cells x genes values read at a time from a dense on-disk X (64 MB of float32)
 
 
-def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES):
-    """The AnnData at `path` in memory with X as CSR, without layers or obsm. The file is opened backed, so a
-    dense on-disk X is read a chunk of cells at a time and made sparse chunk by chunk: the dense cells x genes
-    matrix never exists in memory."""
+def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES, layer: str | None = None,
+                       use_raw: bool = False):
+    """The AnnData at `path` in memory with X as CSR (X, or `layers[layer]`, or `.raw` with its genes), without layers
+    or obsm. The file is opened backed, so a dense on-disk matrix is read a chunk of cells at a time and made sparse
+    chunk by chunk: the dense cells x genes matrix never exists in memory. When X looks log-normalised and counts sit
+    in a layer or `.raw`, the warning names the flag that reads them."""
     import anndata
     import h5py
     import scipy.sparse as sp
 
+    from scgene.encoding_scgene import is_log_normalized, to_csr
+    from scgene.tokenization_scgene import counts_hint, expression_source
+
     backed = anndata.read_h5ad(path, backed="r")
     try:
-        stored = backed.X
+        source = expression_source(backed, layer, use_raw)
+        stored = source.X
         if stored is None:
             raise ValueError(f"{path} has no expression matrix X; store the (raw or log-normalised) counts in X.")
+        if source is backed and backed.n_obs and is_log_normalized(to_csr(stored[: min(64, backed.n_obs)]).data):
+            hint = counts_hint(backed)
+            if hint:
+                logger.warning(f"{path}: X looks log-normalised. {hint}")
         if isinstance(stored, h5py.Dataset):
             rows = max(1, dense_chunk_values // max(backed.n_vars, 1))
             parts = [sp.csr_matrix(stored[s : s + rows]) for s in range(0, backed.n_obs, rows)]
             matrix = sp.vstack(parts, format="csr") if parts else sp.csr_matrix(stored.shape, dtype=stored.dtype)
         else:
             matrix = sp.csr_matrix(stored[:])  # a backed sparse dataset reads as scipy sparse
-        return anndata.AnnData(X=matrix, obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
+        return anndata.AnnData(X=matrix, obs=backed.obs.copy(), var=source.var.copy(), uns=dict(backed.uns))
     finally:
         backed.file.close()
 
@@ -207,7 +224,7 @@ def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool)
     from scgene.preprocessing import preprocess
     from scgene.prior.coexpression import coexpression_edges
 
-    adata = _read_sparse_adata(path)
+    adata = _read_sparse_adata(path, layer=args.layer, use_raw=args.use_raw)
     if adata.n_obs < 2:
         raise ValueError(f"{path} has {adata.n_obs} cells, and a co-expression network needs at least 2; pass a file "
                          "with more cells, or precomputed vectors with --gene2vec.")
@@ -389,7 +406,7 @@ def _run(args: argparse.Namespace, final: Path) -> int:
         if args.knowledge_genes == "adata":
             if args.adata is None:
                 raise SystemExit("--knowledge-genes adata needs --adata.")
-            allowed = _adata_gene_ids(args.adata, tokenizer, args.gene_column)
+            allowed = _adata_gene_ids(args.adata, tokenizer, args.gene_column, args.use_raw)
         # embed only what the prior can hold (and, with --knowledge-genes adata, what the data measures): text is slow
         table = _vocabulary_rows(table, tokenizer, allowed)
     record: dict = {

@@ -640,7 +640,7 @@ def counts_hint(adata, rows: int = 64) -> str:
             continue
         data = values.data
         if data.size and data.min() >= 0 and data.max() > 1 and np.array_equal(data, np.round(data)):
-            return f"Raw counts seem to be there too: pass {argument} to tokenize them instead."
+            return f"Raw counts seem to be there too: pass {argument} to read them instead."
     return ""
 
 
