@@ -135,48 +135,37 @@ def mapped_labels(adata, labelled: LabelledSet, label_map: pd.DataFrame) -> np.n
     return adata.obs[labelled.label_key].astype(str).map(table).fillna("").to_numpy()
 
 
-UNKNOWN_BELOW = 0.5  # a calibrated confidence below this makes the call "Unknown"
-ANNOTATORS = ("ScGene embedding + logistic regression", "expression + logistic regression", "reference 50 PCs + kNN")
+ANNOTATORS = ("ScGene embedding of the shared genes + logistic regression",
+              "ScGene embedding of all genes + logistic regression",
+              "expression + logistic regression", "reference 50 PCs + kNN")
 WITHHELD_TYPE = "B"  # left out of the reference once, so the query's cells of it are a type the reference lacks
-
-
-def query_probabilities(make_classifier, reference, labels, query, seed: int, calibrate: bool):
-    """The classes and the query's probabilities from a classifier fitted on every reference cell. With `calibrate`,
-    its logits are divided by a temperature fitted on held-out reference cells (a copy fitted on the other 80%)."""
-    from scipy.special import softmax
-    from sklearn.model_selection import train_test_split
-
-    from scgene.training import fit_temperature
-
-    classifier = make_classifier().fit(reference, labels)
-    if not calibrate:
-        return classifier.classes_, classifier.predict_proba(query)
-    fit_cells, held_cells = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=seed, stratify=labels)
-    probe = make_classifier().fit(reference[fit_cells], labels[fit_cells])
-    temperature = fit_temperature(probe.decision_function(reference[held_cells]),
-                                  np.searchsorted(probe.classes_, labels[held_cells]))
-    return classifier.classes_, softmax(classifier.decision_function(query) / temperature, axis=1)
+ANNOTATION_RULE = "distance"  # how "Unknown" is called; runs scored under another rule are re-scored
 
 
 def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, reference_labels, query_labels,
                         checkpoint: Path, seed: int) -> dict:
-    """Three annotators trained on the reference only: logistic regression on ScGene embeddings, on log1p expression of
-    the shared genes, and kNN on the reference's 50 PCs (the query projected onto them). Macro-F1 / accuracy on the
-    query cells of types the reference has; then, trained once more without the reference's WITHHELD_TYPE cells, the
-    share of query cells called "Unknown" (calibrated confidence below UNKNOWN_BELOW; kNN: vote share) among cells of
-    types the reference has and among cells of types it lacks (WITHHELD_TYPE and any the reference never had)."""
+    """Four annotators trained on the reference only (`scgene.label_transfer.ReferenceAnnotator`): logistic regression
+    on ScGene embeddings of the genes both files measure (what `scgene.transfer_labels` does) and of all of each file's
+    genes, on log1p expression of the shared genes, and kNN on the reference's 50 PCs (the query projected onto them).
+    Macro-F1 / accuracy of the best type on the query cells of types the reference has; then, trained once more without
+    the reference's WITHHELD_TYPE cells, the share of query cells called "Unknown" (farther from the reference than the
+    0.95 quantile of held-out reference cells, in the annotator's own features) among cells of types the reference has
+    and among cells of types it lacks (WITHHELD_TYPE and any the reference never had)."""
     import scanpy as sc
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     from scgene import embed
+    from scgene.inference import UNKNOWN_LABEL
+    from scgene.label_transfer import ReferenceAnnotator, shared_gene_ids
+    from scgene.tokenization_scgene import ScGeneTokenizer
 
-    embedded = {name: embed(cells, checkpoint, key_added=None, progress=False)
-                for name, cells in (("reference", reference), ("query", query))}
+    shared_ids = shared_gene_ids(query, reference, ScGeneTokenizer.from_pretrained(checkpoint))
+    embedded = {genes: {name: embed(cells, checkpoint, key_added=None, progress=False, **options)
+                        for name, cells in (("reference", reference), ("query", query))}
+                for genes, options in (("shared", {"genes": shared_ids}), ("all", {}))}
     genes = reference.var_names.intersection(query.var_names)
 
     def log1p(cells):
@@ -188,38 +177,33 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
     expression = {"reference": log1p(reference), "query": log1p(query)}
     hvg = np.argsort(-expression["reference"].var(axis=0))[:2000]
     pca = make_pipeline(StandardScaler(), PCA(n_components=50, random_state=seed)).fit(expression["reference"][:, hvg])
-
-    def logistic():
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-
-    annotators = {  # name: (classifier factory, features, calibrated by temperature)
-        ANNOTATORS[0]: (logistic, embedded, True),
-        ANNOTATORS[1]: (logistic, expression, True),
-        ANNOTATORS[2]: (lambda: KNeighborsClassifier(15),
-                                   {k: pca.transform(v[:, hvg]) for k, v in expression.items()}, False),
+    annotators = {  # name: (classifier, features)
+        ANNOTATORS[0]: ("logistic", embedded["shared"]),
+        ANNOTATORS[1]: ("logistic", embedded["all"]),
+        ANNOTATORS[2]: ("logistic", expression),
+        ANNOTATORS[3]: ("knn", {k: pca.transform(v[:, hvg]) for k, v in expression.items()}),
     }
     scores = {}
-    for name, (make_classifier, features, calibrate) in annotators.items():
+    for name, (classifier, features) in annotators.items():
         result = {}
         for withheld in ("", WITHHELD_TYPE):
             train = (reference_labels != "") & (reference_labels != withheld)
-            # the scores of the full reference read only the argmax, which a temperature does not move
-            classes, probabilities = query_probabilities(make_classifier, features["reference"][train],
-                                                         reference_labels[train], features["query"], seed,
-                                                         calibrate and bool(withheld))
-            known = np.isin(query_labels, classes) & (query_labels != "")
-            if not withheld:
-                predicted = classes[probabilities[known].argmax(1)]
-                result |= {"f1": float(f1_score(query_labels[known], predicted, average="macro")),
-                           "accuracy": float(accuracy_score(query_labels[known], predicted))}
+            annotator = ReferenceAnnotator(classifier, seed=seed).fit(features["reference"][train],
+                                                                      reference_labels[train])
+            calls = annotator.predict(features["query"])
+            known = np.isin(query_labels, annotator.classes_) & (query_labels != "")
+            if not withheld:  # the best type, whether or not the cell is far from the reference
+                result |= {"f1": float(f1_score(query_labels[known], calls.best[known], average="macro")),
+                           "accuracy": float(accuracy_score(query_labels[known], calls.best[known]))}
                 continue
-            unknown = probabilities.max(1) < UNKNOWN_BELOW
+            unknown = calls.labels == UNKNOWN_LABEL
             novel = ~known & (query_labels != "")
             result |= {"unknown_rate_known_types": float(unknown[known].mean()),
                        "unknown_rate_novel_types": float(unknown[novel].mean()), "novel_cells": int(novel.sum())}
         scores[name] = result
     scores["cells"] = int((np.isin(query_labels, np.unique(reference_labels)) & (query_labels != "")).sum())
-    scores["genes_shared"] = int(len(genes))
+    scores["genes_shared"] = int(len(shared_ids))
+    scores["unknown_rule"] = ANNOTATION_RULE
     return scores
 
 
@@ -231,7 +215,7 @@ def summary(log: Path) -> str:
     annotation = [r for r in runs if r.get("annotation")]
     if annotation:
         lines += ["", "Annotation transfer (reference: the other PBMC set; macro-F1 / accuracy on the query's cells of "
-                  f"types the reference has; \"Unknown\" rates (calibrated confidence < {UNKNOWN_BELOW}) with the "
+                  "types the reference has; \"Unknown\" rates (farther from the reference than 95% of held-out reference cells) with the "
                   f"reference's {WITHHELD_TYPE} cells withheld, on cells of types it has / lacks):", "",
                   "| query | annotator | seeds | macro-F1 | accuracy | Unknown, known types | Unknown, novel types |",
                   "|---|---|---|---|---|---|---|"]
@@ -262,7 +246,7 @@ def main():
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS))
     parser.add_argument("--rescore-annotation", action="store_true",
-                        help="first re-score the annotation transfer of finished runs that lack the Unknown rates")
+                        help="first re-score the annotation transfer of finished runs scored by an older rule")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -290,7 +274,7 @@ def main():
 
     if args.rescore_annotation:  # finished runs scored before the "Unknown" rates existed: their checkpoints again
         for entry in runs:
-            if entry.get("annotation") and "unknown_rate_novel_types" not in entry["annotation"][ANNOTATORS[0]]:
+            if entry.get("annotation") and entry["annotation"].get("unknown_rule") != ANNOTATION_RULE:
                 held_out = by_name[entry["held_out"]]
                 checkpoint = checkpoint_path(args.out / f"without_{held_out.name}", entry["seed"],
                                              entry.get("variant", DEFAULT_VARIANT), entry.get("steps", DEFAULT_STEPS))

@@ -17,6 +17,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_scgene import ScGeneConfig
 from .evaluation import evaluate
 from .inference import DEFAULT_CHECKPOINT, annotate, embed, embed_genes, gene_prior
+from .label_transfer import transfer_labels
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
     ScGeneForCellClassification,
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "embed",
     "annotate",
+    "transfer_labels",
     "embed_genes",
     "gene_prior",
     "evaluate",

@@ -32,10 +32,12 @@ MIN_CELLS_PER_LABEL = 5  # fewer reference cells than this cannot be split for c
 
 @dataclass
 class ReferenceCalls:
-    """What a `ReferenceAnnotator` says of query cells: label ("Unknown" where rejected), calibrated confidence of the
-    best reference type, and mean distance to the nearest reference cells (standardised features)."""
+    """What a `ReferenceAnnotator` says of query cells: label ("Unknown" where rejected), the best reference type (also
+    where rejected), its calibrated confidence, and mean distance to the nearest reference cells (standardised
+    features)."""
 
     labels: np.ndarray
+    best: np.ndarray
     confidence: np.ndarray
     distance: np.ndarray
 
@@ -126,10 +128,10 @@ class ReferenceAnnotator:
             probabilities = self.model_.predict_proba(scaled)
         confidence = probabilities.max(axis=1)
         distance = self._mean_distance(self.neighbors_, scaled)
-        labels = self.classes_[probabilities.argmax(axis=1)].astype(object)
+        best = self.classes_[probabilities.argmax(axis=1)].astype(object)
         rejected = (distance > self.distance_threshold_) | (confidence < (min_confidence or 0))
-        labels[rejected] = UNKNOWN_LABEL
-        return ReferenceCalls(labels, confidence.astype(np.float32), distance.astype(np.float32))
+        labels = np.where(rejected, UNKNOWN_LABEL, best).astype(object)
+        return ReferenceCalls(labels, best, confidence.astype(np.float32), distance.astype(np.float32))
 
 
 def shared_gene_ids(query, reference, tokenizer, *, gene_column=None, layer=None, use_raw=False) -> np.ndarray:
