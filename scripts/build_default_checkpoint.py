@@ -24,7 +24,17 @@ from pathlib import Path
 
 import anndata
 import pandas as pd
-from leave_one_dataset_out import RECIPE, SETS, VARIANTS, prepared_file, pretrain_on, read_sets
+from leave_one_dataset_out import (
+    LABEL_MAP,
+    RECIPE,
+    SETS,
+    VARIANTS,
+    annotation_transfer,
+    mapped_labels,
+    prepared_file,
+    pretrain_on,
+    read_sets,
+)
 
 import scgene
 from scgene.evaluation import EvaluationSettings, evaluate
@@ -64,6 +74,23 @@ def zero_shot_scores(checkpoint: Path, data: Path, work: Path, unseen: list, see
     return scores
 
 
+def label_transfer_scores(checkpoint: Path, data: Path, work: Path, seed: int) -> dict:
+    """Annotation transfer from the shippable PBMC set (PBMC 3k, in the corpus) to each PBMC set the checkpoint never
+    saw, as the leave-one-dataset-out protocol scores it (`scgene.transfer_labels` and three baselines)."""
+    labelled, _ = read_sets(SETS)
+    shippable = pd.read_csv(SETS, dtype=str).set_index("name")["shippable"] == "1"
+    label_map = pd.read_csv(LABEL_MAP)
+    reference_set = next(s for s in labelled if s.pbmc and shippable[s.name])
+    reference = anndata.read_h5ad(prepared_file(data, reference_set, work))
+    scores = {}
+    for query_set in (s for s in labelled if s.pbmc and not shippable[s.name]):
+        query = anndata.read_h5ad(prepared_file(data, query_set, work))
+        scores[query_set.name] = annotation_transfer(
+            reference, query, mapped_labels(reference, reference_set, label_map),
+            mapped_labels(query, query_set, label_map), checkpoint, seed) | {"reference": reference_set.name}
+    return scores
+
+
 def complete_for_the_hub(folder: Path) -> None:
     """Write into `folder` what `scgene push` uploads beside its own files: the package's current remote code (the
     `cell-embedding` pipeline's included), the config naming that pipeline, and the card."""
@@ -84,11 +111,18 @@ def main():
     parser.add_argument("--refresh-only", action="store_true",
                         help="only copy the package's current modules over OUT's remote code and write its card again "
                              "(weights and record unchanged)")
+    parser.add_argument("--rescore-transfer", action="store_true",
+                        help="score OUT's label transfer again (weights unchanged), then refresh as --refresh-only")
     args = parser.parse_args()
     if args.out.exists() and not (args.out / BUILD_RECORD).is_file():  # replaced or refreshed below
         raise SystemExit(f"{args.out} exists and was not written by this script (no {BUILD_RECORD}): it is never "
                          "replaced. Pass another --out, or remove it yourself.")
-    if args.refresh_only:
+    if args.rescore_transfer:
+        record = json.loads((args.out / BUILD_RECORD).read_text())
+        record["label_transfer"] = label_transfer_scores(args.out, args.data, args.work, record["seed"])
+        with atomic_path(args.out / BUILD_RECORD) as staging:
+            staging.write_text(json.dumps(record, indent=2, default=float) + "\n")
+    if args.refresh_only or args.rescore_transfer:
         complete_for_the_hub(args.out)
         print(f"Refreshed the remote code, the config's pipeline and the card of {args.out}")
         return
@@ -102,6 +136,7 @@ def main():
         "variant": VARIANT,
         "prior_record": json.loads((args.work / "prior" / "prior_record.json").read_text()),
         "zero_shot": zero_shot_scores(checkpoint, args.data, args.work, unseen, args.seed),
+        "label_transfer": label_transfer_scores(checkpoint, args.data, args.work, args.seed),
     }
     with atomic_directory(args.out) as staging:
         for name in CHECKPOINT_FILES:

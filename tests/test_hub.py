@@ -78,6 +78,30 @@ def test_the_card_reports_the_measurements_and_parses_back(tmp_path):
     assert 'AutoModel.from_pretrained("org/scgene-x", trust_remote_code=True)' in text
 
 
+def test_the_card_shows_the_label_transfer_and_its_limit(tmp_path):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(scgene.DEFAULT_CHECKPOINT, checkpoint)
+    record = json.loads((checkpoint / BUILD_RECORD).read_text())
+    shipped = record["label_transfer"]["pbmc_3_chemistries"]
+    assert shipped["reference"] == "pbmc3k" and shipped["genes_shared"] > 200
+    ours = "ScGene embedding of the shared genes + logistic regression"
+    record["label_transfer"] = {"query_set": {
+        "reference": "ref_set", "cells": 100, "genes_shared": 250,
+        ours: {"f1": 0.7, "accuracy": 0.8, "unknown_rate_known_types": 0.05, "unknown_rate_novel_types": 0.9},
+        "expression + logistic regression": {"f1": 0.75, "accuracy": 0.85, "unknown_rate_known_types": float("nan")}}}
+    (checkpoint / BUILD_RECORD).write_text(json.dumps(record))
+    text = str(model_card(checkpoint))
+    section = text[text.index("## Label transfer"):text.index("## Limits")]
+    assert "**ref_set → query_set** (100 query cells, 250 genes shared)" in section
+    assert f"| {ours} | 0.700 | 0.800 | 0.050 | 0.900 |" in section
+    assert "| expression + logistic regression | 0.750 | 0.850 | – | – |" in section
+    assert ("- Label transfer ref_set → query_set: macro-F1 0.700, below logistic regression on expression "
+            "(0.750).") in text
+    record["label_transfer"]["query_set"][ours]["f1"] = 0.8
+    (checkpoint / BUILD_RECORD).write_text(json.dumps(record))
+    assert "- Label transfer" not in str(model_card(checkpoint))
+
+
 def test_push_is_one_commit_of_the_checkpoint_and_its_card_which_loads_offline_without_scgene(tmp_path):
     client = RecordingHubClient()
     push(scgene.DEFAULT_CHECKPOINT, "org/scgene-x", api=client, evaluations={"my_set": EVALUATION["scores"]})

@@ -215,6 +215,50 @@ def _corpus_limit(record: dict) -> str:
     return f"- Pretrained on {sum(cells):,} cells (see Training data){small}."
 
 
+LABEL_TRANSFER_COLUMNS = {"f1": "macro-F1", "accuracy": "accuracy", "unknown_rate_known_types": "Unknown, known types",
+                          "unknown_rate_novel_types": "Unknown, novel types"}
+LABEL_TRANSFER_ROW = "ScGene embedding of the shared genes + logistic regression"  # what scgene.transfer_labels does
+EXPRESSION_ANNOTATOR_ROW = "expression + logistic regression"
+
+
+def _label_transfer_section(record: dict) -> list[str]:
+    """The record's annotation transfer (reference -> query, per annotator) as tables; nothing where none was scored."""
+    scores = record.get("label_transfer") or {}
+    if not scores:
+        return []
+    lines = ["## Label transfer", "",
+             "`scgene.transfer_labels(query, reference, label_key=...)` (`scgene annotate QUERY --reference REF "
+             "--label-key COL`) embeds both files on the genes they share and labels the query with a calibrated "
+             "logistic regression on the reference's embeddings; cells farther from the reference than 95% of "
+             "held-out reference cells are \"Unknown\". Scored with a labelled reference on a query set the checkpoint "
+             "never saw, next to annotators on expression; macro-F1 and accuracy of the best type on the query's cells "
+             "of types the reference has, and the share called \"Unknown\" once the reference's B cells are withheld "
+             "(the query's B cells are then a type it lacks).", ""]
+    for query, result in scores.items():
+        lines += [f"**{_recorded(result.get('reference'))} → {query}** ({_recorded(result.get('cells'))} query cells, "
+                  f"{_recorded(result.get('genes_shared'))} genes shared)", "",
+                  "| annotator | " + " | ".join(LABEL_TRANSFER_COLUMNS.values()) + " |",
+                  "|---" * (len(LABEL_TRANSFER_COLUMNS) + 1) + "|"]
+        for name, values in result.items():
+            if isinstance(values, dict):
+                lines.append(f"| {name} | " + " | ".join(f"{values[key]:.3f}" if _finite(values.get(key)) else "–"
+                                                         for key in LABEL_TRANSFER_COLUMNS) + " |")
+        lines.append("")
+    return lines
+
+
+def _label_transfer_limits(record: dict) -> list[str]:
+    """A line per query where `transfer_labels`' macro-F1 is below logistic regression on expression."""
+    lines = []
+    for query, result in (record.get("label_transfer") or {}).items():
+        ours = result.get(LABEL_TRANSFER_ROW, {}).get("f1")
+        theirs = result.get(EXPRESSION_ANNOTATOR_ROW, {}).get("f1")
+        if _finite(ours) and _finite(theirs) and ours < theirs:
+            lines.append(f"- Label transfer {result.get('reference')} → {query}: macro-F1 {ours:.3f}, below logistic "
+                         f"regression on expression ({theirs:.3f}).")
+    return lines
+
+
 def _transfer_section(runs: list[dict]) -> list[str]:
     return ["## Leave-one-dataset-out transfer", "",
             "How the recipe transfers (`scripts/leave_one_dataset_out.py`): for each labelled set, a model is "
@@ -304,9 +348,10 @@ def model_card(folder, evaluations: dict | None = None, repo_id: str | None = No
         lines += _score_table(dataset, rows)
     if not evaluations:
         lines += ["No evaluation was given: measure with `scgene evaluate --json` on cells the model never saw.", ""]
+    lines += _label_transfer_section(record)
     if runs:
         lines += _transfer_section(runs)
-    limits = _limits(evaluations) + _transfer_limits(runs)
+    limits = _limits(evaluations) + _label_transfer_limits(record) + _transfer_limits(runs)
     lines += ["## Limits", "",
               *(limits or ["- None measured on the sets above; the sets are small (hundreds to thousands of cells)."]),
               _corpus_limit(record), ""]

@@ -390,6 +390,18 @@ def embed(
     """
     encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
+    embeddings, coverage = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
+                                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress,
+                                                   **tokenize_kwargs)
+    if key_added and not isinstance(adata, (str, os.PathLike)):
+        adata.obsm[key_added] = embeddings
+        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer)
+    return embeddings
+
+
+def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens_per_batch, progress,
+                            **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage]:
+    """`embed`'s work on a loaded encoder and tokenizer: the embeddings and the prior coverage of their tokens."""
     with opened(adata) as cells:
         embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)
 
@@ -399,10 +411,7 @@ def embed(
         coverage = run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
                                   encode_kwargs=tokenize_kwargs)
-    if key_added and not isinstance(adata, (str, os.PathLike)):
-        adata.obsm[key_added] = embeddings
-        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer)
-    return embeddings
+    return embeddings, coverage
 
 
 def annotate(

@@ -279,7 +279,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         logged at its end; None before any call. Not saved with the tokenizer."""
         return getattr(self, "_last_coverage", None)
 
-    def _check_coverage(self, coverage: GeneCoverage, matched: float, total: float, n_cells: int, final: bool) -> None:
+    def _check_coverage(self, coverage: GeneCoverage, matched: float, total: float, n_cells: int, final: bool,
+                        panel_chosen: bool = False) -> None:
         """Record the fraction of the counts carried by matched genes; raise below `min_coverage`.
 
         Called on the first chunk (to fail fast, silently) and on all cells at the end of a call, which
@@ -290,7 +291,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             self._last_coverage = coverage
             fraction = coverage.count_fraction
             (logger.warning if fraction is not None and fraction < 0.9 else logger.info)(f"Gene coverage: {coverage}")
-            if coverage.n_matched_genes < PANEL_WARNING_GENES and self.vocab_size > 2 * PANEL_WARNING_GENES:
+            small_panel = coverage.n_matched_genes < PANEL_WARNING_GENES and self.vocab_size > 2 * PANEL_WARNING_GENES
+            if small_panel and not panel_chosen:  # a panel passed as genes= is the caller's choice
                 # the count share above is measured on the file's own genes: a small panel carries all of its counts
                 logger.warning(
                     f"The input measures {coverage.n_matched_genes} of the vocabulary's {self.vocab_size - 3} genes (a "
@@ -398,11 +400,14 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         progress: bool = False,
         layer: str | None = None,
         use_raw: bool = False,
+        genes=None,
     ):
         """Yield an `EncodedChunk` (ragged, unpadded) per `chunk_size` cells, in order.
 
         The expression comes from `adata.X`, or `adata.layers[layer]`, or with `use_raw` from `adata.raw` (its X and
-        its genes), as in scanpy.
+        its genes), as in scanpy. `genes` (gene names, or vocabulary ids) reads only those genes, normalised over
+        them as if the file measured nothing else: two files read on the genes both measure are on one footing
+        (`scgene.transfer_labels` does this).
 
         `truncation=False` ignores `max_length` (e.g. `gene_selection="all"` over a large panel); `seed`
         samples the genes kept under `max_length` (training), None keeps the highest (inference).
@@ -418,6 +423,9 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             raise ImportError("Tokenizing needs scipy: pip install scipy")
         check_cells(adata)
         adata = expression_source(adata, layer, use_raw)
+        whole = adata
+        if genes is not None:
+            adata = GenePanel(adata, self.gene_panel_columns(adata, genes, gene_column))
         gene_selection = gene_selection or self.gene_selection
         if gene_selection not in GENE_SELECTIONS:
             raise ValueError(f"gene_selection must be one of {GENE_SELECTIONS}, got {gene_selection!r}")
@@ -443,7 +451,7 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         log_normalized = is_log_normalized(first.data, "log1p" in adata.uns)
         if log_normalized:
             logger.warning("The input looks log1p-normalised already; it is not normalised again."
-                           + (f" {counts_hint(adata)}" if layer is None and not use_raw else ""))
+                           + (f" {counts_hint(whole)}" if layer is None and not use_raw else ""))
         first_matched, first_total = self._normalized_chunk(first, mapping, log_normalized)[1:3]
         self._check_coverage(mapping.coverage, first_matched, first_total, first.shape[0], final=False)
 
@@ -470,12 +478,31 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                     empty_cells += empty
                     bar.update(len(chunk.lengths))
                     yield chunk
-        self._check_coverage(mapping.coverage, sums[0], sums[1], adata.n_obs, final=True)
+        self._check_coverage(mapping.coverage, sums[0], sums[1], adata.n_obs, final=True, panel_chosen=genes is not None)
         if empty_cells:
             logger.warning(
                 f"{empty_cells} of {adata.n_obs} cells have no counts at all: each is encoded as <cls> alone, and its "
                 "embedding carries nothing about the cell. Remove them first: sc.pp.filter_cells(adata, min_genes=1)."
             )
+
+    def gene_panel_columns(self, adata, genes, gene_column: str | None = None) -> np.ndarray:
+        """The columns of `adata` that hold `genes` (names, or vocabulary ids), ascending; an error for names outside
+        the vocabulary and for a panel the file does not measure at all."""
+        genes = list(genes)
+        if genes and all(isinstance(gene, (int, np.integer)) for gene in genes):
+            ids = np.asarray(genes, np.int64)
+            if ids.min() < len(SPECIAL_TOKENS) or ids.max() >= self.vocab_size:
+                raise ValueError(f"genes= holds vocabulary ids outside {len(SPECIAL_TOKENS)}..{self.vocab_size - 1}.")
+        else:
+            ids = np.asarray(self.convert_genes_to_ids([str(gene) for gene in genes]), np.int64)
+        mapping = self.map_genes(adata, gene_column)
+        column_ids = np.where(mapping.column_to_matched >= 0,
+                              mapping.vocab_ids[np.maximum(mapping.column_to_matched, 0)], -1)
+        columns = np.flatnonzero(np.isin(column_ids, ids))
+        if not len(columns):
+            raise ValueError(f"None of the {len(ids)} genes passed as genes= is measured in this file; pass genes it "
+                             "has (e.g. those two files share), or leave out genes= to read them all.")
+        return columns
 
     def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool):
         """Raw (or log1p) chunk -> (CSR of log1p(normalize_total) values over the matched genes, no zeros;
@@ -612,6 +639,24 @@ class ExpressionSource:
         else:
             self.X, self.var = adata.layers[layer], adata.var
         self.var_names, self.n_vars = self.var.index, len(self.var)
+
+
+class GenePanel:
+    """An AnnData (or `ExpressionSource`) restricted to some of its gene columns, read chunk by chunk."""
+
+    class _Rows:
+        def __init__(self, matrix, columns: np.ndarray):
+            self.matrix, self.columns = matrix, columns
+            self.shape = (matrix.shape[0], len(columns))
+
+        def __getitem__(self, rows):
+            return to_csr(to_csr(self.matrix[rows])[:, self.columns])
+
+    def __init__(self, adata, columns: np.ndarray):
+        self.obs, self.obs_names, self.uns, self.n_obs = adata.obs, adata.obs_names, adata.uns, adata.n_obs
+        self.isbacked = getattr(adata, "isbacked", False)
+        self.X, self.var = self._Rows(adata.X, columns), adata.var.iloc[columns]
+        self.var_names, self.n_vars = self.var.index, len(columns)
 
 
 def expression_source(adata, layer: str | None, use_raw: bool):
