@@ -35,11 +35,12 @@ def test_readme_first_screen_inference_runs(tmp_path):
     model.set_gene_prior(torch.randn(config.vocab_size, 16))
     model.save_pretrained(tmp_path / "outputs" / "demo" / "classifier")
     tokenizer.save_pretrained(tmp_path / "outputs" / "demo" / "classifier")
-    ad.read_h5ad(Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad")[:60].write_h5ad(
-        tmp_path / "cells.h5ad"
-    )
+    pbmc = ad.read_h5ad(Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad")
+    pbmc[:60].write_h5ad(tmp_path / "cells.h5ad")
+    pbmc[60:400].write_h5ad(tmp_path / "reference.h5ad")  # a labelled reference: other cells, obs["cell_type"]
     check = '\nassert adata.obsm["X_scgene"].shape == (60, 128) and "X_umap" in adata.obsm and "scgene_label" in adata.obs'
     check += '\nassert adata.uns["X_scgene"]["model"] == str(scgene.DEFAULT_CHECKPOINT)'
+    check += '\nassert "scgene_label_distance" in adata.obs  # written by transfer_labels'
     result = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

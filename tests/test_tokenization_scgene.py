@@ -878,3 +878,29 @@ def test_a_small_gene_panel_is_named_even_when_it_carries_all_its_counts(tokeniz
         ScGeneTokenizer.from_gene_list(list(panel.var_names))(panel)  # a vocabulary of just these genes: no warning
     assert "gene panel" not in caplog.text
 
+
+
+def test_log2_normalised_x_without_counts_is_read_as_log2(tokenizer, pbmc, caplog):
+    import scanpy as sc
+
+    from scgene.preprocessing import preprocess
+
+    natural = pbmc[:40].copy()
+    sc.pp.normalize_total(natural, target_sum=1e4)
+    sc.pp.log1p(natural)  # log1p(CP10k): what the tokenizer makes of counts
+    log2 = pbmc[:40].copy()
+    sc.pp.normalize_total(log2, target_sum=1e4)
+    sc.pp.log1p(log2, base=2)  # log2(CP10k + 1), as some pipelines write
+    with caplog.at_level(logging.WARNING):
+        from_log2 = tokenizer(log2)
+    assert "looks log2(x + 1)-normalised" in caplog.text
+    from_natural = tokenizer(natural)
+    np.testing.assert_array_equal(from_log2["input_ids"], from_natural["input_ids"])
+    np.testing.assert_allclose(from_log2["expression_values"], from_natural["expression_values"], rtol=1e-5)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        tokenizer(natural)
+    assert "log2" not in caplog.text  # natural log1p stays natural
+    prepared = preprocess(log2)
+    assert prepared.uns["scgene_preprocessing"]["input_was_log2"]
+    np.testing.assert_allclose(prepared.X.toarray(), natural.X.toarray(), rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ import scanpy as sc
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .encoding_scgene import check_expression_values, is_log_normalized
+from .encoding_scgene import check_expression_values, is_log2_scaled, is_log_normalized
 from .tokenization_scgene import ScGeneTokenizer
 from .vocabulary_scgene import is_ensembl_id, is_text_column, strip_ensembl_version
 
@@ -55,10 +55,14 @@ def preprocess(
     adata.X = sp.csr_matrix(matrix, dtype=np.float32) if not sp.issparse(matrix) else matrix.tocsr().astype(np.float32)
     check_expression_values(adata.X.data)
     already_log = is_log_normalized(adata.X.data, "log1p" in adata.uns)
+    log2 = already_log and is_log2_scaled(adata.X)
+    if log2:
+        adata.X.data *= np.float32(np.log(2))  # a copy: log2(1 + x) -> ln(1 + x)
     if already_log:
         logger.warning(
-            "The input looks log1p-normalised already (non-integer values below 30): it is "
-            "not normalised again, and QC metrics are computed on the log values."
+            ("The input looks log2(x + 1)-normalised (its cells' 2^x - 1 sum to one constant): it is converted to "
+             "natural log1p" if log2 else "The input looks log1p-normalised already (non-integer values below 30)")
+            + ": it is not normalised again, and QC metrics are computed on the log values."
         )
 
     adata.var["mt"] = mito_mask(adata, mito_prefix, gene_column)
@@ -84,6 +88,7 @@ def preprocess(
         "max_mito_fraction": max_mito_fraction,
         "min_counts": min_counts,
         "input_was_log_normalized": bool(already_log),
+        "input_was_log2": bool(log2),
     }
     return adata
 

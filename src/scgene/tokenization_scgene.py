@@ -33,6 +33,7 @@ from .encoding_scgene import (
     check_expression_values,
     drop_entries,
     insert_at,
+    is_log2_scaled,
     is_log_normalized,
     log1p_scaled,
     pad_chunks,
@@ -327,7 +328,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                 continue
             counts = to_csr(part.X[rows])
             log_normalized = is_log_normalized(counts.data, "log1p" in part.uns)
-            values.append(self._normalized_chunk(counts, self.map_genes(part), log_normalized)[0].data)
+            log2 = log_normalized and is_log2_scaled(counts)
+            values.append(self._normalized_chunk(counts, self.map_genes(part), log_normalized, log2)[0].data)
         values = np.concatenate(values) if values else np.zeros(0, np.float32)
         if values.size == 0:
             raise ValueError("No expressed values to fit bin edges on: the cells given have no counts on vocabulary genes.")
@@ -449,15 +451,18 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         first = to_csr(adata.X[: min(chunk_size, adata.n_obs)])
         check_expression_values(first.data)
         log_normalized = is_log_normalized(first.data, "log1p" in adata.uns)
+        log2 = log_normalized and is_log2_scaled(first)
         if log_normalized:
-            logger.warning("The input looks log1p-normalised already; it is not normalised again."
+            logger.warning(("The input looks log2(x + 1)-normalised (its cells' 2^x - 1 sum to one constant): it is "
+                            "read as such, converted to natural log1p, and not normalised again." if log2 else
+                            "The input looks log1p-normalised already; it is not normalised again.")
                            + (f" {counts_hint(whole)}" if layer is None and not use_raw else ""))
-        first_matched, first_total = self._normalized_chunk(first, mapping, log_normalized)[1:3]
+        first_matched, first_total = self._normalized_chunk(first, mapping, log_normalized, log2)[1:3]
         self._check_coverage(mapping.coverage, first_matched, first_total, first.shape[0], final=False)
 
         def encode(start, counts):
             empty = int((np.asarray(counts.sum(axis=1)).ravel() == 0).sum())  # values are >= 0: sum 0 = all zero
-            matrix, matched, total, cell_totals = self._normalized_chunk(counts, mapping, log_normalized)
+            matrix, matched, total, cell_totals = self._normalized_chunk(counts, mapping, log_normalized, log2)
             sampling = seed is not None and gene_selection == "nonzero"
             rng = np.random.default_rng([seed, start]) if sampling else None
             chunk = self._encode_chunk(matrix, mapping, gene_selection, limit, rng, start)
@@ -504,8 +509,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
                              "has (e.g. those two files share), or leave out genes= to read them all.")
         return columns
 
-    def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool):
-        """Raw (or log1p) chunk -> (CSR of log1p(normalize_total) values over the matched genes, no zeros;
+    def _normalized_chunk(self, counts, mapping: GeneMapping, log_normalized: bool, log2: bool = False):
+        """Raw (or log1p, or with `log2` log2(x + 1)) chunk -> (CSR of log1p(normalize_total) values over the matched genes, no zeros;
         the counts the matched genes carry; all counts; each cell's total count, NaN for log1p input), counts on
         the linear scale for log1p input.
 
@@ -516,6 +521,8 @@ class ScGeneTokenizer(FeatureExtractionMixin):
         counts = to_csr(counts)
         data = counts.data.astype(np.float32, copy=False)
         check_expression_values(data)
+        if log2:
+            data = data * np.float32(np.log(2))  # log2(1 + x) -> ln(1 + x)
         indptr = counts.indptr.astype(np.int64)
         indices = mapping.column_to_matched[counts.indices]
         linear, scale = data, None

@@ -73,6 +73,26 @@ def is_log_normalized(data: np.ndarray, marked_log1p: bool = False) -> bool:
     return high < 30
 
 
+LOG2_CONSTANT_SPREAD = 1e-3  # relative spread of per-cell sums below which they are one normalize_total target
+
+
+def is_log2_scaled(matrix) -> bool:
+    """Whether log-normalised values are log2(x + 1) rather than natural log1p: the cells' 2**v - 1 sum to one
+    constant (normalize_total's target) and their e**v - 1 do not. False where neither does (a gene subset
+    normalised over more genes), as it cannot be told then."""
+    matrix = to_csr(matrix)
+    if matrix.shape[0] < 2 or matrix.nnz == 0:
+        return False
+    values = matrix.data.astype(np.float64)
+
+    def spread(linear: np.ndarray) -> float:
+        sums = sp.csr_matrix((linear, matrix.indices, matrix.indptr), shape=matrix.shape) @ np.ones(matrix.shape[1])
+        sums = sums[sums > 0]
+        return float(sums.std() / sums.mean()) if len(sums) > 1 else np.inf
+
+    return spread(np.exp2(values) - 1) < LOG2_CONSTANT_SPREAD < spread(np.expm1(values))
+
+
 @dataclass
 class EncodedChunk:
     """Cells `start:start + len(lengths)`, concatenated without padding: cell i has the next `lengths[i]` tokens.
