@@ -904,3 +904,24 @@ def test_log2_normalised_x_without_counts_is_read_as_log2(tokenizer, pbmc, caplo
     prepared = preprocess(log2)
     assert prepared.uns["scgene_preprocessing"]["input_was_log2"]
     np.testing.assert_allclose(prepared.X.toarray(), natural.X.toarray(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_alias_column_beside_its_gene_is_left_out_not_summed_into_it(tokenizer):
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    # 10x symbol lists hold KIAA0754 (an alias of MACF1) as a feature of its own, beside MACF1
+    counts = sp.csr_matrix(np.array([[5, 7, 3], [2, 0, 1]], np.float32))
+    both = ad.AnnData(counts, var=pd.DataFrame(index=["MACF1", "KIAA0754", "CD3E"]))
+    mapping = tokenizer.map_genes(both)
+    assert mapping.coverage.n_aliases_left_out == 1 and mapping.coverage.n_duplicated == 0
+    assert "1 aliases of genes the input has under their own name left out" in str(mapping.coverage)
+    macf1, cd3e = tokenizer.convert_genes_to_ids(["MACF1", "CD3E"])
+    encoded = tokenizer(both)
+    ids, values = np.asarray(encoded["input_ids"][0]), np.asarray(encoded["expression_values"][0])
+    # MACF1 keeps its own 5 of the cell's 15 counts (normalised over every input gene, as scanpy does), not 5 + 7
+    np.testing.assert_allclose(values[ids == macf1], np.log1p(5 / 15 * 1e4), rtol=1e-5)
+    alone = ad.AnnData(counts[:, 1:], var=pd.DataFrame(index=["KIAA0754", "CD3E"]))
+    assert tokenizer.map_genes(alone).coverage.n_aliases_left_out == 0  # without MACF1, the alias finds it
+    assert macf1 in tokenizer(alone)["input_ids"][0]

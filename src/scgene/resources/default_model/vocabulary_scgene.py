@@ -89,6 +89,7 @@ class GeneCoverage:
     count_fraction: float | None = None
     n_cells: int = 0
     case_hint: str = ""  # what to do when the symbols are lower case and upper-casing them would match more
+    n_aliases_left_out: int = 0  # alias columns whose gene the input also has under its own name
 
     def __str__(self) -> str:
         if self.count_fraction is None:
@@ -99,6 +100,8 @@ class GeneCoverage:
             f"{self.n_matched_genes}/{self.n_input_genes} genes matched the vocabulary by {self.id_type} "
             f"(from {self.source}), {counts}"
             + (f"; {self.n_duplicated} duplicated genes summed" if self.n_duplicated else "")
+            + (f"; {self.n_aliases_left_out} aliases of genes the input has under their own name left out"
+               if self.n_aliases_left_out else "")
         )
 
 
@@ -201,12 +204,24 @@ class GeneVocabulary:
             if best is None or score > best[0]:
                 best = (score, source, names, ids, id_type)
         _, source, names, ids, id_type = best
+        # exact names before aliases: a column that only an alias matches is another feature when the input also has
+        # its gene under the gene's own name (10x's KIAA0754 beside MACF1), so it is left out rather than summed in
+        by_alias = np.array([ids[i] >= 0 and not is_ensembl_id(name) and name not in self.by_symbol
+                             for i, name in enumerate(names)], dtype=bool)
+        shadowed = by_alias & np.isin(ids, ids[(ids >= 0) & ~by_alias])
+        if shadowed.any():
+            examples = ", ".join(f"{names[i]} beside {self.gene_symbols[ids[i] - len(SPECIAL_TOKENS)]}"
+                                 for i in np.flatnonzero(shadowed)[:3])
+            logger.info(f"{int(shadowed.sum())} input genes are aliases of genes the input also has under their own "
+                        f"name ({examples}, ...): they are left out, not summed into those genes.")
+        ids[shadowed] = -1
         matched = ids >= 0
         vocab_ids, column_to_matched = np.unique(ids[matched], return_inverse=True)
         columns = np.flatnonzero(matched)
         mapping = np.full(len(names), -1, dtype=np.int32)
         mapping[columns] = column_to_matched
-        coverage = GeneCoverage(id_type, source, len(names), len(vocab_ids), int(matched.sum() - len(vocab_ids)))
+        coverage = GeneCoverage(id_type, source, len(names), len(vocab_ids), int(matched.sum() - len(vocab_ids)),
+                                n_aliases_left_out=int(shadowed.sum()))
         coverage.case_hint = self.letter_case_hint(names, len(vocab_ids)) if id_type == "symbol" else ""
         by_first_column = None
         if coverage.n_duplicated:
