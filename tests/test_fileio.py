@@ -182,3 +182,22 @@ def test_embed_checks_its_output_before_the_work(tmp_path, cells_h5ad, capsys):
         assert main(["embed", str(cells_h5ad), "--model", str(model), "--out", str(out), "--overwrite"]) == 1
         assert "choose" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_two_real_embeds_to_one_output_cannot_both_report_success(tmp_path, cells_h5ad):
+    """Two `scgene embed` processes started together on one --out: exactly one writes it and says so; the other
+    stops with a one-line error (the output is being written, or exists) and writes nothing."""
+    out = tmp_path / "out.h5ad"
+    command = [sys.executable, "-m", "scgene.cli", "embed", str(cells_h5ad), "--out", str(out)]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert sorted(code for code, _, _ in results) == [0, 1], results
+    assert sum(f"Wrote {out}" in stdout for _, stdout, _ in results) == 1
+    failed = next(stderr for code, _, stderr in results if code == 1)
+    assert "scgene embed: error:" in failed and ("is writing" in failed or "exists" in failed), failed
+    assert "Traceback" not in failed
+    import anndata
+
+    assert anndata.read_h5ad(out).obsm["X_scgene"].shape[0] == anndata.read_h5ad(cells_h5ad).n_obs
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.h5ad", "project"]  # no staging or lock left
+    assert [path.name for path in cells_h5ad.parent.iterdir()] == [cells_h5ad.name]
