@@ -30,6 +30,7 @@ def preprocess(
     min_counts: float | None = None,
     mito_prefix: str = "MT-",
     gene_column: str | None = None,
+    log_hint: str = "",
 ) -> AnnData:
     """Return a preprocessed copy of `adata` (CSR float32, log1p of counts normalised to `target_sum`).
 
@@ -37,7 +38,8 @@ def preprocess(
       marks genes whose symbol starts with `mito_prefix` (any case, so mouse `mt-` too).
     - Filtering (optional): cells with a mitochondrial fraction above `max_mito_fraction` (0-1), and cells
       with fewer than `min_counts` total counts (`min_counts=1` drops empty cells).
-    - Input that is already log-normalised is detected and only QC'd (warning), never normalised twice.
+    - Input that is already log-normalised is detected and only QC'd (warning, ending with `log_hint`: e.g. where
+      the raw counts are), never normalised twice; log2(x + 1) input is converted to natural log1p.
     - NaN, infinite or negative values raise `ValueError`; the input AnnData is never modified.
     """
     if adata.n_obs == 0:
@@ -63,6 +65,7 @@ def preprocess(
             ("The input looks log2(x + 1)-normalised (its cells' 2^x - 1 sum to one constant): it is converted to "
              "natural log1p" if log2 else "The input looks log1p-normalised already (non-integer values below 30)")
             + ": it is not normalised again, and QC metrics are computed on the log values."
+            + (f" {log_hint}" if log_hint else "")
         )
 
     adata.var["mt"] = mito_mask(adata, mito_prefix, gene_column)

@@ -185,9 +185,9 @@ DENSE_CHUNK_VALUES = 1 << 24  # cells x genes values read at a time from a dense
 
 
 def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES, layer: str | None = None,
-                       use_raw: bool = False):
+                       use_raw: bool = False) -> tuple:
     """The AnnData at `path` in memory with X as CSR (X, or `layers[layer]`, or `.raw` with its genes), without layers
-    or obsm. The file is opened backed, so a dense on-disk matrix is read a chunk of cells at a time and made sparse
+    or obsm, and where else raw counts sit when X looks log-normalised ("" if nowhere, or not asked). The file is opened backed, so a dense on-disk matrix is read a chunk of cells at a time and made sparse
     chunk by chunk: the dense cells x genes matrix never exists in memory. When X looks log-normalised and counts sit
     in a layer or `.raw`, the warning names the flag that reads them."""
     import anndata
@@ -203,17 +203,16 @@ def _read_sparse_adata(path: Path, dense_chunk_values: int = DENSE_CHUNK_VALUES,
         stored = source.X
         if stored is None:
             raise ValueError(f"{path} has no expression matrix X; store the (raw or log-normalised) counts in X.")
+        hint = ""
         if source is backed and backed.n_obs and is_log_normalized(to_csr(stored[: min(64, backed.n_obs)]).data):
             hint = counts_hint(backed)
-            if hint:
-                logger.warning(f"{path}: X looks log-normalised. {hint}")
         if isinstance(stored, h5py.Dataset):
             rows = max(1, dense_chunk_values // max(backed.n_vars, 1))
             parts = [sp.csr_matrix(stored[s : s + rows]) for s in range(0, backed.n_obs, rows)]
             matrix = sp.vstack(parts, format="csr") if parts else sp.csr_matrix(stored.shape, dtype=stored.dtype)
         else:
             matrix = sp.csr_matrix(stored[:])  # a backed sparse dataset reads as scipy sparse
-        return anndata.AnnData(X=matrix, obs=backed.obs.copy(), var=source.var.copy(), uns=dict(backed.uns))
+        return anndata.AnnData(X=matrix, obs=backed.obs.copy(), var=source.var.copy(), uns=dict(backed.uns)), hint
     finally:
         backed.file.close()
 
@@ -224,7 +223,7 @@ def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool)
     from scgene.preprocessing import preprocess
     from scgene.prior.coexpression import coexpression_edges
 
-    adata = _read_sparse_adata(path, layer=args.layer, use_raw=args.use_raw)
+    adata, counts_elsewhere = _read_sparse_adata(path, layer=args.layer, use_raw=args.use_raw)
     if adata.n_obs < 2:
         raise ValueError(f"{path} has {adata.n_obs} cells, and a co-expression network needs at least 2; pass a file "
                          "with more cells, or precomputed vectors with --gene2vec.")
@@ -233,7 +232,7 @@ def _dataset_edges(path: Path, args, tokenizer, canonical: bool, progress: bool)
             f"--gene-column {args.gene_column!r} is not a column of {path}'s var; its columns are "
             f"{list(adata.var.columns)[:10]}. Leave --gene-column unset to use var_names."
         )
-    adata = preprocess(adata, gene_column=args.gene_column)
+    adata = preprocess(adata, gene_column=args.gene_column, log_hint=f"{path}: {counts_elsewhere}" if counts_elsewhere else "")
     names = adata.var_names if args.gene_column is None else adata.var[args.gene_column]
     genes = [str(g) for g in names]
     if canonical:
