@@ -34,6 +34,7 @@ import pandas as pd
 from scgene.transfer import (
     DEFAULT_STEPS,
     DEFAULT_VARIANT,
+    HVG_READOUT,
     RUNS_FILE,
     mean_sd,
     metric_tables,
@@ -245,6 +246,9 @@ def main():
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS))
+    parser.add_argument("--genes", choices=["all", "hvg"], default="all",
+                        help="hvg: the models (trained, untrained, prior) read only the left-out set's highly variable "
+                             "genes, those the PCA baseline reads; its own rows, on the same fold checkpoints")
     parser.add_argument("--rescore-annotation", action="store_true",
                         help="first re-score the annotation transfer of finished runs scored by an older rule")
     args = parser.parse_args()
@@ -260,7 +264,9 @@ def main():
     log = args.out / RUNS_FILE
     runs = read_runs(log) if log.exists() else []
     done = {(r["held_out"], r["seed"], run_recipe(r)) for r in runs}
-    scored_baselines = {(r["held_out"], r["seed"]) for r in runs}  # baselines once per fold and seed
+    # baselines once per fold, seed and gene read-out (PCA and logistic regression are the same in both)
+    scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all")) for r in runs}
+    read = {"genes": "hvg"} if args.genes == "hvg" else {}
     by_name = {labelled.name: labelled for labelled in sets}
     unknown = set(args.held_out or []) - set(by_name)
     if unknown:
@@ -286,21 +292,23 @@ def main():
         (args.out / "table.md").write_text(summary(log))
     for seed in args.seeds:
         for name in args.held_out or list(by_name):
-            if (name, seed, recipe_name(args.variant, args.steps)) in done:
+            if (name, seed, run_recipe({"variant": args.variant, "steps": args.steps, **read})) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
             checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps, args.variant)
             train_seconds = time.perf_counter() - start
             query = anndata.read_h5ad(files[name])
-            baselines = () if (name, seed) in scored_baselines else ("untrained", "prior", "pca", "expression")
+            baselines = (() if (name, seed, args.genes) in scored_baselines else
+                         ("untrained", "prior") if args.genes == "hvg" else ("untrained", "prior", "pca", "expression"))
             report = evaluate(query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
-                              baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False)
-            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps,
+                              baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False, **read)
+            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **read,
                      "train_seconds": round(train_seconds, 1),
-                     "scores": {row: report.table.loc[row].to_dict() for row in report.table.index},
+                     "scores": {row if row == "ScGene" or not read else f"{row}, {HVG_READOUT}":
+                                report.table.loc[row].to_dict() for row in report.table.index},
                      "info": report.info}
-            if held_out.pbmc and sum(s.pbmc for s in sets) > 1:
+            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and args.genes == "all":
                 entry["annotation"] = scored_annotation(held_out, query, checkpoint, seed)
             with log.open("a") as handle:
                 handle.write(json.dumps(entry, default=float) + "\n")

@@ -174,3 +174,24 @@ def test_evaluate_command_names_a_missing_label_column(checkpoint, tmp_path, cap
     assert main(["evaluate", str(path), "--model", str(checkpoint), "--label-key", "celltype"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("scgene evaluate: error:") and "'celltype' is not an obs column" in error and "cell_type" in error
+
+
+def test_evaluate_can_read_only_the_genes_pca_reads(checkpoint):
+    """genes="hvg": the model, the untrained copy and the prior read the HVGs the PCA baseline reads, and nothing
+    else; the same as passing those genes by name."""
+    from scgene.evaluation import highly_variable_genes
+
+    cells = ad.read_h5ad(DATA / "cellbench_120cells_ensembl_subset.h5ad")
+    settings = EvaluationSettings(n_folds=3, n_top_genes=300)
+    options = {"label_key": "cell_line", "baselines": ("prior", "pca"), "settings": settings, "progress": False}
+    hvg = scgene.evaluate(cells, checkpoint, genes="hvg", **options)
+    genes = highly_variable_genes(cells, settings)
+    assert len(genes) == 300 and set(genes) <= set(cells.var_names)
+    by_name = scgene.evaluate(cells, checkpoint, genes=genes, **options).table
+    pd.testing.assert_frame_equal(hvg.table, by_name)
+    every_gene = scgene.evaluate(cells, checkpoint, **options).table
+    assert not np.allclose(hvg.table.loc["ScGene", "silhouette"], every_gene.loc["ScGene", "silhouette"])
+    pd.testing.assert_series_equal(hvg.table.iloc[-1], every_gene.iloc[-1])  # PCA is the same in both
+    assert hvg.info["tokenize_kwargs"] == {"genes": "hvg"}
+    with pytest.raises(ValueError, match="pass 'hvg'"):
+        scgene.evaluate(cells, checkpoint, genes="highly_variable", **options)

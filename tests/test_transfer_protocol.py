@@ -74,3 +74,13 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
     row = next(line for line in (out / "table.md").read_text().splitlines()
                if line.startswith("| ScGene (+ gene-panel views, 2 steps) |"))
     assert row.split(" | ")[1] == "–" and row.split(" | ")[2] != "–"  # scored on pbmc_b only
+    # the same fold checkpoints read on the left-out set's HVGs: rows of their own, no retraining
+    models = sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors"))
+    assert len(models) == 3  # two folds of the demo recipe, one of the gene-panel variant
+    subprocess.run(command + ["--genes", "hvg", "--held-out", "pbmc_a"], check=True, capture_output=True)
+    hvg = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert hvg["genes"] == "hvg" and hvg["held_out"] == "pbmc_a" and "annotation" not in hvg
+    assert set(hvg["scores"]) == {"ScGene", "ScGene untrained, read on the set's HVGs",
+                                  "prior only, read on the set's HVGs"}
+    assert sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors")) == models
+    assert "| ScGene (demo recipe, 2 steps, read on the set's HVGs) |" in (out / "table.md").read_text()

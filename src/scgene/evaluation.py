@@ -221,6 +221,21 @@ def log1p_hvg_expression(adata, settings: EvaluationSettings) -> np.ndarray:
     return np.asarray(view.X, np.float32)
 
 
+def highly_variable_genes(adata, settings: EvaluationSettings) -> list[str] | None:
+    """The names of the `n_top_genes` most variable genes, the ones the PCA baseline reads (None: the file has no more
+    genes than that, so all are read)."""
+    import scanpy as sc
+
+    if adata.n_vars <= settings.n_top_genes:
+        return None
+    view = sc.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32), var=pd.DataFrame(index=adata.var_names))
+    if not is_log_normalized(view.X.data):
+        sc.pp.normalize_total(view, target_sum=1e4)
+        sc.pp.log1p(view)
+    sc.pp.highly_variable_genes(view, n_top_genes=settings.n_top_genes)
+    return [str(name) for name in view.var_names[view.var["highly_variable"].to_numpy()]]
+
+
 def pca_embedding(expression: np.ndarray, settings: EvaluationSettings) -> np.ndarray:
     from sklearn.decomposition import PCA
 
@@ -353,7 +368,8 @@ def evaluate(
     `obs[label_key]`, next to `baselines` (any of "untrained", "prior", "pca", "expression") on the same cells.
 
     `model`: checkpoint folder, Hub id or loaded ScGene model (default: the shipped `DEFAULT_CHECKPOINT`); `pooling_layer` and `tokenize_kwargs` as for
-    `scgene.embed` (the untrained model reads the same layer).
+    `scgene.embed` (the untrained model reads the same layer). `genes="hvg"` makes the model, the untrained model and
+    the prior read only the highly variable genes that the PCA baseline reads.
     """
     import anndata
 
@@ -372,11 +388,19 @@ def evaluate(
     labels = cells.obs[label_key].astype(str).to_numpy()
     batches = cells.obs[batch_key].astype(str).to_numpy() if batch_key else None
     genes_detected, log_counts = depth_covariates(cells)
+    read = dict(tokenize_kwargs)
+    if isinstance(read.get("genes"), str):
+        if read["genes"] != "hvg":
+            raise ValueError(f"genes={read['genes']!r}: pass 'hvg' (the PCA baseline's highly variable genes) or a "
+                             "list of genes.")
+        read["genes"] = highly_variable_genes(cells, settings)
+        if read["genes"] is None:
+            del read["genes"]
     encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
 
     def embed_with(which):
-        return lambda: embed(cells, which, tokenizer=tokenizer, key_added=None, progress=progress, **tokenize_kwargs)
+        return lambda: embed(cells, which, tokenizer=tokenizer, key_added=None, progress=progress, **read)
 
     expression = None
 
@@ -390,7 +414,7 @@ def evaluate(
     if "untrained" in baselines:
         makers[f"{name} untrained"] = embed_with(untrained_copy(encoder, settings.seed))
     if "prior" in baselines:
-        makers["prior only"] = lambda: prior_only_embedding(cells, encoder, tokenizer, tokenize_kwargs)
+        makers["prior only"] = lambda: prior_only_embedding(cells, encoder, tokenizer, read)
     if "pca" in baselines:
         makers[f"PCA ({settings.n_pcs} PCs of log1p HVGs)"] = lambda: pca_embedding(hvg_expression(), settings)
 
@@ -410,7 +434,8 @@ def evaluate(
         "n_cells": int(len(labels)), "n_labels": int(len(np.unique(labels))), "label_key": label_key,
         "batch_key": batch_key, "n_batches": int(len(np.unique(batches))) if batches is not None else None,
         "name": name, "model": str(getattr(encoder, "name_or_path", "") or name), "settings": settings.__dict__,
-        "tokenize_kwargs": tokenize_kwargs, "seconds": seconds,
+        "tokenize_kwargs": {key: value if key != "genes" or isinstance(value, str) else f"{len(value)} genes"
+                            for key, value in tokenize_kwargs.items()}, "seconds": seconds,
     }
     return EvaluationReport(pd.DataFrame.from_dict(rows, orient="index")[list(METRICS)], info)
 

@@ -3,7 +3,7 @@ read with clear errors, and summarised by left-out set as mean ± sd over seeds.
 model card's "Leave-one-dataset-out transfer" section (`scgene push --transfer`) are made by the same code.
 
 A run is one JSON line: `held_out` (the set left out), `seed`, `variant` and `steps` (the recipe; older runs lack
-them: the demo recipe, 300 steps), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
+them: the demo recipe, 300 steps), `genes` ("hvg" where every model read only the set's HVGs), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
 baselines only in the first run of a fold and seed), and optionally `annotation`, `info` and `train_seconds`.
 """
 
@@ -27,8 +27,12 @@ def recipe_name(variant: str, steps: int = DEFAULT_STEPS) -> str:
     return variant if steps == DEFAULT_STEPS else f"{variant}, {steps} steps"
 
 
+HVG_READOUT = "read on the set's HVGs"  # a run whose models read only the genes the PCA baseline reads (genes="hvg")
+
+
 def run_recipe(run: dict) -> str:
-    return recipe_name(run.get("variant", DEFAULT_VARIANT), run.get("steps", DEFAULT_STEPS))
+    name = recipe_name(run.get("variant", DEFAULT_VARIANT), run.get("steps", DEFAULT_STEPS))
+    return f"{name}, {HVG_READOUT}" if run.get("genes") == "hvg" else name
 
 
 def scgene_row(run: dict) -> str:
