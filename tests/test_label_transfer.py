@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from conftest import PBMC
 from scgene import DEFAULT_CHECKPOINT, embed, transfer_labels
 from scgene.cli import main
 from scgene.label_transfer import ReferenceAnnotator
-
-from conftest import PBMC
 
 TYPES = ["Naive CD4 T", "CD14+ Mono", "B", "NK", "CD8 T"]
 

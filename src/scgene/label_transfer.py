@@ -187,6 +187,9 @@ def transfer_labels(
     """
     if min_confidence is not None and not 0 <= min_confidence <= 1:
         raise ValueError(f"min_confidence is a probability between 0 and 1, got {min_confidence}.")
+    if "genes" in tokenize_kwargs:
+        raise ValueError("transfer_labels reads the genes both files measure; leave out genes= (subset the files "
+                         "first to read fewer).")
     annotator = ReferenceAnnotator("logistic", n_neighbors=n_neighbors, unknown_quantile=unknown_quantile, seed=seed)
     encoder = load_model(model, classifier=False, device=device)
     tokenizer = load_tokenizer(tokenizer, encoder)
@@ -214,7 +217,7 @@ def transfer_labels(
                        f"{UNKNOWN_LABEL!r} with confidence 0.")
         calls.labels[empty], calls.confidence[empty] = UNKNOWN_LABEL, 0.0
     result = pd.DataFrame({
-        key_added: pd.Categorical(calls.labels, categories=[*annotator.classes_, UNKNOWN_LABEL]),
+        key_added: pd.Categorical(calls.labels, categories=list(dict.fromkeys([*annotator.classes_, UNKNOWN_LABEL]))),
         f"{key_added}_confidence": calls.confidence,
         f"{key_added}_distance": calls.distance,
     }, index=obs_names)
@@ -224,10 +227,9 @@ def transfer_labels(
     if not isinstance(query, (str, os.PathLike)):
         for column in result.columns:
             query.obs[column] = result[column].values
+        reference_name = str(reference) if isinstance(reference, (str, os.PathLike)) else "in-memory AnnData"
         query.uns[key_added] = {"labels": [str(name) for name in annotator.classes_]} | run_record(
-            encoder, tokenizer, coverage, reference=str(reference) if isinstance(
-                reference, (str, os.PathLike)) else "in-memory AnnData", label_key=label_key,
-            genes_shared=int(len(genes)), temperature=annotator.temperature_,
-            distance_threshold=annotator.distance_threshold_, unknown_quantile=unknown_quantile,
-            n_neighbors=n_neighbors, min_confidence=min_confidence)
+            encoder, tokenizer, coverage, reference=reference_name, label_key=label_key, genes_shared=int(len(genes)),
+            temperature=annotator.temperature_, distance_threshold=annotator.distance_threshold_,
+            unknown_quantile=unknown_quantile, n_neighbors=n_neighbors, min_confidence=min_confidence)
     return result

@@ -383,7 +383,8 @@ def embed(
     `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used); by default the
     checkpoint that ships with scgene (`DEFAULT_CHECKPOINT`). `tokenizer`: by default
     the one saved with the checkpoint, with its saved settings; `tokenize_kwargs` (`gene_selection`, `max_length`,
-    `top_k`, `gene_column`) override them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
+    `top_k`, `gene_column`, `layer`, `use_raw`, and `genes`: read only these genes, normalised over them) override
+    them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
     per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
     and never written: the embeddings are returned. Results do not depend on `batch_size`, `max_tokens_per_batch`, cell
     order or batch mates.

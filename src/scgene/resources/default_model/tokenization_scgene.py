@@ -491,15 +491,20 @@ class ScGeneTokenizer(FeatureExtractionMixin):
             )
 
     def gene_panel_columns(self, adata, genes, gene_column: str | None = None) -> np.ndarray:
-        """The columns of `adata` that hold `genes` (names, or vocabulary ids), ascending; an error for names outside
-        the vocabulary and for a panel the file does not measure at all."""
+        """The columns of `adata` that hold `genes` (names, or vocabulary ids), ascending. Names outside the vocabulary
+        are skipped with a warning; a panel the file does not measure at all is an error."""
         genes = list(genes)
         if genes and all(isinstance(gene, (int, np.integer)) for gene in genes):
             ids = np.asarray(genes, np.int64)
             if ids.min() < len(SPECIAL_TOKENS) or ids.max() >= self.vocab_size:
                 raise ValueError(f"genes= holds vocabulary ids outside {len(SPECIAL_TOKENS)}..{self.vocab_size - 1}.")
         else:
-            ids = np.asarray(self.convert_genes_to_ids([str(gene) for gene in genes]), np.int64)
+            found = [self._lookup(str(gene)) for gene in genes]
+            unknown = [str(gene) for gene, token_id in zip(genes, found) if token_id is None]
+            if unknown:
+                logger.warning(f"{len(unknown)} of the {len(genes)} genes passed as genes= are not vocabulary genes "
+                               f"and are not read: {unknown[:5]}{', ...' if len(unknown) > 5 else ''}")
+            ids = np.asarray([token_id for token_id in found if token_id is not None], np.int64)
         mapping = self.map_genes(adata, gene_column)
         column_ids = np.where(mapping.column_to_matched >= 0,
                               mapping.vocab_ids[np.maximum(mapping.column_to_matched, 0)], -1)
