@@ -4,17 +4,18 @@ checkpoint: a reference and a query with different gene panels, the tokenizer's 
 
 import hashlib
 import logging
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from conftest import PBMC
 from scgene import DEFAULT_CHECKPOINT, embed, transfer_labels
 from scgene.cli import main
 from scgene.label_transfer import ReferenceAnnotator
 
+PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
 TYPES = ["Naive CD4 T", "CD14+ Mono", "B", "NK", "CD8 T"]
 
 
