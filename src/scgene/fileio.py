@@ -193,25 +193,31 @@ def output_lock(out: Path) -> Iterator[None]:
     """Hold `.NAME.lock` next to `out` while writing it; a lock whose process is gone is taken over."""
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = out.parent / f".{out.name}.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
+    # the lock appears with the process id already in it (a hard link to a written file is atomic): a second writer
+    # never reads a lock that exists but is still empty, which it would take for one left by a killed run
+    staged = out.parent / f".{out.name}.lock.{os.getpid()}"
+    staged.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
             try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner == os.getpid():
-                raise ValueError(f"Two outputs of this run name {out}; give each output its own path.")
-            if owner and process_alive(owner):
-                raise FileExistsError(f"Another process (pid {owner}) is writing {out}; wait for it to finish or "
-                                      f"choose another output.") from None
-            lock.unlink(missing_ok=True)  # left by a run that was killed
-    else:
-        raise FileExistsError(f"Could not lock {out} for writing ({lock} keeps reappearing); choose another output.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(str(os.getpid()))
+                os.link(staged, lock)
+                break
+            except FileExistsError:
+                try:
+                    owner = int(lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    owner = 0
+                if owner == os.getpid():
+                    raise ValueError(f"Two outputs of this run name {out}; give each output its own path.") from None
+                if owner and process_alive(owner):
+                    raise FileExistsError(f"Another process (pid {owner}) is writing {out}; wait for it to finish or "
+                                          f"choose another output.") from None
+                lock.unlink(missing_ok=True)  # left by a run that was killed
+        else:
+            raise FileExistsError(f"Could not lock {out} for writing ({lock} keeps reappearing); choose another "
+                                  "output.")
+    finally:
+        staged.unlink(missing_ok=True)
     try:
         yield
     finally:
