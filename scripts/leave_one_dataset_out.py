@@ -140,7 +140,7 @@ ANNOTATORS = ("ScGene embedding of the shared genes + logistic regression",
               "ScGene embedding of all genes + logistic regression",
               "expression + logistic regression", "reference 50 PCs + kNN")
 WITHHELD_TYPE = "B"  # left out of the reference once, so the query's cells of it are a type the reference lacks
-ANNOTATION_RULE = "distance"  # how "Unknown" is called; runs scored under another rule are re-scored
+ANNOTATION_RULE = "distance; kNN on unscaled PCs"  # how annotation is scored; runs scored otherwise are re-scored
 
 
 def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, reference_labels, query_labels,
@@ -178,19 +178,19 @@ def annotation_transfer(reference: anndata.AnnData, query: anndata.AnnData, refe
     expression = {"reference": log1p(reference), "query": log1p(query)}
     hvg = np.argsort(-expression["reference"].var(axis=0))[:2000]
     pca = make_pipeline(StandardScaler(), PCA(n_components=50, random_state=seed)).fit(expression["reference"][:, hvg])
-    annotators = {  # name: (classifier, features)
-        ANNOTATORS[0]: ("logistic", embedded["shared"]),
-        ANNOTATORS[1]: ("logistic", embedded["all"]),
-        ANNOTATORS[2]: ("logistic", expression),
-        ANNOTATORS[3]: ("knn", {k: pca.transform(v[:, hvg]) for k, v in expression.items()}),
+    annotators = {  # name: (classifier, features, standardised); PCs keep their scale, as kNN on PCs always reads them
+        ANNOTATORS[0]: ("logistic", embedded["shared"], True),
+        ANNOTATORS[1]: ("logistic", embedded["all"], True),
+        ANNOTATORS[2]: ("logistic", expression, True),
+        ANNOTATORS[3]: ("knn", {k: pca.transform(v[:, hvg]) for k, v in expression.items()}, False),
     }
     scores = {}
-    for name, (classifier, features) in annotators.items():
+    for name, (classifier, features, standardize) in annotators.items():
         result = {}
         for withheld in ("", WITHHELD_TYPE):
             train = (reference_labels != "") & (reference_labels != withheld)
-            annotator = ReferenceAnnotator(classifier, seed=seed).fit(features["reference"][train],
-                                                                      reference_labels[train])
+            annotator = ReferenceAnnotator(classifier, seed=seed, standardize=standardize)
+            annotator.fit(features["reference"][train], reference_labels[train])
             calls = annotator.predict(features["query"])
             known = np.isin(query_labels, annotator.classes_) & (query_labels != "")
             if not withheld:  # the best type, whether or not the cell is far from the reference

@@ -104,6 +104,14 @@ def test_reference_annotator_rejects_what_it_cannot_learn():
     assert (near.labels == labels).mean() > 0.9
     off = ReferenceAnnotator(unknown_quantile=None).fit(features, labels).predict(rng.normal(30, 1, (10, 4)))
     assert not (off.labels == "Unknown").any()
+    # principal components keep their scale: distances are plain Euclidean ones to the 15 nearest reference cells
+    from sklearn.neighbors import NearestNeighbors
+
+    scaled = features * [10, 1, 1, 1]
+    query = rng.normal(3, 2, (5, 4)) * [10, 1, 1, 1]
+    unscaled = ReferenceAnnotator("knn", standardize=False).fit(scaled, labels).predict(query)
+    expected = NearestNeighbors(n_neighbors=15).fit(scaled).kneighbors(query)[0].mean(axis=1)
+    np.testing.assert_allclose(unscaled.distance, expected, rtol=1e-5)
 
 
 def test_annotate_command_with_a_reference(panels, tmp_path, capsys):

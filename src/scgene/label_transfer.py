@@ -47,12 +47,13 @@ class ReferenceAnnotator:
 
     `classifier`: "logistic" (standardised features, logits divided by a temperature fitted on a held-out 20% of the
     reference) or "knn" (the vote share of `n_neighbors` neighbours). Query cells farther from the reference (mean
-    distance to `n_neighbors` reference cells, standardised features) than the `unknown_quantile` of held-out
-    reference cells are "Unknown"; `unknown_quantile=None` turns the reject option off.
+    distance to `n_neighbors` reference cells) than the `unknown_quantile` of held-out reference cells are "Unknown";
+    `unknown_quantile=None` turns the reject option off. Features are standardised first unless `standardize=False`
+    (principal components, whose scale is their variance, keep it).
     """
 
     def __init__(self, classifier: str = "logistic", n_neighbors: int = 15, unknown_quantile: float | None = 0.95,
-                 seed: int = 0):
+                 seed: int = 0, standardize: bool = True):
         if classifier not in ("logistic", "knn"):
             raise ValueError(f"classifier must be 'logistic' or 'knn', got {classifier!r}.")
         if unknown_quantile is not None and not 0 < unknown_quantile <= 1:
@@ -60,6 +61,7 @@ class ReferenceAnnotator:
         if not isinstance(n_neighbors, int) or n_neighbors < 1:
             raise ValueError(f"n_neighbors must be a positive integer, got {n_neighbors!r}.")
         self.classifier, self.n_neighbors, self.unknown_quantile, self.seed = classifier, n_neighbors, unknown_quantile, seed
+        self.standardize = standardize
 
     def _model(self):
         from sklearn.linear_model import LogisticRegression
@@ -94,7 +96,7 @@ class ReferenceAnnotator:
         if len(np.unique(labels)) < 2:
             raise ValueError(f"The reference needs two or more labels with {MIN_CELLS_PER_LABEL}+ cells each to tell "
                              f"types apart; it has {list(np.unique(labels))}.")
-        self.scaler_ = StandardScaler().fit(features)
+        self.scaler_ = StandardScaler(with_mean=self.standardize, with_std=self.standardize).fit(features)
         scaled = self.scaler_.transform(features)
         fit_cells, held_cells = train_test_split(np.arange(len(labels)), test_size=0.2, random_state=self.seed,
                                                  stratify=labels)
