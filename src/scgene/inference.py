@@ -391,9 +391,9 @@ def embed(
     """
     encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
-    embeddings, coverage = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
-                                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress,
-                                                   **tokenize_kwargs)
+    embeddings, coverage, _ = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
+                                                      max_tokens_per_batch=max_tokens_per_batch, progress=progress,
+                                                      **tokenize_kwargs)
     if key_added and not isinstance(adata, (str, os.PathLike)):
         adata.obsm[key_added] = embeddings
         adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer)
@@ -401,18 +401,22 @@ def embed(
 
 
 def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens_per_batch, progress,
-                            **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage]:
-    """`embed`'s work on a loaded encoder and tokenizer: the embeddings and the prior coverage of their tokens."""
+                            **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
+    """`embed`'s work on a loaded encoder and tokenizer: the embeddings, the prior coverage of their tokens, and
+    whether each cell had counts on any gene it was read on."""
     with opened(adata) as cells:
         embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)
+        has_counts = np.zeros(cells.n_obs, bool)
 
         def consume(batch, outputs):
             embeddings[batch.cells] = outputs.pooler_output.float().cpu().numpy()
+            ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+            has_counts[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).any(dim=1).cpu().numpy()
 
         coverage = run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
                                   encode_kwargs=tokenize_kwargs)
-    return embeddings, coverage
+    return embeddings, coverage, has_counts
 
 
 def annotate(

@@ -23,7 +23,7 @@ import pandas as pd
 from transformers.utils import logging
 
 from .inference import UNKNOWN_LABEL, embeddings_and_coverage, load_model, load_tokenizer, run_record
-from .tokenization_scgene import PANEL_WARNING_GENES, expression_source, opened, read_chunks, to_csr
+from .tokenization_scgene import PANEL_WARNING_GENES, expression_source, opened
 
 logger = logging.get_logger(__name__)
 
@@ -147,17 +147,6 @@ def shared_gene_ids(query, reference, tokenizer, *, gene_column=None, layer=None
     return shared
 
 
-def cells_with_counts(cells, tokenizer, gene_ids, *, gene_column=None, layer=None, use_raw=False) -> np.ndarray:
-    """Whether each cell has any count on `gene_ids` (read chunk by chunk)."""
-    from .tokenization_scgene import GenePanel
-
-    source = expression_source(cells, layer, use_raw)
-    panel = GenePanel(source, tokenizer.gene_panel_columns(source, gene_ids, gene_column))
-    first = panel.X[: min(4096, panel.n_obs)]
-    return np.concatenate([np.diff(to_csr(chunk).indptr) > 0 for _, chunk in read_chunks(panel, 4096, first)]
-                          or [np.zeros(0, bool)])
-
-
 def transfer_labels(
     query,
     reference,
@@ -210,9 +199,10 @@ def transfer_labels(
         labelled = labels.notna().to_numpy() & (labels.astype(str).str.strip() != "").to_numpy()
         reference_embeddings = embeddings_and_coverage(reference_cells, encoder, tokenizer, genes=genes, **options)[0]
         annotator.fit(reference_embeddings[labelled], labels.astype(str).to_numpy()[labelled])
-        query_embeddings, coverage = embeddings_and_coverage(query_cells, encoder, tokenizer, genes=genes, **options)
+        query_embeddings, coverage, has_counts = embeddings_and_coverage(query_cells, encoder, tokenizer, genes=genes,
+                                                                         **options)
         calls = annotator.predict(query_embeddings, min_confidence)
-        empty = ~cells_with_counts(query_cells, tokenizer, genes, **reading)
+        empty = ~has_counts
         obs_names = query_cells.obs_names.copy()
     if empty.any():
         logger.warning(f"{int(empty.sum())} query cells have no counts on the shared genes: labelled "
