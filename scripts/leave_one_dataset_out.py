@@ -31,6 +31,7 @@ import anndata
 import numpy as np
 import pandas as pd
 
+from scgene.hub import LABEL_TRANSFER_ROW
 from scgene.transfer import (
     DEFAULT_STEPS,
     DEFAULT_VARIANT,
@@ -136,7 +137,7 @@ def mapped_labels(adata, labelled: LabelledSet, label_map: pd.DataFrame) -> np.n
     return adata.obs[labelled.label_key].astype(str).map(table).fillna("").to_numpy()
 
 
-ANNOTATORS = ("ScGene embedding of the shared genes + logistic regression",
+ANNOTATORS = (LABEL_TRANSFER_ROW,  # what scgene.transfer_labels does
               "ScGene embedding of all genes + logistic regression",
               "expression + logistic regression", "reference 50 PCs + kNN")
 WITHHELD_TYPE = "B"  # left out of the reference once, so the query's cells of it are a type the reference lacks

@@ -195,3 +195,21 @@ def test_evaluate_can_read_only_the_genes_pca_reads(checkpoint):
     assert hvg.info["tokenize_kwargs"] == {"genes": "hvg"}
     with pytest.raises(ValueError, match="pass 'hvg'"):
         scgene.evaluate(cells, checkpoint, genes="highly_variable", **options)
+
+
+def test_evaluate_command_reads_the_genes_asked_for(checkpoint, tmp_path):
+    """`scgene evaluate --genes hvg` gives the table of `scgene.evaluate(genes="hvg")`; --genes FILE reads the names."""
+    cells = ad.read_h5ad(DATA / "cellbench_120cells_ensembl_subset.h5ad")
+    path, listed = tmp_path / "cells.h5ad", tmp_path / "genes.txt"
+    cells.write_h5ad(path)
+    listed.write_text("\n".join(cells.var_names[:500]))
+    for option, genes in (("hvg", "hvg"), (str(listed), list(cells.var_names[:500]))):
+        scores = tmp_path / "scores.json"
+        assert main(["evaluate", str(path), "--model", str(checkpoint), "--label-key", "cell_line", "--baselines",
+                     "prior", "--json", str(scores), "--genes", option]) == 0
+        expected = scgene.evaluate(cells, checkpoint, label_key="cell_line", baselines=("prior",), genes=genes,
+                                   progress=False).table
+        saved = json.loads(scores.read_text())["scores"]
+        for row in expected.index:
+            assert saved[row]["knn_f1"] == pytest.approx(expected.loc[row, "knn_f1"]), (option, row)
+            assert saved[row]["silhouette"] == pytest.approx(expected.loc[row, "silhouette"]), (option, row)

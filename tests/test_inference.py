@@ -361,3 +361,31 @@ def test_tokens_of_genes_pretraining_never_saw_are_reported(checkpoint, cells, t
     scgene.embed(query, folder, progress=False)
     assert query.uns["X_scgene"]["prior_coverage"]["share_unseen_in_training"] == 0
 
+
+
+def test_embed_command_reads_only_the_genes_asked_for(checkpoint, tmp_path, capsys):
+    """--genes hvg: the file's 2,000 most variable genes (those `scgene evaluate`'s PCA reads); --genes FILE: the
+    names listed; both the same as `scgene.embed(genes=...)`, and not the same as reading every gene."""
+    from scgene.evaluation import EvaluationSettings, highly_variable_genes
+
+    cells = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_120cells_ensembl_subset.h5ad")
+    source = tmp_path / "in.h5ad"
+    cells.write_h5ad(source)
+    hvg = highly_variable_genes(cells, EvaluationSettings())
+    listed = tmp_path / "genes.txt"
+    listed.write_text("\n".join(cells.var_names[:300]) + "\n")
+    for option, genes in (("hvg", hvg), (str(listed), list(cells.var_names[:300]))):
+        out = tmp_path / f"out_{len(genes)}.h5ad"
+        assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(out), "--genes", option]) == 0
+        expected = scgene.embed(cells, checkpoint, genes=genes, progress=False, key_added=None)
+        np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_scgene"], expected, atol=1e-5)
+    every_gene = scgene.embed(cells, checkpoint, progress=False, key_added=None)
+    assert len(hvg) == 2000 and not np.allclose(ad.read_h5ad(tmp_path / "out_2000.h5ad").obsm["X_scgene"], every_gene)
+    capsys.readouterr()
+    (tmp_path / "empty.txt").write_text("\n")
+    for option in ("highly_variable", str(tmp_path / "empty.txt")):
+        assert main(["embed", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "x.h5ad"),
+                     "--genes", option]) == 1
+        error = capsys.readouterr().err
+        assert error.startswith(f"scgene embed: error: --genes {option}:") and error.count("\n") == 1, error
+    assert not (tmp_path / "x.h5ad").exists()

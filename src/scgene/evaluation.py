@@ -228,7 +228,7 @@ def highly_variable_genes(adata, settings: EvaluationSettings) -> list[str] | No
 
     if adata.n_vars <= settings.n_top_genes:
         return None
-    view = sc.AnnData(X=sp.csr_matrix(adata.X, dtype=np.float32), var=pd.DataFrame(index=adata.var_names))
+    view = sc.AnnData(X=sp.csr_matrix(adata.X[:] if adata.isbacked else adata.X, dtype=np.float32), var=pd.DataFrame(index=adata.var_names))
     if not is_log_normalized(view.X.data):
         sc.pp.normalize_total(view, target_sum=1e4)
         sc.pp.log1p(view)

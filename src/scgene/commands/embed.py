@@ -25,6 +25,28 @@ FLAGS = {
 
 
 POOLING_LAYER_HELP = "read the cell embedding from this layer: -1 the last, -2 the second-to-last (default: the checkpoint's)"
+GENES_HELP = ("read only these genes, normalised over them: 'hvg' (the file's 2,000 most variable genes, those the PCA "
+              "baseline of `scgene evaluate` reads) or a text file with one gene name per line (default: every gene)")
+
+
+def genes_option(value: str | None, adata=None):
+    """`--genes`: None (every gene), the names listed in a text file, or with 'hvg' the highly variable genes of
+    `adata` (or "hvg" itself when no `adata` is given: `scgene.evaluate` resolves it)."""
+    if value is None:
+        return None
+    if value == "hvg":
+        if adata is None:
+            return "hvg"
+        from ..evaluation import EvaluationSettings, highly_variable_genes
+
+        return highly_variable_genes(adata, EvaluationSettings())
+    if not os.path.isfile(value):
+        raise ValueError(f"--genes {value}: pass 'hvg' or a text file with one gene name per line; no such file.")
+    with open(value) as handle:
+        genes = [line.strip() for line in handle if line.strip()]
+    if not genes:
+        raise ValueError(f"--genes {value}: the file lists no gene; put one gene name per line.")
+    return genes
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = True) -> None:
@@ -71,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "checkpoint shipped with scgene)", model_required=False)
     parser.add_argument("--key", default="X_scgene", help="obsm key of the embedding (default %(default)s)")
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
+    parser.add_argument("--genes", help=GENES_HELP)
     parser.add_argument("--plot", metavar="IMAGE", help="save a UMAP of the embedding here (png, pdf, svg, ...)")
     parser.add_argument("--color", nargs="*", default=[], metavar="COL", help="obs columns to colour the UMAP by")
 
@@ -94,6 +117,9 @@ def _run(args: argparse.Namespace) -> int:
                 missing = [column for column in args.color if column not in adata.obs.columns]
                 if missing:
                     raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
+                genes = genes_option(args.genes, adata)
+                if genes is not None:
+                    options["genes"] = genes
                 # the backed input is only read: obsm and uns are set in memory and written to the copy
                 embeddings = embed(adata, args.model, key_added=args.key, pooling_layer=args.pooling_layer, **options)
                 print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")

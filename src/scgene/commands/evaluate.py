@@ -12,7 +12,7 @@ import contextlib
 import sys
 
 from . import USER_ERRORS, coverage_report_shown, user_error_message
-from .embed import POOLING_LAYER_HELP, command_inputs
+from .embed import GENES_HELP, POOLING_LAYER_HELP, command_inputs, genes_option
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
          "gene_column=": "--gene-column", "tokenizer=": "--tokenizer", "layer=": "--layer ", "use_raw=True": "--use-raw",
@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
+    parser.add_argument("--genes", help=GENES_HELP.replace("(default", "for the model, the untrained model and the prior "
+                                                                       "(default"))
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
 
@@ -58,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.n_neighbors < 1 or (args.max_length is not None and args.max_length < 1):
             raise ValueError("--n-neighbors and --max-length must be positive integers.")
         inputs = command_inputs(args)
+        genes = genes_option(args.genes)
         with contextlib.ExitStack() as claims:  # report files are checked before the run; replaced, never an input
             for path in (args.markdown, args.json):
                 if path:
@@ -68,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
                                           seed=args.seed)
             options = {key: getattr(args, key) for key in ("gene_column", "max_length", "layer")
                        if getattr(args, key) is not None} | ({"use_raw": True} if args.use_raw else {})
+            if genes is not None:
+                options["genes"] = genes
             report = evaluate(adata, args.model, label_key=args.label_key, batch_key=args.batch_key,
                               tokenizer=args.tokenizer, baselines=args.baselines, settings=settings, device=args.device,
                               pooling_layer=args.pooling_layer, **options)
