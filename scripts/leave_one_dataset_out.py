@@ -35,11 +35,11 @@ from scgene.hub import LABEL_TRANSFER_ROW
 from scgene.transfer import (
     DEFAULT_STEPS,
     DEFAULT_VARIANT,
-    HVG_READOUT,
     RUNS_FILE,
     mean_sd,
     metric_tables,
     read_runs,
+    readouts,
     recipe_name,
     run_recipe,
 )
@@ -129,6 +129,16 @@ def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[P
     """The fold's checkpoint: pretrained on every set but the one left out."""
     corpus = [path for name, path in files.items() if name != held_out.name] + unlabelled
     return pretrain_on(corpus, out / f"without_{held_out.name}", seed, steps, variant)
+
+
+def thinned(adata: anndata.AnnData, quantile: float, seed: int) -> anndata.AnnData:
+    """A copy of `adata` with each cell's counts thinned binomially to at most the `quantile` of the cells' count
+    totals (scanpy's downsample_counts; shallower cells are kept as they are)."""
+    import scanpy as sc
+
+    totals = np.asarray(adata.X.sum(axis=1)).ravel()
+    target = int(np.quantile(totals, quantile))
+    return sc.pp.downsample_counts(adata, counts_per_cell=target, random_state=seed, copy=True)
 
 
 def mapped_labels(adata, labelled: LabelledSet, label_map: pd.DataFrame) -> np.ndarray:
@@ -250,6 +260,10 @@ def main():
     parser.add_argument("--genes", choices=["all", "hvg"], default="all",
                         help="hvg: the models (trained, untrained, prior) read only the left-out set's highly variable "
                              "genes, those the PCA baseline reads; its own rows, on the same fold checkpoints")
+    parser.add_argument("--common-depth", type=float, metavar="QUANTILE",
+                        help="every embedding, baselines included, reads the left-out set with each cell thinned "
+                             "(scanpy's downsample_counts) to this quantile of the set's count totals, e.g. 0.1; the "
+                             "depth metrics still read the cells' own depth. Rows of their own, on the same checkpoints")
     parser.add_argument("--rescore-annotation", action="store_true",
                         help="first re-score the annotation transfer of finished runs scored by an older rule")
     args = parser.parse_args()
@@ -265,9 +279,12 @@ def main():
     log = args.out / RUNS_FILE
     runs = read_runs(log) if log.exists() else []
     done = {(r["held_out"], r["seed"], run_recipe(r)) for r in runs}
-    # baselines once per fold, seed and gene read-out (PCA and logistic regression are the same in both)
-    scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all")) for r in runs}
+    if args.common_depth is not None and not 0 < args.common_depth < 1:
+        parser.error(f"--common-depth {args.common_depth}: pass a quantile between 0 and 1, e.g. 0.1")
+    # baselines once per fold, seed and read-out (reading the HVGs leaves PCA and logistic regression as they are)
+    scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all"), r.get("depth_quantile")) for r in runs}
     read = {"genes": "hvg"} if args.genes == "hvg" else {}
+    readout = {"depth_quantile": args.common_depth} if args.common_depth else {}
     by_name = {labelled.name: labelled for labelled in sets}
     unknown = set(args.held_out or []) - set(by_name)
     if unknown:
@@ -293,23 +310,27 @@ def main():
         (args.out / "table.md").write_text(summary(log))
     for seed in args.seeds:
         for name in args.held_out or list(by_name):
-            if (name, seed, run_recipe({"variant": args.variant, "steps": args.steps, **read})) in done:
+            if (name, seed, run_recipe({"variant": args.variant, "steps": args.steps, **read, **readout})) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
             checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps, args.variant)
             train_seconds = time.perf_counter() - start
             query = anndata.read_h5ad(files[name])
-            baselines = (() if (name, seed, args.genes) in scored_baselines else
-                         ("untrained", "prior") if args.genes == "hvg" else ("untrained", "prior", "pca", "expression"))
-            report = evaluate(query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
-                              baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False, **read)
-            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **read,
+            read_query = query if not readout else thinned(query, args.common_depth, seed)
+            baselines = (() if (name, seed, args.genes, args.common_depth) in scored_baselines else
+                         ("untrained", "prior") if args.genes == "hvg" and not readout else
+                         ("untrained", "prior", "pca", "expression"))
+            report = evaluate(read_query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
+                              baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False,
+                              depth_reference=query, **read)
+            suffix = "".join(f", {part}" for part in readouts(read | readout))
+            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **read, **readout,
                      "train_seconds": round(train_seconds, 1),
-                     "scores": {row if row == "ScGene" or not read else f"{row}, {HVG_READOUT}":
-                                report.table.loc[row].to_dict() for row in report.table.index},
+                     "scores": {row if row == "ScGene" else row + suffix: report.table.loc[row].to_dict()
+                                for row in report.table.index},
                      "info": report.info}
-            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and args.genes == "all":
+            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and not read and not readout:
                 entry["annotation"] = scored_annotation(held_out, query, checkpoint, seed)
             with log.open("a") as handle:
                 handle.write(json.dumps(entry, default=float) + "\n")

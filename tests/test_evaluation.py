@@ -213,3 +213,28 @@ def test_evaluate_command_reads_the_genes_asked_for(checkpoint, tmp_path):
         for row in expected.index:
             assert saved[row]["knn_f1"] == pytest.approx(expected.loc[row, "knn_f1"]), (option, row)
             assert saved[row]["silhouette"] == pytest.approx(expected.loc[row, "silhouette"]), (option, row)
+
+
+def test_depth_metrics_can_read_the_cells_before_thinning(pbmc_cells):
+    """depth_reference: the depth metrics use the genes detected of the cells before thinning, every other metric
+    the cells read; a reference of other cells is refused."""
+    import scanpy as sc
+
+    from scgene.evaluation import depth_scores, log1p_hvg_expression, pca_embedding, within_label_depth
+
+    cells = pbmc_cells[:300].copy()
+    thinned = sc.pp.downsample_counts(cells, counts_per_cell=500, random_state=0, copy=True)
+    options = {"label_key": "cell_type", "baselines": ("pca",), "settings": FAST, "progress": False}
+    plain = scgene.evaluate(thinned, None, **options).table
+    own_depth = scgene.evaluate(thinned, None, depth_reference=cells, **options).table
+    depth_columns = ["pc1_corr_genes", "pc1_corr_counts", "label_pc1_corr_genes"]
+    pd.testing.assert_frame_equal(own_depth.drop(columns=depth_columns), plain.drop(columns=depth_columns))
+    genes_detected, log_counts = depth_covariates(cells)
+    pca = pca_embedding(log1p_hvg_expression(thinned, FAST), FAST).astype(np.float64)
+    row = own_depth.loc["PCA (50 PCs of log1p HVGs)"]
+    assert row["pc1_corr_genes"] == pytest.approx(depth_scores(pca, genes_detected, log_counts)["pc1_corr_genes"])
+    labels = cells.obs["cell_type"].astype(str).to_numpy()
+    assert row["label_pc1_corr_genes"] == pytest.approx(within_label_depth(pca, labels, genes_detected))
+    assert row["label_pc1_corr_genes"] != pytest.approx(plain.loc["PCA (50 PCs of log1p HVGs)", "label_pc1_corr_genes"])
+    with pytest.raises(ValueError, match="same cells"):
+        scgene.evaluate(thinned, None, depth_reference=cells[::-1], **options)

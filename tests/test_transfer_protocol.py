@@ -84,3 +84,15 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
                                   "prior only, read on the set's HVGs"}
     assert sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors")) == models
     assert "| ScGene (demo recipe, 2 steps, read on the set's HVGs) |" in (out / "table.md").read_text()
+    # every embedding, the baselines too, reading the left-out set thinned to its median depth: rows of their own
+    subprocess.run(command + ["--common-depth", "0.5", "--held-out", "pbmc_a"], check=True, capture_output=True)
+    thinned = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    readout = "read at the set's 50th-percentile depth"
+    assert thinned["depth_quantile"] == 0.5 and "annotation" not in thinned and "genes" not in thinned
+    assert set(thinned["scores"]) == {"ScGene"} | {f"{row}, {readout}" for row in runs[0]["scores"] if row != "ScGene"}
+    pca = "PCA (50 PCs of log1p HVGs)"
+    assert thinned["scores"][f"{pca}, {readout}"]["knn_f1"] != runs[0]["scores"][pca]["knn_f1"]  # other counts
+    assert sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors")) == models
+    assert f"| ScGene (demo recipe, 2 steps, {readout}) |" in (out / "table.md").read_text()
+    failed = subprocess.run(command + ["--common-depth", "10"], capture_output=True, text=True)
+    assert failed.returncode == 2 and "--common-depth 10.0: pass a quantile between 0 and 1" in failed.stderr

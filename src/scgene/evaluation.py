@@ -362,6 +362,7 @@ def evaluate(
     device=None,
     pooling_layer: int | None = None,
     progress: bool = True,
+    depth_reference=None,
     **tokenize_kwargs,
 ) -> EvaluationReport:
     """Score `model`'s cell embeddings of `adata` (raw counts in X; an AnnData or a path, never modified) against
@@ -369,7 +370,9 @@ def evaluate(
 
     `model`: checkpoint folder, Hub id or loaded ScGene model (default: the shipped `DEFAULT_CHECKPOINT`); `pooling_layer` and `tokenize_kwargs` as for
     `scgene.embed` (the untrained model reads the same layer). `genes="hvg"` makes the model, the untrained model and
-    the prior read only the highly variable genes that the PCA baseline reads.
+    the prior read only the highly variable genes that the PCA baseline reads. `depth_reference`: the same cells before
+    a change of depth (e.g. `sc.pp.downsample_counts`), whose genes detected and counts the depth metrics use instead
+    of those of the matrix read.
     """
     import anndata
 
@@ -387,7 +390,9 @@ def evaluate(
     cells = adata[keep]
     labels = cells.obs[label_key].astype(str).to_numpy()
     batches = cells.obs[batch_key].astype(str).to_numpy() if batch_key else None
-    genes_detected, log_counts = depth_covariates(cells)
+    if depth_reference is not None and not depth_reference.obs_names.equals(adata.obs_names):
+        raise ValueError("depth_reference must hold the same cells as adata, in the same order (its obs_names differ).")
+    genes_detected, log_counts = depth_covariates(cells if depth_reference is None else depth_reference[keep])
     read = dict(tokenize_kwargs)
     if isinstance(read.get("genes"), str):
         if read["genes"] != "hvg":

@@ -3,7 +3,8 @@ read with clear errors, and summarised by left-out set as mean ± sd over seeds.
 model card's "Leave-one-dataset-out transfer" section (`scgene push --transfer`) are made by the same code.
 
 A run is one JSON line: `held_out` (the set left out), `seed`, `variant` and `steps` (the recipe; older runs lack
-them: the demo recipe, 300 steps), `genes` ("hvg" where every model read only the set's HVGs), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
+them: the demo recipe, 300 steps), `genes` ("hvg" where every model read only the set's HVGs), `depth_quantile` (where every embedding, baselines
+included, read the set with each cell thinned to that quantile of the set's count totals), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
 baselines only in the first run of a fold and seed), and optionally `annotation`, `info` and `train_seconds`.
 """
 
@@ -30,9 +31,20 @@ def recipe_name(variant: str, steps: int = DEFAULT_STEPS) -> str:
 HVG_READOUT = "read on the set's HVGs"  # a run whose models read only the genes the PCA baseline reads (genes="hvg")
 
 
+def depth_readout(quantile: float) -> str:
+    """The readout of a run whose every embedding read the set with each cell thinned to this quantile of its depth."""
+    return f"read at the set's {100 * quantile:g}th-percentile depth"
+
+
+def readouts(run: dict) -> list[str]:
+    """How a run read the left-out set, beyond the usual (its genes, its depth): suffixes of its rows' names."""
+    return ([HVG_READOUT] if run.get("genes") == "hvg" else []) + (
+        [depth_readout(run["depth_quantile"])] if run.get("depth_quantile") else [])
+
+
 def run_recipe(run: dict) -> str:
     name = recipe_name(run.get("variant", DEFAULT_VARIANT), run.get("steps", DEFAULT_STEPS))
-    return f"{name}, {HVG_READOUT}" if run.get("genes") == "hvg" else name
+    return ", ".join([name, *readouts(run)])
 
 
 def scgene_row(run: dict) -> str:
@@ -130,4 +142,4 @@ def metric_tables(runs: list[dict], metrics: dict[str, str]) -> list[str]:
     return lines
 
 
-__all__ = ["read_runs", "metric_tables", "scores_by_fold", "mean_sd", "recipe_name", "run_recipe", "scgene_row"]
+__all__ = ["depth_readout", "readouts", "read_runs", "metric_tables", "scores_by_fold", "mean_sd", "recipe_name", "run_recipe", "scgene_row"]
