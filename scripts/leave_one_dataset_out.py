@@ -264,13 +264,19 @@ def main():
                         help="every embedding, baselines included, reads the left-out set with each cell thinned "
                              "(scanpy's downsample_counts) to this quantile of the set's count totals, e.g. 0.1; the "
                              "depth metrics still read the cells' own depth. Rows of their own, on the same checkpoints")
+    parser.add_argument("--prior-readout", action="store_true",
+                        help="the model's cell embedding adds its prior, pooled the same way, with the weight that "
+                             "scgene.fit_prior_readout_weight fits on the fold's corpus (the untrained model too); "
+                             "rows of their own, on the same checkpoints")
     parser.add_argument("--rescore-annotation", action="store_true",
                         help="first re-score the annotation transfer of finished runs scored by an older rule")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
+    from scgene import fit_prior_readout_weight
     from scgene.evaluation import EvaluationSettings, evaluate
     from scgene.fileio import atomic_path
+    from scgene.inference import load_model
 
     sets, unlabelled_files = read_sets(args.sets)
     files = {labelled.name: prepared_file(args.data, labelled, args.out) for labelled in sets}
@@ -282,7 +288,8 @@ def main():
     if args.common_depth is not None and not 0 < args.common_depth < 1:
         parser.error(f"--common-depth {args.common_depth}: pass a quantile between 0 and 1, e.g. 0.1")
     # baselines once per fold, seed and read-out (reading the HVGs leaves PCA and logistic regression as they are)
-    scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all"), r.get("depth_quantile")) for r in runs}
+    scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all"), r.get("depth_quantile"),
+                         bool(r.get("prior_readout_weight"))) for r in runs}
     read = {"genes": "hvg"} if args.genes == "hvg" else {}
     readout = {"depth_quantile": args.common_depth} if args.common_depth else {}
     by_name = {labelled.name: labelled for labelled in sets}
@@ -310,7 +317,8 @@ def main():
         (args.out / "table.md").write_text(summary(log))
     for seed in args.seeds:
         for name in args.held_out or list(by_name):
-            if (name, seed, run_recipe({"variant": args.variant, "steps": args.steps, **read, **readout})) in done:
+            recipe = {"variant": args.variant, "steps": args.steps, **read, **readout}
+            if (name, seed, run_recipe(recipe | ({"prior_readout_weight": 1} if args.prior_readout else {}))) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
@@ -318,19 +326,27 @@ def main():
             train_seconds = time.perf_counter() - start
             query = anndata.read_h5ad(files[name])
             read_query = query if not readout else thinned(query, args.common_depth, seed)
-            baselines = (() if (name, seed, args.genes, args.common_depth) in scored_baselines else
+            model, weight = checkpoint, {}
+            if args.prior_readout:  # the weight comes from the fold's corpus, never from the left-out set
+                model = load_model(checkpoint, device="cpu")
+                corpus = [path for other, path in files.items() if other != name] + unlabelled
+                model.config.prior_readout_weight = fit_prior_readout_weight(corpus, model, seed=seed, progress=False)
+                weight = {"prior_readout_weight": model.config.prior_readout_weight}
+            baselines = (() if (name, seed, args.genes, args.common_depth, args.prior_readout) in scored_baselines else
+                         ("untrained",) if args.prior_readout else
                          ("untrained", "prior") if args.genes == "hvg" and not readout else
                          ("untrained", "prior", "pca", "expression"))
-            report = evaluate(read_query, checkpoint, label_key=held_out.label_key, batch_key=held_out.batch_key,
+            report = evaluate(read_query, model, label_key=held_out.label_key, batch_key=held_out.batch_key,
                               baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False,
                               depth_reference=query, **read)
-            suffix = "".join(f", {part}" for part in readouts(read | readout))
+            suffix = "".join(f", {part}" for part in readouts(read | readout | weight))
             entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **read, **readout,
+                     **weight,
                      "train_seconds": round(train_seconds, 1),
                      "scores": {row if row == "ScGene" else row + suffix: report.table.loc[row].to_dict()
                                 for row in report.table.index},
                      "info": report.info}
-            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and not read and not readout:
+            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and not read and not readout and not weight:
                 entry["annotation"] = scored_annotation(held_out, query, checkpoint, seed)
             with log.open("a") as handle:
                 handle.write(json.dumps(entry, default=float) + "\n")

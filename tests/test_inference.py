@@ -389,3 +389,35 @@ def test_embed_command_reads_only_the_genes_asked_for(checkpoint, tmp_path, caps
         error = capsys.readouterr().err
         assert error.startswith(f"scgene embed: error: --genes {option}:") and error.count("\n") == 1, error
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_fitted_prior_readout_weight_balances_the_two_parts(tmp_path, cells):
+    """fit_prior_readout_weight: the ratio of the spreads of the transformer's and the prior's pooled parts; a model
+    that already reads the prior out gets the same weight (its transformer part is what is measured), and embedding
+    with it adds weight x the prior's part."""
+    tokenizer = ScGeneTokenizer(max_length=64)
+    encoder = tiny(tokenizer.vocab_size, ScGeneModel, pooling="weighted_mean")
+    weight = scgene.fit_prior_readout_weight(cells, encoder, tokenizer=tokenizer, max_cells=100, progress=False)
+    plain = scgene.embed(cells, encoder, tokenizer=tokenizer, key_added=None, progress=False)
+    sample = np.sort(np.random.default_rng(0).choice(cells.n_obs, 100, replace=False))
+    centred = plain[sample] - plain[sample].mean(axis=0)
+    assert weight > 0 and np.isfinite(weight)
+    encoder.config.prior_readout_weight = weight
+    assert scgene.fit_prior_readout_weight(cells, encoder, tokenizer=tokenizer, max_cells=100,
+                                           progress=False) == pytest.approx(weight, rel=1e-4)
+    read_out = scgene.embed(cells, encoder, tokenizer=tokenizer, key_added=None, progress=False)
+    prior_part = (read_out - plain)[sample] / weight
+    prior_part -= prior_part.mean(axis=0)
+    spreads = [np.sqrt((part**2).sum(axis=1).mean()) for part in (centred, prior_part)]
+    assert spreads[0] == pytest.approx(weight * spreads[1], rel=1e-3)
+    # a list of files pools their cells
+    halves = [cells[:80].copy(), str(_written(cells[80:], tmp_path / "half.h5ad"))]
+    assert scgene.fit_prior_readout_weight(halves, encoder, tokenizer=tokenizer, progress=False) > 0
+    encoder.set_gene_prior(torch.zeros_like(encoder.get_gene_prior()))
+    with pytest.raises(ValueError, match="does not vary"):
+        scgene.fit_prior_readout_weight(cells, encoder, tokenizer=tokenizer, progress=False)
+
+
+def _written(adata, path):
+    adata.write_h5ad(path)
+    return path

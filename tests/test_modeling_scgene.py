@@ -399,6 +399,27 @@ def test_weighted_mean_pooling_weighs_gene_states_by_expression():
     torch.testing.assert_close(out.pooler_output, expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["weighted_mean", "cls"])
+def test_prior_readout_adds_the_prior_pooled_like_the_gene_states(pooling):
+    """prior_readout_weight w: the cell embedding is the transformer's plus w x the prior rows of the cell's genes,
+    pooled with the same weights (plain mean under <cls> pooling); the gene states do not change."""
+    model = with_prior(ScGeneModel(tiny_config(pooling=pooling))).eval()
+    cells = pad_cells(random_cells(2, 6, seed=16), 9)
+    with torch.no_grad():
+        plain = model(**cells)
+        model.config.prior_readout_weight = 2.5
+        read_out = model(**cells)
+    prior_rows = model.get_gene_prior()[cells["input_ids"][:, 1:7]]  # (B, 6, d): gene tokens 1..6
+    weights = (cells["expression_values"][:, 1:7].clamp(min=0) if pooling == "weighted_mean"
+               else torch.ones(2, 6))
+    prior_mean = (weights[..., None] * prior_rows).sum(1) / weights.sum(1, keepdim=True)
+    torch.testing.assert_close(read_out.pooler_output, plain.pooler_output + 2.5 * prior_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(read_out.last_hidden_state, plain.last_hidden_state)
+    for bad in (-1.0, float("nan"), "2"):
+        with pytest.raises(ValueError, match="prior_readout_weight must be a finite number"):
+            tiny_config(prior_readout_weight=bad)
+
+
 @pytest.mark.parametrize("encoder_type", ["standard", "dual_branch"])
 @pytest.mark.parametrize("norm_position", ["post", "pre"])
 def test_pooling_layer_reads_an_earlier_layer_through_the_final_norm(tmp_path, encoder_type, norm_position):

@@ -16,7 +16,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_scgene import ScGeneConfig
 from .evaluation import evaluate
-from .inference import DEFAULT_CHECKPOINT, annotate, embed, embed_genes, gene_prior
+from .inference import DEFAULT_CHECKPOINT, annotate, embed, embed_genes, fit_prior_readout_weight, gene_prior
 from .label_transfer import transfer_labels
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
@@ -52,6 +52,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "embed",
     "annotate",
+    "fit_prior_readout_weight",
     "transfer_labels",
     "embed_genes",
     "gene_prior",

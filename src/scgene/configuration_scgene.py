@@ -33,6 +33,11 @@ class ScGeneConfig(PreTrainedConfig):
             earlier one (`-2` is the second-to-last, as Geneformer reads it), with the encoder's final LayerNorm applied.
             The pretraining losses always train the last layer, so this is a read-out choice that can be changed on a
             trained checkpoint (`from_pretrained(path, pooling_layer=-2)`).
+        prior_readout_weight: the cell embedding adds this multiple of the prior read the same way (the prior rows of the
+            cell's genes, pooled with the same weights): a residual read-out that keeps what the frozen prior says about
+            the cell, which the transformer can lose on cells unlike its corpus. 0 (the default) reads the transformer
+            alone; `scgene.fit_prior_readout_weight` sets it so that both parts spread cells equally. A read-out
+            choice, like `pooling_layer`.
         classifier_pooling (`"cell"` | `"gene_projection"`): the classifier reads the pooled cell embedding, or (seed
             000 exactly) the `(batch, num_panel_genes)` vector made by projecting each gene's output to one number.
         classifier_temperature: the classifier's calibration temperature: `scgene.annotate`'s probabilities are
@@ -84,6 +89,7 @@ class ScGeneConfig(PreTrainedConfig):
     # heads
     pooling: str = "cls"
     pooling_layer: int = -1
+    prior_readout_weight: float = 0.0
     classifier_pooling: str = "cell"
     num_panel_genes: int | None = None
     classifier_hidden_size: int = 128
@@ -121,6 +127,9 @@ class ScGeneConfig(PreTrainedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 quoted = "; in config.json write numbers without quotes" if isinstance(value, str) else ""
                 raise ValueError(f"ScGeneConfig.{name} must be a positive integer, got {value!r}{quoted}.")
+        weight = self.prior_readout_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f"ScGeneConfig.prior_readout_weight must be a finite number >= 0, got {weight!r}.")
         layer = self.pooling_layer
         if isinstance(layer, bool) or not isinstance(layer, int) or not -self.num_hidden_layers <= layer <= -1:
             raise ValueError(

@@ -637,21 +637,37 @@ class ScGeneModel(ScGenePreTrainedModel):
 
     def pool(self, hidden_states, input_ids, attention_mask, expression_values=None) -> torch.Tensor:
         """The cell embedding `(B, d)`: the `<cls>` state, or the mean of the gene states, plain (`"mean"`) or weighted
-        by each gene's expression value (`"weighted_mean"`; masked values, below 0, weigh nothing)."""
+        by each gene's expression value (`"weighted_mean"`; masked values, below 0, weigh nothing); plus
+        `prior_readout_weight` times the prior read the same way (`pool_prior`)."""
         if self.config.pooling == "cls":
             torch_compilable_check((input_ids[:, 0] == self.config.cls_token_id).all(), (
                 "pooling='cls' needs the <cls> token at position 0 of every cell: tokenize with the <cls> token added, "
                 "or use a config with pooling='mean'."))
-            return hidden_states[:, 0]
+            pooled = hidden_states[:, 0]
+        else:
+            pooled = self.gene_mean(hidden_states, input_ids, attention_mask, expression_values)
+        if self.config.prior_readout_weight:
+            pooled = pooled + self.config.prior_readout_weight * self.pool_prior(input_ids, attention_mask, expression_values)
+        return pooled
+
+    def pool_prior(self, input_ids, attention_mask, expression_values=None) -> torch.Tensor:
+        """The prior alone, pooled over the cell's genes `(B, d)`: their rows of the frozen prior, averaged as the gene
+        states are (with `<cls>` pooling: plain mean)."""
+        prior_rows = self.embeddings.gene_prior(input_ids).to(self.dtype)  # (B, G, d)
+        return self.gene_mean(prior_rows, input_ids, attention_mask, expression_values)
+
+    def gene_mean(self, states, input_ids, attention_mask, expression_values=None) -> torch.Tensor:
+        """(B, G, d) -> (B, d): the mean over gene tokens (not `<cls>`, not padding), weighted by expression with
+        `pooling="weighted_mean"`."""
         keep = input_ids != self.config.cls_token_id
         if attention_mask is not None:
             keep = keep & attention_mask.bool()
-        keep = keep.to(hidden_states.dtype)
+        keep = keep.to(states.dtype)
         if self.config.pooling == "weighted_mean":
-            keep = keep * expression_values.to(hidden_states.dtype).clamp(min=0)
+            keep = keep * expression_values.to(states.dtype).clamp(min=0)
         keep = keep.unsqueeze(1)  # (B, 1, G)
         # (B, 1, G) @ (B, G, d): the masked sum without a (B, G, d) temporary
-        return torch.bmm(keep, hidden_states).squeeze(1) / keep.sum(-1).clamp(min=1e-6)
+        return torch.bmm(keep, states).squeeze(1) / keep.sum(-1).clamp(min=1e-6)
 
     @can_return_tuple
     def forward(

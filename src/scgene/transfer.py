@@ -4,7 +4,8 @@ model card's "Leave-one-dataset-out transfer" section (`scgene push --transfer`)
 
 A run is one JSON line: `held_out` (the set left out), `seed`, `variant` and `steps` (the recipe; older runs lack
 them: the demo recipe, 300 steps), `genes` ("hvg" where every model read only the set's HVGs), `depth_quantile` (where every embedding, baselines
-included, read the set with each cell thinned to that quantile of the set's count totals), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
+included, read the set with each cell thinned to that quantile of the set's count totals), `prior_readout_weight` (where
+the model's cell embedding added its prior, pooled, with this weight fitted on the fold's corpus), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
 baselines only in the first run of a fold and seed), and optionally `annotation`, `info` and `train_seconds`.
 """
 
@@ -36,10 +37,15 @@ def depth_readout(quantile: float) -> str:
     return f"read at the set's {100 * quantile:g}th-percentile depth"
 
 
+PRIOR_READOUT = "+ prior read-out"  # a run whose model adds its prior, pooled, to the cell embedding
+
+
 def readouts(run: dict) -> list[str]:
-    """How a run read the left-out set, beyond the usual (its genes, its depth): suffixes of its rows' names."""
+    """How a run read the left-out set, beyond the usual (its genes, its depth, the prior read out): suffixes of its
+    rows' names."""
     return ([HVG_READOUT] if run.get("genes") == "hvg" else []) + (
-        [depth_readout(run["depth_quantile"])] if run.get("depth_quantile") else [])
+        [depth_readout(run["depth_quantile"])] if run.get("depth_quantile") else []) + (
+        [PRIOR_READOUT] if run.get("prior_readout_weight") else [])
 
 
 def run_recipe(run: dict) -> str:

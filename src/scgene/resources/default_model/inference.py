@@ -419,6 +419,45 @@ def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens
     return embeddings, coverage, has_counts
 
 
+def fit_prior_readout_weight(adata, model=None, *, tokenizer=None, max_cells: int = 2000, seed: int = 0,
+                             progress: bool = True, **tokenize_kwargs) -> float:
+    """The `prior_readout_weight` (see `ScGeneConfig`) under which the prior's part of the cell embedding spreads the
+    cells as much as the transformer's part: the ratio of their root-mean-square distances to their means, over
+    `max_cells` cells sampled from `adata` (an AnnData or path, or a list of them pooled: fit it on the pretraining
+    corpus). Set it with `model.config.prior_readout_weight = weight` and save the model."""
+    encoder = load_model(model, classifier=False)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    files = adata if isinstance(adata, (list, tuple)) else [adata]
+    if not files or not isinstance(max_cells, int) or max_cells < 1:
+        raise ValueError("fit_prior_readout_weight needs cells: pass an AnnData (or a list of them) and max_cells >= 1.")
+    weight = encoder.config.prior_readout_weight
+    parts = {"transformer": [], "prior": []}
+    for cells_or_path in files:
+        with opened(cells_or_path) as cells:
+            rng = np.random.default_rng(seed)
+            rows = np.sort(rng.choice(cells.n_obs, min(cells.n_obs, max(1, max_cells // len(files))), replace=False))
+            sample = cells[rows].to_memory() if cells.isbacked else cells[rows]
+
+            def consume(batch, outputs):
+                inputs = batch.inputs
+                prior = encoder.pool_prior(inputs["input_ids"], inputs["attention_mask"], inputs["expression_values"])
+                parts["prior"].append(prior.float().cpu().numpy())
+                parts["transformer"].append((outputs.pooler_output - weight * prior).float().cpu().numpy())
+
+            run_over_cells(encoder, tokenizer, sample, consume, batch_size=None, max_tokens_per_batch=None,
+                           progress=progress, description="Fitting the prior read-out", encode_kwargs=tokenize_kwargs)
+
+    def spread(rows):
+        rows = np.concatenate(rows).astype(np.float64)
+        return float(np.sqrt(((rows - rows.mean(axis=0)) ** 2).sum(axis=1).mean()))
+
+    prior_spread = spread(parts["prior"])
+    if not prior_spread > 0:
+        raise ValueError("The prior read on these cells does not vary (all prior rows of their genes are zero or equal): "
+                         "there is nothing for a prior read-out to add. Check the checkpoint's prior.")
+    return spread(parts["transformer"]) / prior_spread
+
+
 def annotate(
     adata,
     model=None,
