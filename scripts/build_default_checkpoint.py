@@ -101,8 +101,8 @@ def with_prior_readout(checkpoint: Path, corpus: list[Path], seed: int) -> Path:
     model = scgene.ScGeneForMaskedExpression.from_pretrained(checkpoint)
     model.config.prior_readout_weight = scgene.fit_prior_readout_weight(corpus, model, seed=seed, progress=False)
     with atomic_directory(target) as staging:
-        for name in CHECKPOINT_FILES:
-            shutil.copy2(checkpoint / name, staging / name)
+        for path in [checkpoint / name for name in CHECKPOINT_FILES] + list(checkpoint.glob("*.py")):
+            shutil.copy2(path, staging / path.name)  # the weights, tokenizer and remote code as pretraining saved them
         model.config.save_pretrained(staging)
     return target
 

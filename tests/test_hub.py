@@ -307,6 +307,10 @@ def test_a_training_record_counts_each_source_and_the_card_says_what_is_not_reco
     assert f"- scgene version: {scgene.__version__}; git commit: not recorded" in training
     assert "None" not in training and "nan" not in training
     assert "- Pretrained on 30 cells (see Training data): a small corpus, not an atlas-scale model." in text
+    assert "prior read-out" not in training  # only a checkpoint that reads the prior out says so
+    (checkpoint / BUILD_RECORD).write_text(json.dumps(record | {"prior_readout_weight": 7.25}))
+    assert "- prior read-out: the cell embedding adds the prior, pooled like the gene states, with weight 7.250" in str(
+        model_card(checkpoint))
 
     (checkpoint / BUILD_RECORD).unlink()
     text = str(model_card(checkpoint))

@@ -200,6 +200,9 @@ def _training_sections(folder: Path, record: dict) -> list[str]:
             "## Training record", "",
             f"- recipe (pretraining flags): {_recorded(flags, '`{}`')}",
             f"- steps: {_recorded(record.get('steps'))}; seed: {_recorded(record.get('seed'))}",
+            *([f"- prior read-out: the cell embedding adds the prior, pooled like the gene states, with weight "
+               f"{record['prior_readout_weight']:.3f} (`prior_readout_weight`, fitted on the corpus by "
+               "`scgene.fit_prior_readout_weight`)"] if record.get("prior_readout_weight") else []),
             f"- wall time of the build: {_recorded(record.get('build_seconds'), '{:.0f} s')}; machine: "
             f"{_recorded(record.get('machine'))}",
             f"- scgene version: {_recorded(record.get('scgene_version'))}; git commit: "
