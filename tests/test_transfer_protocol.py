@@ -96,3 +96,13 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
     assert f"| ScGene (demo recipe, 2 steps, {readout}) |" in (out / "table.md").read_text()
     failed = subprocess.run(command + ["--common-depth", "10"], capture_output=True, text=True)
     assert failed.returncode == 2 and "--common-depth 10.0: pass a quantile between 0 and 1" in failed.stderr
+    # the prior read out, with a weight fitted on the fold's corpus (not the left-out set): the model and the untrained
+    # copy get rows of their own; the other baselines are the plain run's
+    subprocess.run(command + ["--prior-readout", "--held-out", "pbmc_a"], check=True, capture_output=True)
+    read_out = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    assert read_out["prior_readout_weight"] > 0 and "annotation" not in read_out
+    assert set(read_out["scores"]) == {"ScGene", "ScGene untrained, + prior read-out"}
+    assert read_out["scores"]["ScGene"]["knn_f1"] != runs[0]["scores"]["ScGene"]["knn_f1"] or (
+        read_out["scores"]["ScGene"]["silhouette"] != runs[0]["scores"]["ScGene"]["silhouette"])
+    assert "| ScGene (demo recipe, 2 steps, + prior read-out) |" in (out / "table.md").read_text()
+    assert sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors")) == models
