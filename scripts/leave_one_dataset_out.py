@@ -57,6 +57,8 @@ VARIANTS = {
     "+ gene-panel views": ["--panel_views_min_fraction", "0.3"],
     "+ expression-weighted pooling": ["--pooling", "weighted_mean"],
     "+ expression-weighted pooling, gene-panel views": ["--pooling", "weighted_mean", "--panel_views_min_fraction", "0.3"],
+    # seed 001's encoder (gene branch + regulated expression branch): what `scgene.regulation` reads
+    "+ expression-weighted pooling, dual-branch": ["--pooling", "weighted_mean", "--encoder_type", "dual_branch"],
 }
 SHOWN = ["knn_f1", "logreg_f1", "kmeans_ari", "leiden_ari", "label_pc1_corr_genes", "pc1_corr_genes"]
 

@@ -16,7 +16,16 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_scgene import ScGeneConfig
 from .evaluation import evaluate
-from .inference import DEFAULT_CHECKPOINT, annotate, embed, embed_genes, fit_prior_readout_weight, gene_prior
+from .gene_regulation import collectri, regulation, transcription_factors
+from .inference import (
+    DEFAULT_CHECKPOINT,
+    DEFAULT_REGULATION_CHECKPOINT,
+    annotate,
+    embed,
+    embed_genes,
+    fit_prior_readout_weight,
+    gene_prior,
+)
 from .label_transfer import transfer_labels
 from .modeling_scgene import (
     ScGeneCellClassificationOutput,
@@ -50,10 +59,14 @@ PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=CellEmbeddingP
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
+    "DEFAULT_REGULATION_CHECKPOINT",
     "embed",
     "annotate",
     "fit_prior_readout_weight",
     "transfer_labels",
+    "regulation",
+    "collectri",
+    "transcription_factors",
     "embed_genes",
     "gene_prior",
     "evaluate",

@@ -19,6 +19,9 @@ COMMANDS = {
     "embed": ("scgene.commands.embed", "Cell embeddings of an .h5ad into obsm (and a UMAP plot)."),
     "annotate": ("scgene.commands.annotate", "Cell-type labels of an .h5ad from a fine-tuned classifier."),
     "evaluate": ("scgene.commands.evaluate", "Score a model's cell embeddings against labels, next to PCA and other baselines."),
+    "regulation": ("scgene.commands.regulation", "The signed regulator -> target network of a dual-branch checkpoint, as a table."),
+    "evaluate-regulation": ("scgene.commands.evaluate_regulation",
+                            "Score a checkpoint's signed network against a curated one (CollecTRI), next to baselines."),
     "push": ("scgene.commands.push", "Publish a checkpoint to the Hugging Face Hub in one commit, with a measured model card."),
 }
 
