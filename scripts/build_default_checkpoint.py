@@ -11,7 +11,8 @@ checkpoint in Hub layout (config, safetensors, tokenizer with its vocabulary, re
 `build_record.json`, model card) replaces OUT in one step.
 
     python scripts/build_default_checkpoint.py --data ../shared/data/scrna
-    python scripts/build_default_checkpoint.py --refresh-only   # after a module changed: new remote code and card
+    python scripts/build_default_checkpoint.py --encoder dual_branch   # the one `scgene.regulation` reads
+    python scripts/build_default_checkpoint.py --refresh-only   # after a module changed: new remote code and cards
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def main():
     parser.add_argument("--rescore-transfer", action="store_true",
                         help="score OUT's label transfer again (weights unchanged), then refresh as --refresh-only")
     args = parser.parse_args()
+    if args.refresh_only and args.out is None:  # every shipped checkpoint runs the package's current code
+        for out in OUT_OF_ENCODER.values():
+            if (out / BUILD_RECORD).is_file():
+                complete_for_the_hub(out)
+                print(f"Refreshed the remote code, the config's pipeline and the card of {out}")
+        return
     args.out = args.out or OUT_OF_ENCODER[args.encoder]
     variant = VARIANT_OF_ENCODER[args.encoder]
     if args.out.exists() and not (args.out / BUILD_RECORD).is_file():  # replaced or refreshed below

@@ -1,0 +1,273 @@
+"""`scgene.regulation`, `scgene regulation`, the regulation benchmark (`scgene.regulation_benchmark`) and
+`scgene evaluate-regulation`."""
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scgene
+from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
+from scgene.cli import main
+from scgene.regulation_benchmark import (
+    EdgeSet,
+    early_precision,
+    evaluate_regulation,
+    score_pairs,
+    shuffled_target_edges,
+    split_regulators,
+)
+
+PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
+MAX_LENGTH = 48
+
+
+def tiny_dual_branch(vocab_size: int, **overrides) -> ScGeneForMaskedExpression:
+    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, encoder_type="dual_branch", regulation_init=1.0, pooling="mean")
+    torch.manual_seed(0)
+    model = ScGeneForMaskedExpression(ScGeneConfig(**(settings | overrides)))
+    prior = torch.randn(vocab_size, 32) * 0.5
+    prior[:3] = 0
+    model.set_gene_prior(prior)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny dual-branch checkpoint on the default vocabulary, its tokenizer saved with short cells."""
+    folder = tmp_path_factory.mktemp("regulation") / "dual_branch"
+    tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
+    tiny_dual_branch(tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return ad.read_h5ad(PBMC)[:60].copy()
+
+
+def regulation_by_hand(folder, adata) -> dict:
+    """(regulator id, target id) -> (mean weight, cells): one padded forward, R averaged over layers and heads per cell,
+    then over the cells holding both genes, in plain Python."""
+    model = ScGeneModel.from_pretrained(folder).eval()
+    tokenizer = ScGeneTokenizer.from_pretrained(folder)
+    batch = tokenizer(adata, return_tensors="pt")
+    with torch.no_grad():
+        regulation = torch.stack(model(**batch, output_regulation=True).regulation).mean(dim=(0, 2))  # (B, G, G)
+    sums, counts = defaultdict(float), defaultdict(int)
+    for cell in range(adata.n_obs):
+        ids = batch["input_ids"][cell].tolist()
+        real = [i for i, token in enumerate(ids) if token >= 3 and batch["attention_mask"][cell, i]]
+        for target in real:
+            for source in real:
+                if ids[source] != ids[target]:
+                    key = (ids[source], ids[target])
+                    sums[key] += float(regulation[cell, target, source])
+                    counts[key] += 1
+    return {pair: (sums[pair] / counts[pair], counts[pair]) for pair in sums}  # keyed by vocabulary ids
+
+
+def test_regulation_is_the_mean_signed_map_over_layers_heads_and_cells_whatever_the_batching(checkpoint, cells):
+    expected = regulation_by_hand(checkpoint, cells)
+    everything = 10_000
+    network = scgene.regulation(cells.copy(), checkpoint, top_k=everything, min_cells=1, progress=False)
+    assert list(network.columns) == ["source", "target", "weight", "abs_weight", "rank", "cells"]
+    assert len(network) == len(expected)
+    ids = ScGeneTokenizer.from_pretrained(checkpoint).convert_genes_to_ids  # the table names genes as adata does
+    got = {(s, t): (w, c) for s, t, w, c in zip(ids(network["source"]), ids(network["target"]), network["weight"],
+                                                 network["cells"])}
+    for pair, (weight, count) in expected.items():
+        assert got[pair][1] == count
+        assert got[pair][0] == pytest.approx(weight, rel=1e-4, abs=1e-7)
+    assert (network["weight"] > 0).any() and (network["weight"] < 0).any()  # signed
+    small_batches = scgene.regulation(cells.copy(), checkpoint, top_k=everything, min_cells=1, progress=False,
+                                      max_tokens_per_batch=2 * MAX_LENGTH)
+    pd.testing.assert_frame_equal(small_batches, network, rtol=1e-5, atol=1e-8)
+
+
+def test_top_k_min_cells_and_regulators_shape_the_table(checkpoint, cells):
+    regulators = ["CD74", "HLA-DRA", "LYZ", "NOT_A_GENE"]
+    network = scgene.regulation(cells.copy(), checkpoint, regulators=regulators, top_k=7, min_cells=4, progress=False)
+    assert set(network["source"]) <= {"CD74", "HLA-DRA", "LYZ"} and len(set(network["source"])) == 3
+    assert network.groupby("source").size().max() == 7
+    assert (network["cells"] >= 4).all()
+    for _, edges in network.groupby("source"):
+        assert list(edges["rank"]) == list(range(1, len(edges) + 1))
+        assert (np.diff(edges["abs_weight"].to_numpy()) <= 0).all()
+    assert (network["source"] != network["target"]).all()
+
+
+def test_regulation_writes_varp_and_per_group_tables_and_the_file_round_trips(checkpoint, cells, tmp_path):
+    adata = cells.copy()
+    network = scgene.regulation(adata, checkpoint, groupby="cell_type", top_k=5, min_cells=2, progress=False)
+    assert network.columns[0] == "group" and set(network["group"]) <= set(adata.obs["cell_type"].astype(str))
+    one_group = network["group"].iloc[0]
+    alone = scgene.regulation(adata[adata.obs["cell_type"].astype(str) == one_group].copy(), checkpoint, top_k=5,
+                              min_cells=2, progress=False)
+    pd.testing.assert_frame_equal(network[network["group"] == one_group].drop(columns="group").reset_index(drop=True),
+                                  alone, rtol=1e-5, atol=1e-8)
+    matrix = adata.varp["scgene_regulation"]
+    assert matrix.shape == (adata.n_vars, adata.n_vars) and matrix.nnz > 0
+    overall = scgene.regulation(cells.copy(), checkpoint, top_k=5, min_cells=2, progress=False)
+    row = list(adata.var_names).index(overall["source"].iloc[0])
+    column = list(adata.var_names).index(overall["target"].iloc[0])
+    assert matrix[row, column] == pytest.approx(overall["weight"].iloc[0], rel=1e-5)
+    assert set(adata.uns["scgene_regulation"]["groups"]) == set(network["group"])
+    adata.write_h5ad(tmp_path / "with_network.h5ad")
+    back = ad.read_h5ad(tmp_path / "with_network.h5ad")
+    assert back.varp["scgene_regulation"].nnz == matrix.nnz
+
+
+def test_regulation_refuses_what_it_cannot_do(checkpoint, cells, tmp_path):
+    standard = tmp_path / "standard"
+    tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
+    tiny_dual_branch(tokenizer.vocab_size, encoder_type="standard").save_pretrained(standard)
+    tokenizer.save_pretrained(standard)
+    with pytest.raises(ValueError, match="dual_branch"):
+        scgene.regulation(cells.copy(), standard, progress=False)
+    with pytest.raises(ValueError, match="None of the regulators"):
+        scgene.regulation(cells.copy(), checkpoint, regulators=["NOT_A_GENE"], progress=False)
+    with pytest.raises(ValueError, match="regulators="):
+        scgene.regulation(cells.copy(), checkpoint, max_memory_gb=1e-4, progress=False)
+    with pytest.raises(KeyError, match="groupby"):
+        scgene.regulation(cells.copy(), checkpoint, groupby="no_such_column", progress=False)
+
+
+def test_the_shipped_reference_and_transcription_factors():
+    reference = scgene.collectri()
+    assert list(reference.columns) == ["source", "target", "weight"] and len(reference) == 43178
+    assert set(np.unique(reference["weight"])) == {-1, 1}
+    tfs = scgene.transcription_factors()
+    assert len(tfs) == 1186 and {"STAT1", "SPI1", "MYC"} <= set(tfs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    names = [f"TF{i}" for i in range(11)]
+    train, test = split_regulators(names, 0.4, seed=3)
+    assert set(train) | set(test) == set(names) and not set(train) & set(test) and len(test) == 4
+    assert split_regulators(names, 0.4, seed=3) == (train, test) and split_regulators(names, 0.4, seed=4) != (train, test)
+
+
+def test_early_precision_shares_ties():
+    scores = np.array([3.0, 2.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    labels = np.array([1, 0, 1, 1, 0, 0, 1])
+    assert early_precision(scores, labels, 2) == 0.5
+    assert early_precision(scores, labels, 4) == pytest.approx((1 + 0 + 2 * 0.5) / 4)  # 2 of 4 tied slots, half true
+
+
+def test_scores_tell_a_perfect_network_from_a_reversed_one():
+    pairs = EdgeSet(np.array([0, 0, 1, 1]), np.array([5, 6, 7, 8]), np.array([1, -1, 1, 1]),
+                    np.array([0, 1, 1, 0, 1, 0, 1, 0]), np.array([9, 10, 11, 12, 13, 14, 15, 16]))
+    perfect = np.r_[[0.9, -0.8, 0.7, 0.6], np.full(8, 0.1)]
+    scores = score_pairs(perfect, pairs)
+    assert scores["edge_auroc"] == 1 and scores["epr"] == pytest.approx(3.0) and scores["auprc_ratio"] == pytest.approx(3)
+    assert scores["sign_balanced_accuracy"] == 1 and scores["sign_auroc"] == 1 and scores["majority_sign_accuracy"] == 0.75
+    reversed_ = score_pairs(np.r_[-perfect[:4] * 0.01, np.full(8, 0.5)], pairs)
+    assert reversed_["edge_auroc"] == 0 and reversed_["epr"] == 0 and reversed_["sign_balanced_accuracy"] == 0
+
+
+def test_shuffled_target_null_keeps_the_held_out_sources_and_no_real_edge():
+    edges = pd.DataFrame({"source": [0, 0, 0, 1, 1, 2, 2, 2], "target": [3, 4, 5, 3, 6, 4, 7, 8],
+                          "sign": [1, 1, -1, 1, 1, 1, -1, 1]})
+    pairs = shuffled_target_edges(edges, np.array([0, 2]), null_ratio=5, seed=0)
+    assert set(pairs.positive_sources) == {0, 2} and len(pairs.signs) == 6
+    real = set(zip(edges["source"], edges["target"]))
+    negatives = list(zip(pairs.negative_sources, pairs.negative_targets))
+    assert negatives and not real & set(negatives) and len(set(negatives)) == len(negatives)
+    assert set(pairs.negative_sources) <= {0, 2} and set(pairs.negative_targets) <= {3, 4, 5, 7, 8}
+
+
+def planted_reference(adata, n_sources=40, per_source=6, seed=0) -> pd.DataFrame:
+    """A reference the data itself supports: each source's most correlated genes, signed by the correlation."""
+    import scanpy as sc
+
+    view = adata.copy()
+    sc.pp.normalize_total(view, target_sum=1e4)
+    sc.pp.log1p(view)
+    expression = pd.DataFrame(view.X.toarray(), columns=view.var_names)
+    expression = expression.loc[:, expression.std() > 0]
+    correlation = expression.corr().to_numpy()
+    np.fill_diagonal(correlation, 0)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for source in rng.choice(expression.shape[1], n_sources, replace=False):
+        for target in np.argsort(-np.abs(correlation[source]))[:per_source]:
+            rows.append((expression.columns[source], expression.columns[target], np.sign(correlation[source, target])))
+    return pd.DataFrame(rows, columns=["source", "target", "weight"])
+
+
+def test_the_benchmark_can_say_yes_and_no(checkpoint):
+    adata = ad.read_h5ad(PBMC)[:400].copy()
+    reference = planted_reference(adata)
+    report = evaluate_regulation(adata, checkpoint, reference, baselines=("pearson", "prior"), max_cells=None)
+    pearson, prior = report.table.loc["Pearson correlation"], report.table.loc["prior cosine"]
+    assert pearson["edge_auroc"] > 0.95 and pearson["epr"] > 5 and pearson["sign_balanced_accuracy"] > 0.95
+    assert 0.3 < prior["edge_auroc"] < 0.7  # a random prior knows nothing of these cells
+    assert report.info["held_out_regulators"] == 20 and report.info["negative_edges"] > 5 * report.info["positive_edges"]
+    floor = report.table.loc["majority sign (floor)"]
+    assert floor["sign_balanced_accuracy"] == 0.5 and floor["sign_accuracy"] >= 0.5
+    shuffled = reference.assign(target=np.random.default_rng(1).permutation(reference["target"].to_numpy()))
+    null = evaluate_regulation(adata, checkpoint, shuffled, baselines=("pearson",), max_cells=None)
+    assert null.table.at["Pearson correlation", "edge_auroc"] < 0.7
+    assert {check[0] for check in report.target_checks()} >= {"edge EPR >= 1.5 (shuffled-target null)",
+                                                              "sign balanced accuracy > 0.5"}
+
+
+def test_benchmark_errors_name_the_fix(checkpoint, cells):
+    with pytest.raises(ValueError, match="source, target, weight"):
+        evaluate_regulation(cells, checkpoint, pd.DataFrame({"tf": ["A"], "gene": ["B"]}))
+    with pytest.raises(ValueError, match="No edge of the reference"):
+        evaluate_regulation(cells, checkpoint, pd.DataFrame({"source": ["XX1"], "target": ["XX2"], "weight": [1]}))
+    with pytest.raises(ValueError, match="Unknown baselines"):
+        evaluate_regulation(cells, checkpoint, baselines=("magic",))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The commands
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_regulation_command_writes_the_table_and_a_heatmap(checkpoint, tmp_path, capsys):
+    source = tmp_path / "cells.h5ad"
+    ad.read_h5ad(PBMC)[:60].copy().write_h5ad(source)
+    before = source.read_bytes()
+    out, plot = tmp_path / "edges.tsv", tmp_path / "heatmap.png"
+    assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(out), "--regulators", "tfs",
+                 "--top-k", "3", "--plot", str(plot)]) == 0
+    table = pd.read_csv(out, sep="\t")
+    assert list(table.columns) == ["source", "target", "weight", "abs_weight", "rank", "cells"]
+    assert set(table["source"]) <= set(scgene.transcription_factors()) and table["rank"].max() == 3
+    assert plot.read_bytes()[:4] == b"\x89PNG" and source.read_bytes() == before
+    assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(source), "--overwrite"]) == 1
+    assert "input" in capsys.readouterr().err and source.read_bytes() == before
+    assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "g.tsv"),
+                 "--groupby", "cell_type", "--plot", str(tmp_path / "g.png")]) == 1
+    assert "--plot-group" in capsys.readouterr().err and not (tmp_path / "g.tsv").exists()
+
+
+def test_evaluate_regulation_command_prints_and_saves_the_report(checkpoint, tmp_path, capsys):
+    source = tmp_path / "cells.h5ad"
+    ad.read_h5ad(PBMC)[:120].copy().write_h5ad(source)
+    report = tmp_path / "report.json"
+    assert main(["evaluate-regulation", str(source), "--model", str(checkpoint), "--baselines", "pearson",
+                 "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| ScGene |" in printed and "Pearson correlation" in printed and "majority sign (floor)" in printed
+    saved = json.loads(report.read_text())
+    assert saved["info"]["positive_edges"] > 0 and "ScGene" in saved["scores"]
+    assert main(["evaluate-regulation", str(source), "--model", str(checkpoint), "--max-cells", "0"]) == 1
+    assert "--max-cells" in capsys.readouterr().err
