@@ -4,6 +4,8 @@
 measure, and only on TFs of the reference's held-out split (`split_regulators`: a method that learns from the training
 TFs is never scored on them):
 
+The split is of the reference's TFs (`split_regulators`, seeded), so it does not depend on the data.
+
 - **edges**, by |weight|: the reference's edges of each held-out TF (positives) against a *shuffled-target null*
   (negatives: the same TFs paired with the reference's targets permuted, `null_ratio` times, minus real edges), so a
   method that only knows which genes are frequent targets, or which TFs have many, scores 0.5 AUROC. Reported: AUROC,
@@ -292,8 +294,14 @@ def evaluate_regulation(
         raise ValueError("No edge of the reference joins two genes these cells measure: check that the reference and "
                          "the data name genes the same way (symbols or Ensembl ids).")
     regulators = np.unique(edges["source"].to_numpy())
-    _, held_out = split_regulators(genes.names[regulators], test_fraction, seed)
-    pairs = shuffled_target_edges(edges, genes.position[[tokenizer._lookup(n) for n in held_out]], null_ratio, seed)
+    # the split is of the reference's TFs, whatever the data measures: a model trained on the training TFs
+    # (`regulation_prior` in pretraining) with the same seed and fraction is scored only on TFs it never saw
+    _, held_out = split_regulators(reference["source"].astype(str), test_fraction, seed)
+    held_out_ids = [i for i in (tokenizer._lookup(name) for name in held_out) if i is not None]
+    pairs = shuffled_target_edges(edges, genes.position[held_out_ids], null_ratio, seed)
+    if not len(pairs.signs):
+        raise ValueError("No held-out TF of the reference has a target these cells measure: raise test_fraction or "
+                         "pass a reference with more of the measured genes.")
 
     weights = {name: model_weights(cells, encoder, tokenizer, genes, pairs, min_cells, tokenize_kwargs)}
     if "untrained" in baselines:
@@ -316,7 +324,8 @@ def evaluate_regulation(
         majority, majority, 0.5, 1.0]
     table = pd.concat([table[METRICS], floor.to_frame().T])
     info = {"name": name, "model": str(getattr(encoder, "name_or_path", "") or "in-memory model"),
-            "cells": int(cells.n_obs), "regulators": len(regulators), "held_out_regulators": len(held_out),
+            "cells": int(cells.n_obs), "regulators": len(regulators),
+            "held_out_regulators": int(len(np.unique(pairs.positive_sources))),
             "positive_edges": len(pairs.signs), "repressing_edges": int((pairs.signs < 0).sum()),
             "negative_edges": len(pairs.negative_sources), "test_fraction": test_fraction, "seed": seed,
             "min_cells": min_cells, "null_ratio": null_ratio, "tree_estimators": tree_estimators}
