@@ -14,7 +14,9 @@ Accelerate / torchrun:
     ... --streaming --max_steps 100000                                  # a corpus larger than memory, many nodes
 
 Model size and design come from the ScGeneConfig fields given on the command line (`--encoder_type dual_branch`,
-...); the width is the prior's unless `--hidden_size` is given. Every TrainingArguments flag works
+...); the width is the prior's unless `--hidden_size` is given. With `--encoder_type dual_branch
+--regulation_loss_weight W --regulation_prior collectri`, the training TFs' known edges constrain the regulation map
+(seed 001's biologically constrained attention; docs/regulation.md). Every TrainingArguments flag works
 (`--gradient_checkpointing`, `--bf16`, ...). Masks and count views are drawn per cell from (`--seed`, epoch, cell), so
 a batch split over N processes trains like the same global batch on one, and a resumed run ends with the weights
 of an uninterrupted one.
@@ -47,12 +49,13 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
-from scgene.data import DataCollatorForMaskedExpression
+from scgene.data import DataCollatorForMaskedExpression, KnownRegulation
 from scgene.data.collators import cell_fingerprint
 from scgene.fileio import write_json
 from scgene.hub import BUILD_RECORD, tokenized_corpus, training_record
 from scgene.inference import TRAINING_GENES_FILE
 from scgene.modeling_scgene import NUM_SPECIAL_TOKENS
+from scgene.regulation_benchmark import checked_reference, split_regulators
 from scgene.training import ScGeneTrainer, check_processes_train_together
 
 
@@ -78,6 +81,14 @@ class PretrainingArguments:
         default=None, metadata={"help": "contrastive views also keep a random U(f, 1) share of each cell's genes and "
                                         "renormalise over them, as a smaller gene panel would (e.g. 0.3)"}
     )
+    regulation_prior: str | None = field(
+        default=None, metadata={"help": "known signed edges for --regulation_loss_weight (dual-branch): 'collectri' (shipped) "
+                                        "or a CSV/TSV with source, target, weight. Only the training split of its TFs "
+                                        "is used, so `scgene evaluate-regulation --test-fraction F --seed S` with "
+                                        "the same F and S scores TFs the model never saw"}
+    )
+    regulation_test_fraction: float = field(default=0.5, metadata={"help": "TFs held out of --regulation_prior"})
+    regulation_split_seed: int = field(default=0, metadata={"help": "seed of the TF split of --regulation_prior"})
     matched_depth_views: bool = field(
         default=False, metadata={"help": "thin every cell's views to the same depths (between the batch's lowest and "
                                          "median total) instead of a fraction of its own depth"}
@@ -102,6 +113,8 @@ class ModelArguments:
     value_loss_weight: float = 1.0
     bin_loss_weight: float = 1.0
     contrastive_loss_weight: float = 0.0
+    regulation_loss_weight: float = field(default=0.0, metadata={"help": "seed 001's biologically constrained attention "
+                                                                       "(needs --regulation_prior)"})
     contrastive_temperature: float = field(default=0.02, metadata={"help": "InfoNCE temperature (0.02 beat 0.1 on "
                                                                          "kNN-F1 and Leiden ARI: docs/cell-identity.md)"})
 
@@ -119,6 +132,18 @@ def build_model(model_args: ModelArguments, tokenizer: ScGeneTokenizer, prior_pa
     model = ScGeneForMaskedExpression(config)
     model.set_gene_prior(prior)
     return model
+
+
+def known_regulation(data_args: PretrainingArguments, tokenizer: ScGeneTokenizer) -> KnownRegulation | None:
+    """The training TFs' edges of --regulation_prior (the split `scgene evaluate-regulation` scores against)."""
+    if data_args.regulation_prior is None:
+        return None
+    reference = checked_reference(None if data_args.regulation_prior == "collectri" else data_args.regulation_prior)
+    training, held_out = split_regulators(reference["source"].astype(str), data_args.regulation_test_fraction,
+                                          data_args.regulation_split_seed)
+    known = KnownRegulation(reference[reference["source"].astype(str).isin(training)], tokenizer)
+    print(f"regulation prior: {len(known)} edges of {len(training)} training TFs ({len(held_out)} held out)", flush=True)
+    return known
 
 
 def load_corpus(folders: list[str], count_views: bool) -> tuple[ScGeneTokenizer, datasets.Dataset]:
@@ -213,12 +238,16 @@ def main() -> ScGeneTrainer:
         training_args.accelerator_config.dispatch_batches = False  # every process reads its own shards
     else:
         train_cells, eval_cells = random_split(cells, data_args.eval_fraction, data_args.max_eval_cells, training_args.seed)
+    if (model_args.regulation_loss_weight > 0) != (data_args.regulation_prior is not None):
+        raise SystemExit("--regulation_loss_weight > 0 and --regulation_prior go together: the loss needs the known "
+                         "edges, and the edges are used only by the loss.")
     torch.manual_seed(training_args.seed)
     model = build_model(model_args, tokenizer, data_args.prior)
     collator = DataCollatorForMaskedExpression(
         tokenizer, mlm_probability=data_args.mlm_probability, mask_value=model.config.mask_value,
         count_views=count_views, min_count_rate=data_args.min_count_rate, matched_depth=data_args.matched_depth_views,
         min_panel_fraction=data_args.panel_views_min_fraction, seed=training_args.seed,
+        known_regulation=known_regulation(data_args, tokenizer),
     )
     training_args.prediction_loss_only = True  # evaluation reports the loss; predictions are not kept
     # the loss before training, measured inside train() once the model is prepared: an evaluate() before train()

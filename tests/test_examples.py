@@ -386,3 +386,21 @@ def test_pretraining_corpus_must_share_one_vocabulary(tokenized, tmp_path):
          tmp_path / "own_vocabulary", "--prior", tokenized / "gene_prior.safetensors", "--output_dir", tmp_path / "out",
          "--max_steps", "1", *TINY_MODEL, *COMMON], capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and "another vocabulary" in result.stderr
+
+
+def test_pretraining_with_the_regulation_prior_logs_the_loss_and_refuses_half_a_setting(tokenized, tmp_path):
+    """`--regulation_prior collectri --regulation_loss_weight`: the training TFs' edges reach the loss (logged apart);
+    either flag alone is refused."""
+    arguments = [sys.executable, REPO / "examples" / "pretrain_masked_expression.py", "--dataset",
+                 tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors", "--max_steps", "2",
+                 "--per_device_train_batch_size", "8", "--pooling", "mean", "--encoder_type", "dual_branch",
+                 "--logging_steps", "1", *TINY_MODEL, *COMMON]
+    output = run(arguments + ["--output_dir", tmp_path / "constrained", "--regulation_prior", "collectri",
+                              "--regulation_loss_weight", "0.5"])
+    assert "regulation prior:" in output and "training TFs (593 held out)" in output
+    assert "'regulation_loss'" in output
+    assert json.loads((tmp_path / "constrained" / "config.json").read_text())["regulation_loss_weight"] == 0.5
+    half = subprocess.run([str(part) for part in arguments + ["--output_dir", tmp_path / "half",
+                                                               "--regulation_loss_weight", "0.5"]],
+                          capture_output=True, text=True, timeout=600)
+    assert half.returncode != 0 and "--regulation_prior" in half.stderr

@@ -271,3 +271,89 @@ def test_evaluate_regulation_command_prints_and_saves_the_report(checkpoint, tmp
     assert saved["info"]["positive_edges"] > 0 and "ScGene" in saved["scores"]
     assert main(["evaluate-regulation", str(source), "--model", str(checkpoint), "--max-cells", "0"]) == 1
     assert "--max-cells" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seed 001's biologically constrained attention
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_known_regulation_labels_every_known_pair_of_a_cell_and_nothing_else():
+    from scgene.data import KnownRegulation
+
+    tokenizer = ScGeneTokenizer()
+    table = pd.DataFrame({"source": ["STAT1", "STAT1", "SPI1", "NOT_A_GENE", "CD74"],
+                          "target": ["IRF1", "CD74", "LYZ", "LYZ", "CD74"], "weight": [1, -1, 1, 1, 1]})
+    known = KnownRegulation(table, tokenizer)
+    assert len(known) == 3  # unknown gene and self-edge dropped
+    ids = torch.tensor([tokenizer.convert_genes_to_ids(["STAT1", "IRF1", "CD74", "LYZ"]) + [0],
+                        tokenizer.convert_genes_to_ids(["SPI1", "LYZ", "STAT1", "ACTB"]) + [0]])
+    labels = known.labels(ids)  # [target i, regulator j]
+    assert labels.shape == (2, 5, 5) and labels.dtype == torch.int8
+    expected = torch.zeros(2, 5, 5, dtype=torch.int8)
+    expected[0, 1, 0], expected[0, 2, 0] = 1, -1  # STAT1 -> IRF1 (+), STAT1 -| CD74 (-)
+    expected[1, 1, 0] = 1  # SPI1 -> LYZ
+    assert torch.equal(labels, expected)
+
+
+def constrained_model(weight: float) -> ScGeneForMaskedExpression:
+    return tiny_dual_branch(60, regulation_loss_weight=weight, expression_encoding="binned", n_bins=5)
+
+
+def test_regulation_loss_needs_the_dual_branch_encoder_and_counts_only_known_edges():
+    with pytest.raises(ValueError, match="dual_branch"):
+        ScGeneConfig(regulation_loss_weight=1.0)
+    model = constrained_model(1.0)
+    ids = torch.randint(3, 60, (2, 7))
+    inputs = dict(input_ids=ids, expression_values=torch.rand(2, 7), expression_bins=torch.randint(0, 5, (2, 7)),
+                  attention_mask=torch.ones(2, 7, dtype=torch.long), labels=torch.full((2, 7), -100.0))
+    inputs["labels"][:, 0] = 0.5
+    labels = torch.zeros(2, 7, 7, dtype=torch.int8)
+    labels[0, 1, 2], labels[1, 3, 4] = 1, -1
+    with torch.no_grad():
+        none_known = model(**inputs, regulation_labels=torch.zeros(2, 7, 7, dtype=torch.int8))
+        with_edges = model(**inputs, regulation_labels=labels)
+    assert none_known.regulation_loss == 0 and with_edges.regulation_loss > 0
+    assert with_edges.loss.item() == pytest.approx((none_known.loss + with_edges.regulation_loss).item(), rel=1e-5)
+
+
+def test_the_regulation_loss_moves_the_map_and_signs_toward_known_edges():
+    """A few optimiser steps on the regulation loss alone: the known edges gain attention and their signs."""
+    model = constrained_model(1.0).train()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 60, (4, 12))
+    labels = torch.zeros(4, 12, 12, dtype=torch.int8)
+    labels[:, 1, 2], labels[:, 5, 6] = 1, -1  # target 1 <- regulator 2 (+), target 5 <- regulator 6 (-)
+    mask = torch.ones(4, 12, dtype=torch.long)
+
+    def known_edges():
+        with torch.no_grad():
+            regulation = torch.stack(model.scgene(ids, torch.rand(4, 12), torch.randint(0, 5, (4, 12)), mask,
+                                                  output_regulation=True).regulation).mean(dim=(0, 2))
+        return regulation[:, 1, 2].mean().item(), regulation[:, 5, 6].mean().item()
+
+    activating_before, repressing_before = known_edges()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        identity = model.scgene.embeddings.gene_identity(ids, model.dtype)
+        parts = model.scgene.encoder.regulation_parts(identity, None)
+        from scgene.modeling_scgene import regulation_prior_loss
+
+        loss = regulation_prior_loss(parts, labels)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    activating_after, repressing_after = known_edges()
+    assert activating_after > max(activating_before, 0) and repressing_after < min(repressing_before, 0)
+
+
+def test_the_collator_adds_regulation_labels():
+    from scgene.data import DataCollatorForMaskedExpression, KnownRegulation
+
+    tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
+    known = KnownRegulation(scgene.collectri(), tokenizer)
+    cells = [dict(zip(("input_ids", "expression_values", "expression_bins"), row))
+             for row in zip(*[[np.asarray(v) for v in column] for column in tokenizer(ad.read_h5ad(PBMC)[:8]).values()][:3])]
+    batch = DataCollatorForMaskedExpression(tokenizer, known_regulation=known, seed=0)(cells)
+    assert batch["regulation_labels"].shape == (8, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    assert torch.equal(batch["regulation_labels"], known.labels(batch["input_ids"]))

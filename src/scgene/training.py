@@ -1,7 +1,7 @@
 """Training helpers on top of the Hugging Face `Trainer`.
 
-`ScGeneTrainer` logs each pretraining objective apart (`value_loss`, `bin_loss`, `contrastive_loss`, averaged over
-the steps since the last log and over processes) next to the combined `loss`, so a recipe's parts can be watched,
+`ScGeneTrainer` logs each pretraining objective apart (`value_loss`, `bin_loss`, `contrastive_loss`,
+`regulation_loss`, averaged over the steps since the last log and over processes) next to the combined `loss`, so a recipe's parts can be watched,
 and tells a seeded collator the epoch (`CollatorEpochCallback`), so that masks are a function of (seed, epoch, cell)
 and a resumed run draws what the uninterrupted one did; a resumed stream continues from the pass it was in.
 """
@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.training_args import ParallelMode
 
-LOSS_COMPONENTS = ("value_loss", "bin_loss", "contrastive_loss")
+LOSS_COMPONENTS = ("value_loss", "bin_loss", "contrastive_loss", "regulation_loss")
 
 
 def fit_temperature(logits, labels) -> float:

@@ -1,6 +1,11 @@
 """Training-side data utilities (not shipped to the Hub): collators and the `datasets` export."""
 
-from .collators import DataCollatorForCellClassification, DataCollatorForMaskedExpression, pad_features
+from .collators import (
+    DataCollatorForCellClassification,
+    DataCollatorForMaskedExpression,
+    KnownRegulation,
+    pad_features,
+)
 from .export import export_dataset
 
-__all__ = ["DataCollatorForCellClassification", "DataCollatorForMaskedExpression", "export_dataset", "pad_features"]
+__all__ = ["DataCollatorForCellClassification", "DataCollatorForMaskedExpression", "KnownRegulation", "export_dataset", "pad_features"]

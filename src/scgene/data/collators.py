@@ -102,6 +102,38 @@ def downsampled_cells(features: list[dict], tokenizer: ScGeneTokenizer, rngs: li
     return cells
 
 
+class KnownRegulation:
+    """Known signed regulator -> target edges (e.g. the training TFs of CollecTRI) as vocabulary id pairs, looked up
+    per cell for the regulation loss (`ScGeneConfig.regulation_loss_weight`)."""
+
+    def __init__(self, table, tokenizer: ScGeneTokenizer):
+        """`table`: `source, target, weight` (decoupler's network shape; the sign of `weight` is the edge's). Genes
+        outside the vocabulary, self-edges and weight-0 edges are dropped; an edge listed twice keeps its first sign."""
+        lookup = tokenizer._lookup
+        sources = np.array([lookup(name) if lookup(name) is not None else -1 for name in table["source"]], np.int64)
+        targets = np.array([lookup(name) if lookup(name) is not None else -1 for name in table["target"]], np.int64)
+        signs = np.sign(np.asarray(table["weight"], dtype=float)).astype(np.int8)
+        keep = (sources >= 0) & (targets >= 0) & (sources != targets) & (signs != 0)
+        if not keep.any():
+            raise ValueError("No edge of the known regulation joins two vocabulary genes: name genes by symbol or "
+                             "Ensembl id, with the columns source, target, weight.")
+        self.vocab_size = tokenizer.vocab_size
+        keys = sources[keep] * self.vocab_size + targets[keep]
+        self.keys, first = np.unique(keys, return_index=True)  # sorted, for searchsorted
+        self.signs = signs[keep][first]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, G) ids -> (B, G, G) int8: [target i, regulator j] = the known edge's sign, 0 where none is known."""
+        ids = input_ids.numpy().astype(np.int64)
+        keys = ids[:, None, :] * self.vocab_size + ids[:, :, None]  # regulator j (columns) -> target i (rows)
+        where = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        found = self.keys[where] == keys
+        return torch.from_numpy(np.where(found, self.signs[where], 0).astype(np.int8))
+
+
 @dataclass
 class DataCollatorForMaskedExpression:
     """Masked expression modelling (BERT-style, on values and bins), optionally on two count-downsampled views.
@@ -116,6 +148,9 @@ class DataCollatorForMaskedExpression:
     `view_attention_mask`; the cells need the `total_counts` column that `scgene tokenize` writes. Views keep
     U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell; with
     `min_panel_fraction`, each view also keeps a random share of the cell's genes (a smaller gene panel).
+
+    `known_regulation` (a `KnownRegulation`) adds `regulation_labels`, the known edges among each cell's genes, for
+    the dual-branch regulation loss.
 
     Every draw for a cell comes from its own generator, seeded by (`seed`, `epoch`, the cell's content): a cell is
     masked and thinned the same way whatever its batch mates, process or position in the run, so a batch split over
@@ -134,6 +169,7 @@ class DataCollatorForMaskedExpression:
     min_count_rate: float = 0.3
     matched_depth: bool = False
     min_panel_fraction: float | None = None
+    known_regulation: KnownRegulation | None = None
     seed: int | None = None
     epoch: int = 0
 
@@ -176,6 +212,8 @@ class DataCollatorForMaskedExpression:
             values[row, randomise], bins[row, randomise] = values[row, source], bins[row, source]  # reads before writes
             values[row, replace], bins[row, replace] = self.mask_value, self.tokenizer.n_bins
         batch["labels"], batch["bin_labels"] = labels, bin_labels
+        if self.known_regulation is not None:
+            batch["regulation_labels"] = self.known_regulation.labels(ids)
         return batch
 
 
