@@ -168,14 +168,16 @@ def test_early_precision_shares_ties():
 
 
 def test_scores_tell_a_perfect_network_from_a_reversed_one():
-    pairs = EdgeSet(np.array([0, 0, 1, 1]), np.array([5, 6, 7, 8]), np.array([1, -1, 1, 1]),
-                    np.array([0, 1, 1, 0, 1, 0, 1, 0]), np.array([9, 10, 11, 12, 13, 14, 15, 16]))
-    perfect = np.r_[[0.9, -0.8, 0.7, 0.6], np.full(8, 0.1)]
+    signs = np.r_[np.ones(18), -np.ones(6)]  # 24 reference edges, 3 in 4 activating
+    pairs = EdgeSet(np.zeros(24, int), np.arange(24), signs, np.ones(48, int), np.arange(24, 72))
+    perfect = np.r_[signs * np.linspace(1, 0.5, 24), np.full(48, 0.1)]
     scores = score_pairs(perfect, pairs)
     assert scores["edge_auroc"] == 1 and scores["epr"] == pytest.approx(3.0) and scores["auprc_ratio"] == pytest.approx(3)
     assert scores["sign_balanced_accuracy"] == 1 and scores["sign_auroc"] == 1 and scores["majority_sign_accuracy"] == 0.75
-    reversed_ = score_pairs(np.r_[-perfect[:4] * 0.01, np.full(8, 0.5)], pairs)
+    reversed_ = score_pairs(np.r_[-perfect[:24] * 0.01, np.full(48, 0.5)], pairs)
     assert reversed_["edge_auroc"] == 0 and reversed_["epr"] == 0 and reversed_["sign_balanced_accuracy"] == 0
+    too_few = score_pairs(np.r_[perfect[:5], np.zeros(19), np.full(48, 0.1)], pairs)  # 5 edges scored: no sign metric
+    assert np.isnan(too_few["sign_balanced_accuracy"]) and too_few["signed_edges_scored"] == pytest.approx(5 / 24)
 
 
 def test_shuffled_target_null_keeps_the_held_out_sources_and_no_real_edge():

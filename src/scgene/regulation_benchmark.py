@@ -11,7 +11,7 @@ The split is of the reference's TFs (`split_regulators`, seeded), so it does not
   method that only knows which genes are frequent targets, or which TFs have many, scores 0.5 AUROC. Reported: AUROC,
   AUPRC ratio (AUPRC / share of positives) and EPR (precision in the top |positives| pairs, ties shared, / share of
   positives);
-- **signs**, on the reference's signed edges that the method scores (weight ≠ 0): accuracy next to the majority-sign
+- **signs**, on the reference's signed edges that the method scores (weight ≠ 0; at least `MIN_SIGNED_EDGES`): accuracy next to the majority-sign
   floor (always the reference's commoner sign), balanced accuracy (the floor is 0.5) and AUROC of weight vs sign.
 
 Rows: the model (`scgene.regulation`), the untrained model, signed Pearson and Spearman correlation, a GENIE3-style
@@ -38,6 +38,7 @@ from .gene_regulation import DEFAULT_REGULATION_CHECKPOINT, GeneIndex, collectri
 from .inference import load_model, load_tokenizer
 
 BASELINES = ("untrained", "pearson", "spearman", "trees", "prior")
+MIN_SIGNED_EDGES = 20  # sign metrics of fewer scored edges are left out (NaN): too few to tell anything
 METRICS = ["edge_auroc", "auprc_ratio", "epr", "sign_accuracy", "majority_sign_accuracy", "sign_balanced_accuracy",
            "sign_auroc", "signed_edges_scored"]
 
@@ -133,10 +134,11 @@ def score_pairs(weights: np.ndarray, pairs: EdgeSet) -> dict:
     signed = weights[: len(pairs.signs)]
     scored = signed != 0
     truth = pairs.signs[scored] > 0
-    majority = max(truth.mean(), 1 - truth.mean()) if scored.any() else np.nan
-    both_signs = 0 < truth.sum() < len(truth)
+    enough = scored.sum() >= MIN_SIGNED_EDGES
+    majority = max(truth.mean(), 1 - truth.mean()) if enough else np.nan
+    both_signs = enough and 0 < truth.sum() < len(truth)
     return scores | {
-        "sign_accuracy": float(((signed[scored] > 0) == truth).mean()) if scored.any() else np.nan,
+        "sign_accuracy": float(((signed[scored] > 0) == truth).mean()) if enough else np.nan,
         "majority_sign_accuracy": float(majority),
         "sign_balanced_accuracy": balanced_accuracy_score(truth, signed[scored] > 0) if both_signs else np.nan,
         "sign_auroc": roc_auc_score(truth, signed[scored]) if both_signs else np.nan,

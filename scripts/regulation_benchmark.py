@@ -1,0 +1,97 @@
+"""The regulation table of docs/regulation.md: `scgene.regulation_benchmark.evaluate_regulation` on every labelled
+human set of `scripts/transfer_sets.csv`, for one or more dual-branch checkpoints, over seeds.
+
+Each seed draws the cells (at most `--max-cells`), the split of CollecTRI's TFs (half held out and scored), the
+shuffled-target null and the untrained model. The first checkpoint is scored with every baseline; the others on the
+same cells, pairs and split (their rows only). Every run is appended to `--runs` (JSON lines) and the summary, mean
+± sd over seeds, is printed as markdown.
+
+    python scripts/regulation_benchmark.py --model "ScGene=src/scgene/resources/dual_branch_model" \
+        --model "ScGene + regulation prior=outputs/constrained" --seeds 0 1 2 --runs docs/regulation_runs.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import anndata
+import pandas as pd
+from leave_one_dataset_out import SETS, prepared_file, read_sets
+
+from scgene.regulation_benchmark import BASELINES, evaluate_regulation
+
+REPO = Path(__file__).resolve().parents[1]
+SUMMARY = ["edge_auroc", "epr", "sign_balanced_accuracy", "sign_auroc", "signed_edges_scored"]
+
+
+def named_model(value: str) -> tuple[str, str]:
+    name, _, path = value.partition("=")
+    if not path:
+        raise argparse.ArgumentTypeError(f"--model {value}: write NAME=PATH")
+    return name, path
+
+
+def summary(runs: list[dict]) -> str:
+    """Mean ± sd over seeds of `SUMMARY`, one table per metric: rows = networks, columns = sets."""
+    rows = [{"set": run["set"], "seed": run["seed"], "network": network, **scores}
+            for run in runs for network, scores in run["scores"].items()]
+    table = pd.DataFrame(rows)
+    order = list(dict.fromkeys(table["network"]))
+    sets = list(dict.fromkeys(table["set"]))
+    text = []
+    for metric in SUMMARY:
+        grouped = table.groupby(["network", "set"])[metric].agg(["mean", "std", "count"])
+        lines = [f"**{metric}**", "", "| network | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+        for network in order:
+            cells = []
+            for name in sets:
+                if (network, name) not in grouped.index or pd.isna(grouped.loc[(network, name), "mean"]):
+                    cells.append("–")
+                    continue
+                mean, std, count = grouped.loc[(network, name)]
+                cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if count > 1 else ""))
+            lines.append(f"| {network} | " + " | ".join(cells) + " |")
+        text.append("\n".join(lines))
+    return "\n\n".join(text) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "scrna")
+    parser.add_argument("--work", type=Path, default=REPO / "outputs" / "regulation")
+    parser.add_argument("--model", type=named_model, action="append", required=True, metavar="NAME=PATH")
+    parser.add_argument("--sets", nargs="*", help="set names (default: every labelled set)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0])
+    parser.add_argument("--max-cells", type=int, default=1000)
+    parser.add_argument("--tree-estimators", type=int, default=30)
+    parser.add_argument("--runs", type=Path, help="append each run here (JSON lines)")
+    args = parser.parse_args()
+    labelled, _ = read_sets(SETS)
+    chosen = [s for s in labelled if args.sets is None or s.name in args.sets]
+    runs = []
+    for labelled_set in chosen:
+        adata = anndata.read_h5ad(prepared_file(args.data, labelled_set, args.work))
+        for seed in args.seeds:
+            for index, (name, path) in enumerate(args.model):
+                start = time.perf_counter()
+                report = evaluate_regulation(adata, path, name=name, baselines=BASELINES if index == 0 else (),
+                                             max_cells=args.max_cells, tree_estimators=args.tree_estimators, seed=seed)
+                table = report.table if index == 0 else report.table.loc[[name]]
+                run = {"set": labelled_set.name, "seed": seed, "model": name, "path": path, "info": report.info,
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "scores": {row: {k: (None if pd.isna(v) else float(v)) for k, v in values.items()}
+                                  for row, values in table.iterrows()}}
+                if index == 0:
+                    print(f"## {labelled_set.name}, seed {seed}\n\n{report.to_markdown()}", flush=True)
+                runs.append(run)
+                if args.runs:
+                    with args.runs.open("a") as handle:
+                        handle.write(json.dumps(run) + "\n")
+    print(summary(runs))
+
+
+if __name__ == "__main__":
+    main()
