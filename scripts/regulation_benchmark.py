@@ -7,7 +7,8 @@ same cells, pairs and split (their rows only). Every run is appended to `--runs`
 ± sd over seeds, is printed as markdown.
 
     python scripts/regulation_benchmark.py --model "ScGene=src/scgene/resources/dual_branch_model" \
-        --model "ScGene + regulation prior=outputs/constrained" --seeds 0 1 2 --runs docs/regulation_runs.jsonl
+        --model "ScGene + regulation prior=outputs/constrained" --model "ScGene, 1,024 tokens=...@1024" \
+        --seeds 0 1 2 --runs docs/regulation_runs.jsonl
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY = ["edge_auroc", "epr", "sign_balanced_accuracy", "sign_auroc", "signed_edges_scored"]
 
 
-def named_model(value: str) -> tuple[str, str]:
+def named_model(value: str) -> tuple[str, str, dict]:
+    """NAME=PATH, or NAME=PATH@N to read N tokens per cell instead of the checkpoint tokenizer's max_length."""
     name, _, path = value.partition("=")
     if not path:
-        raise argparse.ArgumentTypeError(f"--model {value}: write NAME=PATH")
-    return name, path
+        raise argparse.ArgumentTypeError(f"--model {value}: write NAME=PATH or NAME=PATH@MAX_LENGTH")
+    path, _, length = path.partition("@")
+    return name, path, ({"max_length": int(length)} if length else {})
 
 
 def summary(runs: list[dict]) -> str:
@@ -75,12 +78,14 @@ def main():
     for labelled_set in chosen:
         adata = anndata.read_h5ad(prepared_file(args.data, labelled_set, args.work))
         for seed in args.seeds:
-            for index, (name, path) in enumerate(args.model):
+            for index, (name, path, tokenize_kwargs) in enumerate(args.model):
                 start = time.perf_counter()
                 report = evaluate_regulation(adata, path, name=name, baselines=BASELINES if index == 0 else (),
-                                             max_cells=args.max_cells, tree_estimators=args.tree_estimators, seed=seed)
+                                             max_cells=args.max_cells, tree_estimators=args.tree_estimators, seed=seed,
+                                             **tokenize_kwargs)
                 table = report.table if index == 0 else report.table.loc[[name]]
                 run = {"set": labelled_set.name, "seed": seed, "model": name, "path": path, "info": report.info,
+                       "tokenize": tokenize_kwargs,
                        "seconds": round(time.perf_counter() - start, 1),
                        "scores": {row: {k: (None if pd.isna(v) else float(v)) for k, v in values.items()}
                                   for row, values in table.iterrows()}}

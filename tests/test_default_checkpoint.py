@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -25,8 +26,12 @@ def cells():
     return ad.read_h5ad(PBMC)[:80].copy()
 
 
-def test_the_default_checkpoint_is_a_hub_folder_within_budget_trained_on_shippable_data():
-    folder = scgene.DEFAULT_CHECKPOINT
+SHIPPED = {"standard": scgene.DEFAULT_CHECKPOINT, "dual_branch": scgene.DEFAULT_REGULATION_CHECKPOINT}
+
+
+@pytest.mark.parametrize("encoder_type", list(SHIPPED))
+def test_the_default_checkpoint_is_a_hub_folder_within_budget_trained_on_shippable_data(encoder_type):
+    folder = SHIPPED[encoder_type]
     files = {path.name for path in folder.iterdir()}
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "build_record.json",
             "training_genes.json", "modeling_scgene.py", "configuration_scgene.py", "tokenization_scgene.py"} <= files
@@ -37,14 +42,16 @@ def test_the_default_checkpoint_is_a_hub_folder_within_budget_trained_on_shippab
     trained_on = {row["file"] for row in record["corpus"]}
     assert not any(name in trained_on for name in record["zero_shot"])  # scored only on sets it never saw
     config = json.loads((folder / "config.json").read_text())
+    assert config["encoder_type"] == encoder_type and config["prior_readout_weight"] > 0
     assert config["architectures"] == ["ScGeneForMaskedExpression"]  # the masked-expression head ships too
     assert config["auto_map"]["AutoModel"] == "modeling_scgene.ScGeneModel"
 
 
-def test_the_shipped_remote_code_is_the_package_code():
+@pytest.mark.parametrize("encoder_type", list(SHIPPED))
+def test_the_shipped_remote_code_is_the_package_code(encoder_type):
     """The code a Hub user runs (trust_remote_code) is this package's: refresh it with
     `python scripts/build_default_checkpoint.py --refresh-only` when a module changes."""
-    for code in scgene.DEFAULT_CHECKPOINT.glob("*.py"):
+    for code in SHIPPED[encoder_type].glob("*.py"):
         assert code.read_bytes() == (PACKAGE / code.name).read_bytes(), f"{code.name} differs from the package's"
 
 
@@ -81,3 +88,11 @@ def test_the_default_checkpoint_loads_and_embeds_where_scgene_is_not_importable(
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_allclose(torch.load(tmp_path / "pooled.pt", weights_only=True).numpy(), expected, atol=1e-5)
+
+
+def test_regulation_uses_the_shipped_dual_branch_checkpoint_when_no_model_is_given(cells):
+    network = scgene.regulation(cells.copy(), regulators=scgene.transcription_factors(), top_k=5, progress=False)
+    explicit = scgene.regulation(cells.copy(), scgene.DEFAULT_REGULATION_CHECKPOINT,
+                                 regulators=scgene.transcription_factors(), top_k=5, progress=False)
+    pd.testing.assert_frame_equal(network, explicit)
+    assert len(network) > 0 and set(network["source"]) <= set(scgene.transcription_factors())

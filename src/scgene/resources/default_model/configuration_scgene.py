@@ -46,6 +46,9 @@ class ScGeneConfig(PreTrainedConfig):
         value_loss_weight, bin_loss_weight, contrastive_loss_weight: the pretraining objectives' weights; the
             contrastive one pulls together the cell embeddings of two count-downsampled views of the same cell and
             apart from other cells, so the embedding keeps the cell's identity rather than its sequencing depth.
+        regulation_loss_weight: dual-branch only: the weight of seed 001's biologically constrained attention, a loss
+            that pulls each layer's regulation map toward known regulator -> target edges and the regulators' signs
+            toward the edges' signs (`regulation_prior_loss`; the edges come from the collator's `known_regulation`).
 
     Example:
 
@@ -101,6 +104,9 @@ class ScGeneConfig(PreTrainedConfig):
     value_loss_weight: float = 1.0
     bin_loss_weight: float = 1.0
     contrastive_loss_weight: float = 0.0
+    # dual-branch only: known regulator -> target edges pull the regulation map and signs (seed 001's biologically
+    # constrained attention weights; 0 = off)
+    regulation_loss_weight: float = 0.0
     contrastive_temperature: float = 0.02
     contrastive_projection_size: int = 64
 
@@ -158,9 +164,12 @@ class ScGeneConfig(PreTrainedConfig):
                 "classifier_pooling='gene_projection' reads one number per gene of a fixed panel: "
                 "set num_panel_genes to the panel size (the original model's input_dim)."
             )
-        for name in ("value_loss_weight", "bin_loss_weight", "contrastive_loss_weight"):
+        for name in ("value_loss_weight", "bin_loss_weight", "contrastive_loss_weight", "regulation_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 turns that loss off), got {getattr(self, name)}.")
+        if self.regulation_loss_weight > 0 and self.encoder_type != "dual_branch":
+            raise ValueError("regulation_loss_weight > 0 constrains the dual-branch encoder's regulation map: set "
+                             "encoder_type='dual_branch', or regulation_loss_weight=0.")
         for name in ("contrastive_temperature", "classifier_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")

@@ -45,6 +45,8 @@ TRAINING_GENES_FILE = "training_genes.json"  # in a pretrained checkpoint: the v
 UNSEEN_GENES_WARNING = 0.5  # warn when more than this share of a run's gene tokens are genes pretraining never saw
 # The checkpoint used when no model is given: built by scripts/build_default_checkpoint.py (its README.md is the card).
 DEFAULT_CHECKPOINT = Path(__file__).parent / "resources" / "default_model"
+# The dual-branch checkpoint trained the same way, whose signed regulation `scgene.regulation` reads by default.
+DEFAULT_REGULATION_CHECKPOINT = Path(__file__).parent / "resources" / "dual_branch_model"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,8 +331,10 @@ def run_over_cells(
     progress: bool,
     description: str,
     encode_kwargs: dict,
+    model_kwargs: dict | None = None,
 ) -> PriorCoverage:
-    """Run `model` over every cell of `adata` in token-budget batches; `consume(batch, outputs)` gets each result.
+    """Run `model` over every cell of `adata` in token-budget batches (`model_kwargs` go to its forward);
+    `consume(batch, outputs)` gets each result.
     Returns (and logs, as a warning when high) the share of gene tokens without a prior row."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size!r}.")
@@ -354,7 +358,7 @@ def run_over_cells(
             coverage.without_prior += int((genes & ~has_prior[ids]).sum())
             if trained is not None:
                 coverage.unseen_in_training += int((genes & ~trained[ids]).sum())
-            consume(batch, model(**batch.inputs, return_dict=True))
+            consume(batch, model(**batch.inputs, return_dict=True, **(model_kwargs or {})))
             bar.update(len(batch.cells))
     coverage.report()
     return coverage

@@ -67,6 +67,7 @@ class ScGeneMaskedExpressionOutput(ModelOutput):
     value_loss: torch.FloatTensor | None = None
     bin_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
+    regulation_loss: torch.FloatTensor | None = None  # dual-branch, with `regulation_labels`
     predicted_values: torch.FloatTensor | None = None  # (B, G)
     bin_logits: torch.FloatTensor | None = None  # (B, G, n_bins)
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -280,26 +281,33 @@ class ScGeneRegulatedAttention(ScGeneAttention):
         self.regulation_scale = nn.Parameter(torch.empty(heads))  # λ
 
     def regulation_inputs(self, gene_states: torch.Tensor):
-        """(Bg, G, d) -> query, key (Bg, H, G, dh) and regulator signs tanh(s) (Bg, H, G, 1)."""
+        """(Bg, G, d) -> query, key (Bg, H, G, dh) and regulator sign logits s (Bg, H, G, 1)."""
         d = self.config.hidden_size
         query, key, sign_logits = self.regulation_proj(gene_states).split([d, d, self.config.num_attention_heads], -1)
-        signs = torch.tanh(sign_logits).transpose(1, 2).unsqueeze(-1)
-        return split_heads(query, self.head_dim), split_heads(key, self.head_dim), signs
+        return split_heads(query, self.head_dim), split_heads(key, self.head_dim), sign_logits.transpose(1, 2).unsqueeze(-1)
 
-    def signed_regulation(self, gene_states, gene_attention_mask) -> torch.Tensor:
-        """R = λ · A_reg · tanh(s) over regulators: (Bg, H, G, G), the gene × gene regulation of this layer."""
-        query, key, signs = self.regulation_inputs(gene_states)
+    def regulation_parts(self, gene_states, gene_attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The regulation map A_reg (Bg, H, G, G), float32, rows = targets, and each regulator's effective sign logit
+        (Bg, H, G): s_h[j] times the sign of λ_h, whose sign is the sign R gives the regulator's edges."""
+        query, key, sign_logits = self.regulation_inputs(gene_states)
         scores = torch.matmul(query, key.transpose(2, 3)) * self.scaling
         if gene_attention_mask is not None:
             scores = scores + gene_attention_mask
-        regulation_map = F.softmax(scores, dim=-1, dtype=torch.float32)
-        return self.regulation_scale.view(1, -1, 1, 1) * regulation_map * signs.transpose(2, 3)
+        effective_sign = sign_logits.squeeze(-1) * torch.sign(self.regulation_scale).view(1, -1, 1)
+        return F.softmax(scores, dim=-1, dtype=torch.float32), effective_sign
+
+    def signed_regulation(self, gene_states, gene_attention_mask) -> torch.Tensor:
+        """R = λ · A_reg · tanh(s) = |λ| · A_reg · tanh(effective s): (Bg, H, G, G), this layer's gene × gene
+        regulation."""
+        regulation_map, sign_logits = self.regulation_parts(gene_states, gene_attention_mask)
+        return self.regulation_scale.abs().view(1, -1, 1, 1) * regulation_map * torch.tanh(sign_logits).unsqueeze(2)
 
     def forward(self, hidden_states, gene_states, attention_mask, gene_attention_mask=None, output_regulation=False):
         batch_size = hidden_states.shape[0]
         query, key, value = self.project_qkv(hidden_states)  # (B, H, G, dh)
         # the gene branch may hold a single cell shared by the batch: (1, H, G, ·) -> (B, H, G, ·)
-        reg_query, reg_key, signs = (t.expand(batch_size, -1, -1, -1) for t in self.regulation_inputs(gene_states))
+        reg_query, reg_key, sign_logits = (t.expand(batch_size, -1, -1, -1) for t in self.regulation_inputs(gene_states))
+        signs = torch.tanh(sign_logits)  # (B, H, G, 1)
         attn_output, attn_weights = attention_function(self.config)(
             self,
             torch.cat([query, reg_query], dim=1),  # (B, 2H, G, dh)
@@ -462,6 +470,15 @@ class ScGeneDualBranchEncoder(nn.Module):
         if output_hidden_states:
             all_hidden[-1] = hidden_states
         return hidden_states, pooled_states, all_hidden, all_attn, all_regulation
+
+    def regulation_parts(self, identity, gene_attention_mask) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's regulation map and effective sign logits (`ScGeneRegulatedAttention.regulation_parts`), from the
+        gene branch alone: it does not read expression."""
+        parts, gene_states = [], identity
+        for layer in self.layers:
+            parts.append(layer.expression_block.attention.regulation_parts(gene_states, gene_attention_mask))
+            gene_states, _ = layer.gene_block(gene_states, gene_attention_mask)
+        return parts
 
     def fuse(self, gene_states, expression_states):
         """One layer's output: expression states + gene states, each with its final LayerNorm (pre-LN)."""
@@ -734,6 +751,30 @@ def mean_per_cell(errors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return (per_cell * has_any).sum() / has_any.sum()
 
 
+def regulation_prior_loss(parts: list[tuple[torch.Tensor, torch.Tensor]], regulation_labels: torch.Tensor) -> torch.Tensor:
+    """Seed 001's biologically constrained attention: known edges pull the regulation map and signs their way.
+
+    `regulation_labels (B, G, G)`: [target i, regulator j] = +1 (j activates i), -1 (represses), 0 (no known edge).
+    Per layer and head: the regulation attention of each target with known regulators in the cell should fall on
+    them (-log of its mass on them), and each known regulator's effective sign logit should give the edge's sign
+    (binary cross-entropy); both averaged over layers, heads and the known rows / edges. 0 when no edge is known."""
+    known = regulation_labels != 0  # (B, G, G)
+    rows = known.any(dim=-1)  # (B, G): targets with a known regulator
+    n_rows, n_edges = rows.sum().clamp(min=1), known.sum().clamp(min=1)
+    activates = (regulation_labels > 0).float()
+    total = 0.0
+    for regulation_map, sign_logits in parts:  # (B, H, G, G), (B, H, G)
+        heads = regulation_map.shape[1]
+        mass = (regulation_map * known.unsqueeze(1)).sum(dim=-1)  # (B, H, G)
+        edge_loss = -(torch.log(mass.clamp(min=1e-6)) * rows.unsqueeze(1)).sum() / (n_rows * heads)
+        edge_sign_logits = sign_logits.float().unsqueeze(2).expand_as(regulation_map)  # the regulator's, per edge
+        sign_errors = F.binary_cross_entropy_with_logits(edge_sign_logits, activates.unsqueeze(1).expand_as(regulation_map),
+                                                         reduction="none")
+        sign_loss = (sign_errors * known.unsqueeze(1)).sum() / (n_edges * heads)
+        total = total + edge_loss + sign_loss
+    return total / len(parts)
+
+
 def info_nce(first: torch.Tensor, second: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE: row i of `first` should match row i of `second` among all rows of the batch."""
     first, second = F.normalize(first.float(), dim=-1), F.normalize(second.float(), dim=-1)
@@ -751,7 +792,9 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
     each averaged over a cell's masked positions, then over cells (every cell weighs the same however many genes it
     expresses, and a batch split over processes or accumulation steps gives the same loss as the whole batch),
     plus `contrastive_loss_weight` × InfoNCE between the projected cell embeddings of the (masked) input and of a
-    second view of the same cells (`view_input_ids`, ... from `DataCollatorForMaskedExpression(count_views=True)`).
+    second view of the same cells (`view_input_ids`, ... from `DataCollatorForMaskedExpression(count_views=True)`),
+    plus, for the dual-branch encoder, `regulation_loss_weight` × `regulation_prior_loss` against `regulation_labels`
+    (known edges among each cell's genes, from `DataCollatorForMaskedExpression(known_regulation=...)`).
     """
 
     def __init__(self, config: ScGeneConfig):
@@ -779,6 +822,7 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         view_expression_values: torch.FloatTensor | None = None,
         view_expression_bins: torch.LongTensor | None = None,
         view_attention_mask: torch.Tensor | None = None,
+        regulation_labels: torch.LongTensor | None = None,
         output_hidden_states=None,
         output_attentions=None,
         output_regulation: bool = False,
@@ -818,8 +862,13 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
             losses["contrastive_loss"] = info_nce(self.contrastive_projection(cell),
                                                   self.contrastive_projection(view_cell),
                                                   self.config.contrastive_temperature)
+        if self.config.regulation_loss_weight > 0 and regulation_labels is not None:
+            identity = self.scgene.embeddings.gene_identity(input_ids, self.dtype)  # (B, G, d), as the gene branch reads
+            parts = self.scgene.encoder.regulation_parts(identity, additive_key_mask(attention_mask, self.dtype))
+            losses["regulation_loss"] = regulation_prior_loss(parts, regulation_labels)
         weights = {"value_loss": self.config.value_loss_weight, "bin_loss": self.config.bin_loss_weight,
-                   "contrastive_loss": self.config.contrastive_loss_weight}
+                   "contrastive_loss": self.config.contrastive_loss_weight,
+                   "regulation_loss": self.config.regulation_loss_weight}
         loss = sum(weights[name] * value for name, value in losses.items()) if losses else None
         return ScGeneMaskedExpressionOutput(
             loss=loss, **losses, predicted_values=predicted_values, bin_logits=bin_logits,

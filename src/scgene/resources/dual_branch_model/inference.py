@@ -1,0 +1,603 @@
+"""Cells in, answers out: `embed`, `annotate`, `embed_genes` and `gene_prior` on a user's AnnData.
+
+The scverse-facing layer over the pure-torch model: each function takes an AnnData (in memory, backed, or a path to an
+`.h5ad`), a checkpoint (a folder, a Hub id, or a loaded model), tokenizes the cells with the tokenizer saved in the
+checkpoint and writes `obsm` / `obs` / `varm`, as `scanpy.tl` functions do.
+
+Inference is exact and fast:
+- cells are tokenized a chunk at a time (a backed file is never densified whole), collected into windows of at most
+  `WINDOW_TOKENS` tokens, sorted by length within the window and cut into batches under a token budget
+  (`max_tokens_per_batch`), so a batch wastes little on padding and peak memory is set by the budget, not the number
+  of cells;
+- padding is masked everywhere, so a cell's output does not depend on its batch mates, the batch size or the order;
+  results go back to input order;
+- the model runs in eval mode under `torch.inference_mode`, on SDPA by default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging as std_logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers.utils import logging
+from transformers.utils.logging import tqdm
+
+from .fileio import TOKENIZER_FOLDER, local_or_hub
+from .modeling_scgene import NUM_SPECIAL_TOKENS, ScGeneForCellClassification, ScGenePreTrainedModel
+from .tokenization_scgene import ScGeneTokenizer, opened
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_MAX_TOKENS_PER_BATCH = 16384  # a few hundred MB of activations at d=256; lower it when memory is short
+WINDOW_TOKENS = 1 << 21  # cells are length-sorted within windows of about 2M tokens (~25 MB of token arrays)
+UNKNOWN_LABEL = "Unknown"
+PRIOR_GAP_WARNING = 0.25  # warn when more than this share of a run's gene tokens has no prior row
+TRAINING_GENES_FILE = "training_genes.json"  # in a pretrained checkpoint: the vocabulary ids its corpus carried
+UNSEEN_GENES_WARNING = 0.5  # warn when more than this share of a run's gene tokens are genes pretraining never saw
+# The checkpoint used when no model is given: built by scripts/build_default_checkpoint.py (its README.md is the card).
+DEFAULT_CHECKPOINT = Path(__file__).parent / "resources" / "default_model"
+# The dual-branch checkpoint trained the same way, whose signed regulation `scgene.regulation` reads by default.
+DEFAULT_REGULATION_CHECKPOINT = Path(__file__).parent / "resources" / "dual_branch_model"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """Loading the encoder from a head checkpoint reports the head's weights as unexpected, which is expected here:
+    transformers' loading report and its progress bar are silenced; `load_model` raises on missing weights itself."""
+    names = ("transformers.modeling_utils", "transformers.distributed.tensor_parallel")
+    loggers = [std_logging.getLogger(name) for name in names]
+    levels = [each.level for each in loggers]
+    bars = logging.is_progress_bar_enabled()
+    for each in loggers:
+        each.setLevel(std_logging.ERROR)
+    logging.disable_progress_bar()  # no "Loading weights" bar: loading takes a moment, and progress=False means quiet
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_checkpoint(auto_class, source: str, **kwargs):
+    """`auto_class.from_pretrained(source, **kwargs)`, with one-line errors for what a user can fix: a
+    damaged weights file, weights whose shapes the config contradicts, a name that is neither a folder nor a Hub model
+    available here."""
+    from safetensors import SafetensorError
+
+    try:
+        with quiet_transformers_loading():
+            return auto_class.from_pretrained(source, **kwargs)
+    except SafetensorError as error:
+        raise ValueError(f"{source}: model.safetensors is damaged ({error}); save or download the checkpoint "
+                         "again.") from None
+    except RuntimeError as error:
+        if "mismatched_sizes" not in str(error):
+            raise
+        raise ValueError(f"{source}: the shapes in config.json (hidden_size, intermediate_size, vocab_size, ...) do "
+                         "not match the weights in model.safetensors; use the config.json saved with these "
+                         "weights.") from None
+    except OSError as error:
+        if os.path.isdir(source):
+            raise
+        raise FileNotFoundError(f"{source} is neither a local checkpoint folder nor a Hub model available here "
+                                f"({str(error).splitlines()[0]}); check the path.") from None
+
+
+def load_weights(model_class, source: str, **kwargs):
+    """`model_class.from_pretrained(source, **kwargs)` through `load_checkpoint`, refusing a config that describes
+    weights the weights file lacks (they would be randomly initialised)."""
+    model, info = load_checkpoint(model_class, source, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise ValueError(
+            f"{model.name_or_path}: config.json describes {len(missing)} weights that model.safetensors lacks "
+            f"(e.g. {missing[:3]}): the config and the weights disagree (a config edited by hand?). Use the "
+            "config.json saved with these weights; the model would otherwise run with randomly initialised parts."
+        )
+    return model
+
+
+def load_model(model, classifier: bool = False, device=None, pooling_layer: int | None = None) -> ScGenePreTrainedModel:
+    """A checkpoint path / Hub id or a loaded ScGene model (None: `DEFAULT_CHECKPOINT`) -> the model to run, in eval
+    mode on `device`.
+
+    `classifier=False` returns the encoder (`ScGeneModel`: the base model of any head); `classifier=True` needs a
+    `ScGeneForCellClassification` checkpoint. `pooling_layer` overrides the checkpoint's read-out layer.
+    """
+    if model is None:
+        if classifier:
+            raise ValueError("No cell-type annotator ships with scgene (none beat logistic regression on transfer: "
+                             "docs/transfer.md): pass model= a classifier fine-tuned with examples/finetune_cell_type.py.")
+        if not (DEFAULT_CHECKPOINT / "model.safetensors").exists():
+            raise FileNotFoundError(f"The default checkpoint is missing from {DEFAULT_CHECKPOINT}: rebuild it with "
+                                    "`python scripts/build_default_checkpoint.py`, or pass a model.")
+        model = DEFAULT_CHECKPOINT
+    overrides = {} if pooling_layer is None else {"pooling_layer": pooling_layer}
+    if overrides and not isinstance(model, (str, os.PathLike)):
+        raise ValueError("pooling_layer is applied when loading a checkpoint; on a loaded model set "
+                         "model.config.pooling_layer instead (or load it with from_pretrained(path, pooling_layer=...)).")
+    if isinstance(model, (str, os.PathLike)):
+        model = local_or_hub(model, "a checkpoint is a folder with config.json and model.safetensors")
+        auto_class = AutoModelForSequenceClassification if classifier else AutoModel
+        if classifier and "ScGeneForCellClassification" not in (load_checkpoint(AutoConfig, model).architectures or []):
+            raise ValueError(
+                f"{model} is not a cell-type classifier checkpoint (its config names no ScGeneForCellClassification): "
+                "loading it as one would add an untrained head. Fine-tune one with examples/finetune_cell_type.py."
+            )
+        model = load_weights(auto_class, model, **overrides)
+    if not is_scgene(model):
+        raise TypeError(f"model must be an ScGene checkpoint path, Hub id or ScGene model, got {type(model).__name__}.")
+    if classifier:
+        if not is_scgene(model, ScGeneForCellClassification):
+            raise ValueError(
+                f"Annotation needs a cell-type classifier (ScGeneForCellClassification), got {type(model).__name__}: "
+                "fine-tune one with examples/finetune_cell_type.py."
+            )
+    else:
+        model = model.base_model
+    model.training_genes = training_genes(model)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def is_scgene(model, kind: type = ScGenePreTrainedModel) -> bool:
+    """Whether `model` is a ScGene model of `kind`, built by this package's classes or by a checkpoint's copy of them
+    (remote code, as the `cell-embedding` pipeline loads): compared by class name, not identity."""
+    return any(cls.__name__ == kind.__name__ and cls.__module__.rsplit(".", 1)[-1] == "modeling_scgene"
+               for cls in type(model).__mro__)
+
+
+def training_genes(model: ScGenePreTrainedModel) -> torch.Tensor | None:
+    """(vocab_size,) bool: the genes the checkpoint was pretrained on, from its `training_genes.json`; None without."""
+    path = os.path.join(str(getattr(model, "name_or_path", "") or ""), TRAINING_GENES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        ids = json.load(handle)["gene_ids"]
+    mask = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+    mask[torch.as_tensor(ids, dtype=torch.long)] = True
+    return mask
+
+
+def load_tokenizer(tokenizer, model: ScGenePreTrainedModel) -> ScGeneTokenizer:
+    """`tokenizer` (an ScGeneTokenizer or a folder / Hub id), or by default the one saved with the checkpoint, with the
+    settings it was saved with. Its vocabulary must be the model's."""
+    if tokenizer is None:
+        source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        if not source:
+            raise ValueError(
+                "This model was not loaded from a checkpoint, so there is no saved tokenizer: pass tokenizer= "
+                "(the ScGeneTokenizer the model was trained with)."
+            )
+        try:
+            tokenizer = ScGeneTokenizer.from_pretrained(source)
+        except OSError as error:
+            raise ValueError(
+                f"No tokenizer saved with the checkpoint {source} (preprocessor_config.json): pass "
+                "tokenizer= (the ScGeneTokenizer or folder the model was trained with)."
+            ) from error
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = ScGeneTokenizer.from_pretrained(local_or_hub(tokenizer, TOKENIZER_FOLDER))
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}: "
+            "gene ids would point at the wrong genes. Use the tokenizer saved with the checkpoint."
+        )
+    if model.config.expression_encoding == "binned" and tokenizer.n_bins != model.config.n_bins:
+        raise ValueError(
+            f"The tokenizer makes {tokenizer.n_bins} expression bins but the model expects {model.config.n_bins}: use "
+            "the tokenizer saved with the checkpoint."
+        )
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Length-sorted, token-budget batches
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellBatch:
+    """Padded model inputs of some cells and their positions in the input."""
+
+    cells: np.ndarray  # (B,) input row of each cell
+    inputs: dict[str, torch.Tensor]  # (B, G) each
+
+
+def padded_batch(flat: dict[str, np.ndarray], starts: np.ndarray, lengths: np.ndarray) -> dict[str, torch.Tensor]:
+    """Rows `flat[name][start : start + length]` of each token array as (B, longest) tensors padded with 0 (the <pad>
+    id, value and bin), plus the attention mask; the gather positions are computed once for all arrays."""
+    positions = np.arange(int(lengths.max()))
+    real = positions[None, :] < lengths[:, None]  # (B, G)
+    gather = np.where(real, starts[:, None] + positions[None, :], 0)
+    dtypes = {"input_ids": torch.long, "expression_values": torch.float32, "expression_bins": torch.long}
+    batch = {name: torch.from_numpy(np.where(real, flat[name][gather], 0)).to(dtypes[name]) for name in dtypes}
+    batch["attention_mask"] = torch.from_numpy(real).long()
+    return batch
+
+
+def plan_batches(lengths: np.ndarray, max_tokens: int, max_cells: int | None) -> list[np.ndarray]:
+    """Cells sorted by decreasing length (ties by input order), cut so that cells x longest <= max_tokens (a cell longer
+    than the budget goes alone) and at most `max_cells` cells per batch."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(int(lengths[order[start]]), 1)
+        size = max(1, max_tokens // longest)
+        if max_cells:
+            size = min(size, max_cells)
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, device, encode_kwargs) -> Iterator[CellBatch]:
+    """Tokenize `adata` chunk by chunk and yield length-sorted batches, window by window (see the module docstring)."""
+    window, window_tokens = [], 0
+
+    def flush():
+        starts = np.concatenate([np.concatenate([[0], np.cumsum(c.lengths)[:-1]]) for c in window]).astype(np.int64)
+        offsets = np.cumsum([0] + [len(c.input_ids) for c in window[:-1]])
+        starts += np.repeat(offsets, [len(c.lengths) for c in window])
+        lengths = np.concatenate([c.lengths for c in window])
+        cells = np.concatenate([np.arange(c.start, c.start + len(c.lengths)) for c in window])
+        flat = {name: np.concatenate([getattr(c, name) for c in window]) for name in ("input_ids", "expression_values", "expression_bins")}
+        for rows in plan_batches(lengths, max_tokens, max_cells):
+            inputs = padded_batch(flat, starts[rows], lengths[rows])
+            yield CellBatch(cells[rows], {name: tensor.to(device) for name, tensor in inputs.items()})
+
+    for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
+        window.append(chunk)
+        window_tokens += len(chunk.input_ids)
+        if window_tokens >= WINDOW_TOKENS:
+            yield from flush()
+            window, window_tokens = [], 0
+    if window:
+        yield from flush()
+
+
+@dataclass
+class PriorCoverage:
+    """How many of the gene tokens a run fed the model have a prior row (a gene identity the model knows)."""
+
+    gene_tokens: int = 0
+    without_prior: int = 0
+    unseen_in_training: int | None = None  # gene tokens of genes pretraining never saw (None: no record)
+
+    @property
+    def share_without_prior(self) -> float:
+        return self.without_prior / self.gene_tokens if self.gene_tokens else 0.0
+
+    def report(self) -> None:
+        message = (f"{self.share_without_prior:.1%} of the {self.gene_tokens} gene tokens have no prior row: the model "
+                   "sees their expression but not which genes they are")
+        if self.share_without_prior > PRIOR_GAP_WARNING:
+            logger.warning(message + ". The checkpoint's prior covers few of this file's genes; a prior with the "
+                           "knowledge of every vocabulary gene (scgene build-prior, the default --knowledge-genes "
+                           "vocabulary) avoids it.")
+        else:
+            logger.info(message + ".")
+        if self.unseen_in_training is not None and self.gene_tokens:
+            share = self.unseen_in_training / self.gene_tokens
+            (logger.warning if share > UNSEEN_GENES_WARNING else logger.info)(
+                f"{share:.1%} of the gene tokens are genes the checkpoint's pretraining corpus never held"
+                + (": the model meets them untrained; expect a weaker embedding." if share > UNSEEN_GENES_WARNING
+                   else "."))
+
+    def to_dict(self) -> dict:
+        shares = {"gene_tokens": self.gene_tokens, "share_without_prior": round(self.share_without_prior, 4)}
+        if self.unseen_in_training is not None and self.gene_tokens:
+            shares["share_unseen_in_training"] = round(self.unseen_in_training / self.gene_tokens, 4)
+        return shares
+
+
+def run_record(model: ScGenePreTrainedModel, tokenizer: ScGeneTokenizer, coverage: PriorCoverage, **extra) -> dict:
+    """What produced a result, for `uns`: the checkpoint, the tokenizer settings and both coverages (h5ad-writable)."""
+    from . import __version__
+
+    settings = {key: value for key, value in tokenizer.to_dict().items()
+                if key not in ("vocab", "auto_map", "bin_edges") and value is not None}
+    record = {"model": str(getattr(model, "name_or_path", "") or "in-memory model"), "scgene_version": __version__,
+              "tokenizer": settings, "gene_coverage": str(tokenizer.last_coverage or "not measured"),
+              "prior_coverage": coverage.to_dict()}
+    return record | {key: value for key, value in extra.items() if value is not None}
+
+
+def run_over_cells(
+    model: ScGenePreTrainedModel,
+    tokenizer: ScGeneTokenizer,
+    adata,
+    consume: Callable[[CellBatch, object], None],
+    *,
+    batch_size: int | None,
+    max_tokens_per_batch: int | None,
+    progress: bool,
+    description: str,
+    encode_kwargs: dict,
+    model_kwargs: dict | None = None,
+) -> PriorCoverage:
+    """Run `model` over every cell of `adata` in token-budget batches (`model_kwargs` go to its forward);
+    `consume(batch, outputs)` gets each result.
+    Returns (and logs, as a warning when high) the share of gene tokens without a prior row."""
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive number of cells, got {batch_size!r}.")
+    if max_tokens_per_batch is not None and (not isinstance(max_tokens_per_batch, int) or max_tokens_per_batch < 1):
+        raise ValueError(f"max_tokens_per_batch must be a positive number of tokens, got {max_tokens_per_batch!r}.")
+    if "seed" in encode_kwargs:
+        raise ValueError("Inference keeps each cell's highest-expressed genes; gene sampling (seed=) is for training data.")
+    if max_tokens_per_batch is None:
+        max_tokens_per_batch = np.iinfo(np.int64).max if batch_size else DEFAULT_MAX_TOKENS_PER_BATCH
+    device = next(model.parameters()).device
+    has_prior = model.get_gene_prior().detach().abs().sum(dim=1) > 0  # (V,)
+    trained = getattr(model, "training_genes", None)
+    trained = None if trained is None else trained.to(device)
+    coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
+    batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
+    with torch.inference_mode(), tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
+        for batch in batches:
+            ids = batch.inputs["input_ids"]
+            genes = (ids >= NUM_SPECIAL_TOKENS) & batch.inputs["attention_mask"].bool()  # (B, G)
+            coverage.gene_tokens += int(genes.sum())
+            coverage.without_prior += int((genes & ~has_prior[ids]).sum())
+            if trained is not None:
+                coverage.unseen_in_training += int((genes & ~trained[ids]).sum())
+            consume(batch, model(**batch.inputs, return_dict=True, **(model_kwargs or {})))
+            bar.update(len(batch.cells))
+    coverage.report()
+    return coverage
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def embed(
+    adata,
+    model=None,
+    *,
+    tokenizer=None,
+    key_added: str | None = "X_scgene",
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    pooling_layer: int | None = None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> np.ndarray:
+    """Cell embeddings (the model's `pooler_output`) -> `adata.obsm[key_added]`, float32, one row per cell in input order.
+
+    `model`: a checkpoint folder, Hub id or loaded ScGene model (any head; its encoder is used); by default the
+    checkpoint that ships with scgene (`DEFAULT_CHECKPOINT`). `tokenizer`: by default
+    the one saved with the checkpoint, with its saved settings; `tokenize_kwargs` (`gene_selection`, `max_length`,
+    `top_k`, `gene_column`, `layer`, `use_raw`, and `genes`: read only these genes, normalised over them) override
+    them. `max_tokens_per_batch` (default 16,384) bounds memory; `batch_size` caps cells
+    per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
+    and never written: the embeddings are returned. Results do not depend on `batch_size`, `max_tokens_per_batch`, cell
+    order or batch mates.
+    """
+    encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    embeddings, coverage, _ = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
+                                                      max_tokens_per_batch=max_tokens_per_batch, progress=progress,
+                                                      **tokenize_kwargs)
+    if key_added and not isinstance(adata, (str, os.PathLike)):
+        adata.obsm[key_added] = embeddings
+        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer)
+    return embeddings
+
+
+def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens_per_batch, progress,
+                            **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
+    """`embed`'s work on a loaded encoder and tokenizer: the embeddings, the prior coverage of their tokens, and
+    whether each cell had counts on any gene it was read on."""
+    with opened(adata) as cells:
+        embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)
+        has_counts = np.zeros(cells.n_obs, bool)
+
+        def consume(batch, outputs):
+            embeddings[batch.cells] = outputs.pooler_output.float().cpu().numpy()
+            ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+            has_counts[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).any(dim=1).cpu().numpy()
+
+        coverage = run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
+                                  max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
+                                  encode_kwargs=tokenize_kwargs)
+    return embeddings, coverage, has_counts
+
+
+def fit_prior_readout_weight(adata, model=None, *, tokenizer=None, max_cells: int = 2000, seed: int = 0,
+                             progress: bool = True, **tokenize_kwargs) -> float:
+    """The `prior_readout_weight` (see `ScGeneConfig`) under which the prior's part of the cell embedding spreads the
+    cells as much as the transformer's part: the ratio of their root-mean-square distances to their means, over
+    `max_cells` cells sampled from `adata` (an AnnData or path, or a list of them pooled: fit it on the pretraining
+    corpus). Set it with `model.config.prior_readout_weight = weight` and save the model."""
+    encoder = load_model(model, classifier=False)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    files = adata if isinstance(adata, (list, tuple)) else [adata]
+    if not files or not isinstance(max_cells, int) or max_cells < 1:
+        raise ValueError("fit_prior_readout_weight needs cells: pass an AnnData (or a list of them) and max_cells >= 1.")
+    weight = encoder.config.prior_readout_weight
+    parts = {"transformer": [], "prior": []}
+    for cells_or_path in files:
+        with opened(cells_or_path) as cells:
+            rng = np.random.default_rng(seed)
+            rows = np.sort(rng.choice(cells.n_obs, min(cells.n_obs, max(1, max_cells // len(files))), replace=False))
+            sample = cells[rows].to_memory() if cells.isbacked else cells[rows]
+
+            def consume(batch, outputs):
+                inputs = batch.inputs
+                prior = encoder.pool_prior(inputs["input_ids"], inputs["attention_mask"], inputs["expression_values"])
+                parts["prior"].append(prior.float().cpu().numpy())
+                parts["transformer"].append((outputs.pooler_output - weight * prior).float().cpu().numpy())
+
+            run_over_cells(encoder, tokenizer, sample, consume, batch_size=None, max_tokens_per_batch=None,
+                           progress=progress, description="Fitting the prior read-out", encode_kwargs=tokenize_kwargs)
+
+    def spread(rows):
+        rows = np.concatenate(rows).astype(np.float64)
+        return float(np.sqrt(((rows - rows.mean(axis=0)) ** 2).sum(axis=1).mean()))
+
+    prior_spread = spread(parts["prior"])
+    if not prior_spread > 0:
+        raise ValueError("The prior read on these cells does not vary (all prior rows of their genes are zero or equal): "
+                         "there is nothing for a prior read-out to add. Check the checkpoint's prior.")
+    return spread(parts["transformer"]) / prior_spread
+
+
+def annotate(
+    adata,
+    model=None,
+    *,
+    tokenizer=None,
+    key_added: str = "scgene_label",
+    min_confidence: float | None = None,
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> pd.DataFrame:
+    """Cell-type labels from a `ScGeneForCellClassification` checkpoint.
+
+    Writes `obs[key_added]` (categorical, names from the model's `id2label`), `obs[key_added + "_confidence"]` (the
+    highest class probability, calibrated by the checkpoint's `classifier_temperature`) and `obsm[key_added + "_probabilities"]` (columns in `id2label` order, listed in
+    `uns[key_added]["labels"]`). Cells whose confidence is below `min_confidence` are labelled "Unknown" (a type the
+    classifier never saw), and so are cells without counts on vocabulary genes (confidence 0), with a warning. Returns the two obs columns as a DataFrame (also for a path, which is never written).
+    """
+    if min_confidence is not None and not 0 <= min_confidence <= 1:
+        raise ValueError(f"min_confidence is a probability between 0 and 1, got {min_confidence}.")
+    classifier = load_model(model, classifier=True, device=device)
+    tokenizer = load_tokenizer(tokenizer, classifier)
+    names = [str(classifier.config.id2label[i]) for i in range(classifier.config.num_labels)]
+    with opened(adata) as cells:
+        probabilities = np.zeros((cells.n_obs, len(names)), np.float32)
+        expressed_genes = np.zeros(cells.n_obs, np.int64)
+        obs_names = cells.obs_names.copy()
+
+        temperature = classifier.config.classifier_temperature
+
+        def consume(batch, outputs):
+            probabilities[batch.cells] = torch.softmax(outputs.logits.float() / temperature, dim=-1).cpu().numpy()
+            ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+            expressed_genes[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).sum(dim=1).cpu().numpy()
+
+        coverage = run_over_cells(classifier, tokenizer, cells, consume, batch_size=batch_size,
+                                  max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Annotating",
+                                  encode_kwargs=tokenize_kwargs)
+    confidence = probabilities.max(axis=1) if len(names) else np.zeros(len(probabilities), np.float32)
+    labels = np.asarray(names, dtype=object)[probabilities.argmax(axis=1)] if len(probabilities) else np.array([], object)
+    categories = list(names)
+    empty = expressed_genes == 0  # no counts on vocabulary genes: the classifier would still name a type
+    if empty.any():
+        logger.warning(f"{int(empty.sum())} cells have no counts on the vocabulary's genes: labelled "
+                       f"{UNKNOWN_LABEL!r} with confidence 0.")
+        confidence = np.where(empty, 0.0, confidence).astype(np.float32)
+    if min_confidence is not None or empty.any():
+        labels = np.where(empty | (confidence < (min_confidence or 0)), UNKNOWN_LABEL, labels)
+        categories = categories + ([UNKNOWN_LABEL] if UNKNOWN_LABEL not in categories else [])
+    result = pd.DataFrame(
+        {key_added: pd.Categorical(labels, categories=categories), f"{key_added}_confidence": confidence},
+        index=obs_names,
+    )
+    if not isinstance(adata, (str, os.PathLike)):
+        for column in result.columns:
+            adata.obs[column] = result[column].values
+        adata.obsm[f"{key_added}_probabilities"] = probabilities
+        adata.uns[key_added] = {"labels": names} | run_record(classifier, tokenizer, coverage,
+                                                              min_confidence=min_confidence)
+    return result
+
+
+def embed_genes(
+    adata,
+    model=None,
+    *,
+    tokenizer=None,
+    key_added: str | None = "X_scgene_genes",
+    batch_size: int | None = None,
+    max_tokens_per_batch: int | None = None,
+    device=None,
+    progress: bool = True,
+    **tokenize_kwargs,
+) -> pd.DataFrame:
+    """Contextual gene embeddings: each gene's last-layer state averaged over the cells that express it.
+
+    Writes `varm[key_added]` (n_vars x hidden_size; NaN for genes outside the vocabulary or never expressed) and
+    `var[key_added + "_n_cells"]` (cells averaged over). Returns a DataFrame of the expressed genes (index: the input's
+    gene names). Duplicated input genes share their summed row, as in tokenization.
+    """
+    encoder = load_model(model, classifier=False, device=device)
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    hidden = encoder.config.hidden_size
+    sums = torch.zeros(encoder.config.vocab_size, hidden, dtype=torch.float64, device=encoder.device)
+    counts = torch.zeros(encoder.config.vocab_size, dtype=torch.float64, device=encoder.device)
+
+    def consume(batch, outputs):
+        ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
+        expressed = (ids >= NUM_SPECIAL_TOKENS) & (values != 0) & batch.inputs["attention_mask"].bool()  # (B, G)
+        sums.index_add_(0, ids[expressed], outputs.last_hidden_state[expressed].double())
+        counts.index_add_(0, ids[expressed], torch.ones_like(ids[expressed], dtype=torch.float64))
+
+    with opened(adata) as cells:
+        run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
+                       max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding genes",
+                       encode_kwargs=tokenize_kwargs)
+        per_gene, n_cells = gene_rows(cells, tokenizer, (sums / counts.clamp(min=1)[:, None]).float().cpu().numpy(),
+                                      counts.cpu().numpy(), tokenize_kwargs.get("gene_column"))
+        var_names = cells.var_names.copy()
+    per_gene[n_cells == 0] = np.nan
+    if key_added and not isinstance(adata, (str, os.PathLike)):
+        adata.varm[key_added] = per_gene
+        adata.var[f"{key_added}_n_cells"] = n_cells.astype(np.int64)
+    expressed = n_cells > 0
+    return pd.DataFrame(per_gene[expressed], index=var_names[expressed]).assign(n_cells=n_cells[expressed].astype(np.int64))
+
+
+def gene_prior(model=None, *, tokenizer=None, adata=None, key_added: str | None = "X_scgene_prior") -> pd.DataFrame:
+    """The static prior gene embedding of every vocabulary gene that has one (a non-zero row), as a DataFrame indexed by
+    symbol (Ensembl id where a gene has no symbol) with an `ensembl_id` column. With `adata`, also writes its genes'
+    rows to `adata.varm[key_added]` (NaN where a gene has no prior)."""
+    encoder = load_model(model, classifier=False, device="cpu")
+    tokenizer = load_tokenizer(tokenizer, encoder)
+    prior = encoder.get_gene_prior().detach().float().cpu().numpy()
+    has_prior = np.abs(prior).sum(axis=1) > 0
+    has_prior[:NUM_SPECIAL_TOKENS] = False
+    ids = np.flatnonzero(has_prior)
+    names = tokenizer.convert_ids_to_genes(ids)
+    table = pd.DataFrame(prior[ids], index=pd.Index(names, name="gene"))
+    table.insert(0, "ensembl_id", [tokenizer.ensembl_ids[i] for i in ids])
+    if adata is not None and key_added:
+        rows, with_prior = gene_rows(adata, tokenizer, prior, has_prior.astype(np.float64), None)
+        rows[with_prior == 0] = np.nan
+        adata.varm[key_added] = rows
+    return table
+
+
+def gene_rows(adata, tokenizer, per_id: np.ndarray, weight_per_id: np.ndarray, gene_column):
+    """Per-vocabulary-id rows -> one row per input gene (NaN for unmatched genes), and each gene's weight (0 unmatched)."""
+    mapping = tokenizer.map_genes(adata, gene_column)
+    rows = np.full((adata.n_vars, per_id.shape[1]), np.nan, np.float32)
+    weight = np.zeros(adata.n_vars)
+    matched = mapping.column_to_matched >= 0
+    ids = mapping.vocab_ids[mapping.column_to_matched[matched]]
+    rows[matched] = per_id[ids]
+    weight[matched] = weight_per_id[ids]
+    return rows, weight
