@@ -1,9 +1,10 @@
 """The regulation table of docs/regulation.md: `scgene.regulation_benchmark.evaluate_regulation` on every labelled
 human set of `scripts/transfer_sets.csv`, for one or more dual-branch checkpoints, over seeds.
 
-Each seed draws the cells (at most `--max-cells`), the split of CollecTRI's TFs (half held out and scored), the
-shuffled-target null and the untrained model. The first checkpoint is scored with every baseline; the others on the
-same cells, pairs and split (their rows only). Every run is appended to `--runs` (JSON lines) and the summary, mean
+Each seed draws the cells (at most `--max-cells`), the shuffled-target null and the untrained model; the split of
+CollecTRI's TFs (half held out and scored) is `--split-seed`'s for every seed, the split a checkpoint pretrained with
+`--regulation_prior` learned the other half of. The first checkpoint is scored with every baseline; the others on the
+same cells, pairs and split (their rows only). The tree baseline, one model per target, runs only for `--tree-seeds`. Every run is appended to `--runs` (JSON lines) and the summary, mean
 ± sd over seeds, is printed as markdown.
 
     python scripts/regulation_benchmark.py --model "ScGene=src/scgene/resources/dual_branch_model" \
@@ -69,7 +70,10 @@ def main():
     parser.add_argument("--sets", nargs="*", help="set names (default: every labelled set)")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0])
     parser.add_argument("--max-cells", type=int, default=1000)
+    parser.add_argument("--split-seed", type=int, default=0, help="the TF split (that of --regulation_split_seed)")
     parser.add_argument("--tree-estimators", type=int, default=30)
+    parser.add_argument("--tree-seeds", type=int, nargs="*", default=[0],
+                        help="seeds that also run the tree baseline (minutes per set: one model per target)")
     parser.add_argument("--runs", type=Path, help="append each run here (JSON lines)")
     args = parser.parse_args()
     labelled, _ = read_sets(SETS)
@@ -80,8 +84,10 @@ def main():
         for seed in args.seeds:
             for index, (name, path, tokenize_kwargs) in enumerate(args.model):
                 start = time.perf_counter()
-                report = evaluate_regulation(adata, path, name=name, baselines=BASELINES if index == 0 else (),
+                baselines = [b for b in BASELINES if b != "trees" or seed in args.tree_seeds] if index == 0 else ()
+                report = evaluate_regulation(adata, path, name=name, baselines=baselines,
                                              max_cells=args.max_cells, tree_estimators=args.tree_estimators, seed=seed,
+                                             split_seed=args.split_seed,
                                              **tokenize_kwargs)
                 table = report.table if index == 0 else report.table.loc[[name]]
                 run = {"set": labelled_set.name, "seed": seed, "model": name, "path": path, "info": report.info,

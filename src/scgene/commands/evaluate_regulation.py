@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "(default %(default)s)")
     parser.add_argument("--tree-estimators", type=int, default=50, help="trees per target of the tree baseline "
                                                                         "(default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="cells, TF split, null and untrained model (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="cells, null and untrained model (default 0)")
+    parser.add_argument("--split-seed", type=int, help="the TF split (default: --seed); a model pretrained with "
+                                                       "--regulation_prior is scored with its --regulation_split_seed")
     parser.add_argument("--json", metavar="FILE", help="save the scores, settings and targets as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="save the table as markdown")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
@@ -76,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
                                              test_fraction=args.test_fraction, max_cells=args.max_cells,
                                              min_cells=args.min_cells, null_ratio=args.null_ratio,
                                              tree_estimators=args.tree_estimators, seed=args.seed,
+                                             split_seed=args.split_seed,
                                              tokenizer=args.tokenizer, device=args.device, **options)
             report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
