@@ -168,10 +168,10 @@ def model_weights(cells, encoder, tokenizer, genes: GeneIndex, pairs: EdgeSet, m
 def log_expression(cells, genes: GeneIndex, positions: np.ndarray) -> np.ndarray:
     """log1p(counts per 10k) of the genes at `positions`, dense (cells, len(positions)), each cell normalised over all
     its genes."""
-    matrix = sp.csr_matrix(cells.X, dtype=np.float32)
+    matrix = sp.csr_matrix(cells.X, dtype=np.float32, copy=True)
     if not is_log_normalized(matrix.data):
         totals = np.asarray(matrix.sum(axis=1)).ravel()
-        matrix = sp.diags(1e4 / np.maximum(totals, 1e-12)) @ matrix
+        matrix.data *= np.repeat(1e4 / np.maximum(totals, 1e-12), np.diff(matrix.indptr)).astype(np.float32)
         matrix.data = np.log1p(matrix.data)
     return np.asarray(matrix[:, genes.columns[positions]].toarray(), np.float64)
 
