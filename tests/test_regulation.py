@@ -289,7 +289,7 @@ def test_evaluate_regulation_command_prints_and_saves_the_report(checkpoint, tmp
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def test_known_regulation_labels_every_known_pair_of_a_cell_and_nothing_else():
+def test_known_known_edges_every_known_pair_of_a_cell_and_nothing_else():
     from scgene.data import KnownRegulation
 
     tokenizer = ScGeneTokenizer()
@@ -322,8 +322,8 @@ def test_regulation_loss_needs_the_dual_branch_encoder_and_counts_only_known_edg
     labels = torch.zeros(2, 7, 7, dtype=torch.int8)
     labels[0, 1, 2], labels[1, 3, 4] = 1, -1
     with torch.no_grad():
-        none_known = model(**inputs, regulation_labels=torch.zeros(2, 7, 7, dtype=torch.int8))
-        with_edges = model(**inputs, regulation_labels=labels)
+        none_known = model(**inputs, known_edges=torch.zeros(2, 7, 7, dtype=torch.int8))
+        with_edges = model(**inputs, known_edges=labels)
     assert none_known.regulation_loss == 0 and with_edges.regulation_loss > 0
     assert with_edges.loss.item() == pytest.approx((none_known.loss + with_edges.regulation_loss).item(), rel=1e-5)
 
@@ -358,7 +358,7 @@ def test_the_regulation_loss_moves_the_map_and_signs_toward_known_edges():
     assert activating_after > max(activating_before, 0) and repressing_after < min(repressing_before, 0)
 
 
-def test_the_collator_adds_regulation_labels():
+def test_the_collator_adds_known_edges():
     from scgene.data import DataCollatorForMaskedExpression, KnownRegulation
 
     tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
@@ -366,5 +366,5 @@ def test_the_collator_adds_regulation_labels():
     cells = [dict(zip(("input_ids", "expression_values", "expression_bins"), row))
              for row in zip(*[[np.asarray(v) for v in column] for column in tokenizer(ad.read_h5ad(PBMC)[:8]).values()][:3])]
     batch = DataCollatorForMaskedExpression(tokenizer, known_regulation=known, seed=0)(cells)
-    assert batch["regulation_labels"].shape == (8, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
-    assert torch.equal(batch["regulation_labels"], known.labels(batch["input_ids"]))
+    assert batch["known_edges"].shape == (8, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    assert torch.equal(batch["known_edges"], known.labels(batch["input_ids"]))

@@ -67,7 +67,7 @@ class ScGeneMaskedExpressionOutput(ModelOutput):
     value_loss: torch.FloatTensor | None = None
     bin_loss: torch.FloatTensor | None = None
     contrastive_loss: torch.FloatTensor | None = None
-    regulation_loss: torch.FloatTensor | None = None  # dual-branch, with `regulation_labels`
+    regulation_loss: torch.FloatTensor | None = None  # dual-branch, with `known_edges`
     predicted_values: torch.FloatTensor | None = None  # (B, G)
     bin_logits: torch.FloatTensor | None = None  # (B, G, n_bins)
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -751,17 +751,17 @@ def mean_per_cell(errors: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return (per_cell * has_any).sum() / has_any.sum()
 
 
-def regulation_prior_loss(parts: list[tuple[torch.Tensor, torch.Tensor]], regulation_labels: torch.Tensor) -> torch.Tensor:
+def regulation_prior_loss(parts: list[tuple[torch.Tensor, torch.Tensor]], known_edges: torch.Tensor) -> torch.Tensor:
     """Seed 001's biologically constrained attention: known edges pull the regulation map and signs their way.
 
-    `regulation_labels (B, G, G)`: [target i, regulator j] = +1 (j activates i), -1 (represses), 0 (no known edge).
+    `known_edges (B, G, G)`: [target i, regulator j] = +1 (j activates i), -1 (represses), 0 (no known edge).
     Per layer and head: the regulation attention of each target with known regulators in the cell should fall on
     them (-log of its mass on them), and each known regulator's effective sign logit should give the edge's sign
     (binary cross-entropy); both averaged over layers, heads and the known rows / edges. 0 when no edge is known."""
-    known = regulation_labels != 0  # (B, G, G)
+    known = known_edges != 0  # (B, G, G)
     rows = known.any(dim=-1)  # (B, G): targets with a known regulator
     n_rows, n_edges = rows.sum().clamp(min=1), known.sum().clamp(min=1)
-    activates = (regulation_labels > 0).float()
+    activates = (known_edges > 0).float()
     total = 0.0
     for regulation_map, sign_logits in parts:  # (B, H, G, G), (B, H, G)
         heads = regulation_map.shape[1]
@@ -793,7 +793,7 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
     expresses, and a batch split over processes or accumulation steps gives the same loss as the whole batch),
     plus `contrastive_loss_weight` × InfoNCE between the projected cell embeddings of the (masked) input and of a
     second view of the same cells (`view_input_ids`, ... from `DataCollatorForMaskedExpression(count_views=True)`),
-    plus, for the dual-branch encoder, `regulation_loss_weight` × `regulation_prior_loss` against `regulation_labels`
+    plus, for the dual-branch encoder, `regulation_loss_weight` × `regulation_prior_loss` against `known_edges`
     (known edges among each cell's genes, from `DataCollatorForMaskedExpression(known_regulation=...)`).
     """
 
@@ -822,7 +822,7 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
         view_expression_values: torch.FloatTensor | None = None,
         view_expression_bins: torch.LongTensor | None = None,
         view_attention_mask: torch.Tensor | None = None,
-        regulation_labels: torch.LongTensor | None = None,
+        known_edges: torch.LongTensor | None = None,
         output_hidden_states=None,
         output_attentions=None,
         output_regulation: bool = False,
@@ -862,10 +862,10 @@ class ScGeneForMaskedExpression(ScGenePreTrainedModel):
             losses["contrastive_loss"] = info_nce(self.contrastive_projection(cell),
                                                   self.contrastive_projection(view_cell),
                                                   self.config.contrastive_temperature)
-        if self.config.regulation_loss_weight > 0 and regulation_labels is not None:
+        if self.config.regulation_loss_weight > 0 and known_edges is not None:
             identity = self.scgene.embeddings.gene_identity(input_ids, self.dtype)  # (B, G, d), as the gene branch reads
             parts = self.scgene.encoder.regulation_parts(identity, additive_key_mask(attention_mask, self.dtype))
-            losses["regulation_loss"] = regulation_prior_loss(parts, regulation_labels)
+            losses["regulation_loss"] = regulation_prior_loss(parts, known_edges)
         weights = {"value_loss": self.config.value_loss_weight, "bin_loss": self.config.bin_loss_weight,
                    "contrastive_loss": self.config.contrastive_loss_weight,
                    "regulation_loss": self.config.regulation_loss_weight}

@@ -149,7 +149,7 @@ class DataCollatorForMaskedExpression:
     U(`min_count_rate`, 1) of each cell's counts, or with `matched_depth` about the same depth for every cell; with
     `min_panel_fraction`, each view also keeps a random share of the cell's genes (a smaller gene panel).
 
-    `known_regulation` (a `KnownRegulation`) adds `regulation_labels`, the known edges among each cell's genes, for
+    `known_regulation` (a `KnownRegulation`) adds `known_edges`, the known edges among each cell's genes, for
     the dual-branch regulation loss.
 
     Every draw for a cell comes from its own generator, seeded by (`seed`, `epoch`, the cell's content): a cell is
@@ -213,7 +213,7 @@ class DataCollatorForMaskedExpression:
             values[row, replace], bins[row, replace] = self.mask_value, self.tokenizer.n_bins
         batch["labels"], batch["bin_labels"] = labels, bin_labels
         if self.known_regulation is not None:
-            batch["regulation_labels"] = self.known_regulation.labels(ids)
+            batch["known_edges"] = self.known_regulation.labels(ids)
         return batch
 
 
