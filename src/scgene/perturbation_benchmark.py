@@ -1,0 +1,165 @@
+"""Score in-silico perturbation against a real CRISPR screen, next to the baselines that beat most models.
+
+For each target of the screen, the observed change is the pseudobulk log1p(counts per 10,000) of its perturbed cells
+minus that of the control cells, over the measured genes. Predictions, all made without the perturbed cells of the
+scored target:
+
+- `scgene`: `scgene.perturb` on control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
+  predicted change is summed over the cells that express it and divided by the cells perturbed (a pseudobulk, like the
+  observed change);
+- `no change`: zero everywhere;
+- `mean of other perturbations`: the mean observed change of the screen's other targets (those sharing no gene with it);
+- `linear co-expression`: on control cells, each gene regressed on the target gene (ordinary least squares, one
+  regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
+  target the screen does not measure gets no prediction (zero).
+
+Metrics per target: `pearson_delta` (Pearson r of predicted and observed change over the measured genes, the targets
+excluded), `direction_accuracy` on the `top_genes` genes whose observed change is largest (a zero prediction has no
+direction and counts as wrong), and the target gene's own observed change, reported apart.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .gene_regulation import GeneIndex
+from .inference import load_tokenizer
+from .perturbation import load_masked_expression_model, perturb
+from .regulation_benchmark import log_expression
+
+METHODS = ("scgene", "no change", "mean of other perturbations", "linear co-expression")
+MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
+
+
+def pearson_delta(predicted: np.ndarray, observed: np.ndarray) -> float:
+    """Pearson r of two change vectors; NaN when either is constant."""
+    if predicted.std() == 0 or observed.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(predicted, observed)[0, 1])
+
+
+def direction_accuracy(predicted: np.ndarray, observed: np.ndarray, top_genes: int) -> float:
+    """Share of the `top_genes` largest observed changes whose sign the prediction gets right (0 is no sign)."""
+    top = np.argsort(-np.abs(observed), kind="stable")[:top_genes]
+    return float(np.mean((np.sign(predicted[top]) == np.sign(observed[top])) & (predicted[top] != 0)))
+
+
+@dataclass
+class PerturbationReport:
+    """One row per (target, method); `summary()` averages each method over the targets."""
+
+    table: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        by_method = self.table.groupby("method", sort=False)
+        return (by_method[["pearson_delta", "direction_accuracy"]].mean()
+                .join(by_method["pearson_delta"].count().rename("targets_scored")))
+
+    def to_markdown(self) -> str:
+        return self.table.to_markdown(index=False, floatfmt=".3f") + "\n\n" + self.summary().to_markdown(floatfmt=".3f")
+
+    def to_json(self) -> str:
+        return json.dumps({"settings": self.settings, "table": self.table.to_dict(orient="records")}, default=str)
+
+
+def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control: str) -> np.ndarray:
+    """(targets, genes) mean log expression of each target's cells minus the control cells'."""
+    baseline = expression[labels == control].mean(0)
+    return np.stack([expression[labels == target].mean(0) - baseline for target in targets])
+
+
+def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: list[str], gene_names: np.ndarray,
+                   mode: str) -> np.ndarray:
+    """(targets, genes) the linear co-expression model's predicted change (see the module docstring)."""
+    control = expression[control_rows]
+    centred = control - control.mean(0)
+    variance = (centred**2).mean(0)
+    column = {name: index for index, name in enumerate(gene_names)}
+    changes = np.zeros((len(targets), expression.shape[1]))
+    for row, target in enumerate(targets):
+        for gene in target.split("+"):
+            g = column.get(gene)
+            if g is None or variance[g] == 0:
+                continue
+            slope = (centred * centred[:, [g]]).mean(0) / variance[g]
+            shift = -control[:, g].mean() if mode == "delete" else (control.max(1) - control[:, g]).mean()
+            changes[row] += slope * shift
+    return changes
+
+
+def evaluate_perturbation(
+    adata,
+    model=None,
+    *,
+    screen: str,
+    perturbation_key: str = "perturbation",
+    control: str = "control",
+    targets=None,
+    max_control_cells: int = 500,
+    top_genes: int = 20,
+    masking_rounds: int = 7,
+    seed: int = 0,
+    tokenizer=None,
+    progress: bool = False,
+) -> PerturbationReport:
+    """Score `scgene.perturb` on the screen in `adata` (raw counts; `obs[perturbation_key]` names each cell's target,
+    `A+B` for two, or `control`) against its observed changes, next to the baselines (module docstring).
+    `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
+    The model sees `max_control_cells` control cells (a seeded sample) and never a perturbed cell."""
+    if screen not in MODE_OF_SCREEN:
+        raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
+    mode = MODE_OF_SCREEN[screen]
+    if perturbation_key not in adata.obs.columns:
+        raise KeyError(f"{perturbation_key!r} is not an obs column: {list(adata.obs.columns)[:20]}")
+    labels = adata.obs[perturbation_key].astype(str).to_numpy()
+    if control not in set(labels):
+        raise ValueError(f"No {control!r} cells in obs[{perturbation_key!r}]: the observed change needs control cells.")
+    all_targets = sorted(set(labels) - {control})
+    targets = all_targets if targets is None else [str(t) for t in targets]
+    unknown = sorted(set(targets) - set(all_targets))
+    if unknown:
+        raise ValueError(f"Targets {unknown[:10]} have no cells in obs[{perturbation_key!r}].")
+    masked_model = load_masked_expression_model(model, None)
+    tokenizer = load_tokenizer(tokenizer, masked_model)
+    genes = GeneIndex(adata, tokenizer, None, masked_model.config.vocab_size)
+    expression = log_expression(adata, genes, np.arange(len(genes)))  # (cells, genes)
+    observed = observed_changes(expression, labels, all_targets, control)
+    control_rows = np.flatnonzero(labels == control)
+    sample = np.sort(np.random.default_rng(seed).permutation(control_rows)[:max_control_cells])
+    result = perturb(adata[sample].copy(), masked_model, genes=targets, mode=mode, masking_rounds=masking_rounds,
+                     seed=seed, tokenizer=tokenizer, key_added=None, progress=progress)
+    perturbed_cells = result.shifts["cells"].to_numpy()[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        model_changes = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed_cells)
+    linear = linear_changes(expression, control_rows, targets, genes.names, mode)
+    column = {name: index for index, name in enumerate(genes.names)}
+    rows = []
+    for index, target in enumerate(targets):
+        target_genes = target.split("+")
+        truth = observed[all_targets.index(target)]
+        others = [all_targets.index(t) for t in all_targets
+                  if t != target and not set(t.split("+")) & set(target_genes)]
+        scored = np.ones(len(genes), bool)
+        measured = [column[g] for g in target_genes if g in column]
+        scored[measured] = False
+        predictions = {"scgene": model_changes[index], "no change": np.zeros(len(genes)),
+                       "mean of other perturbations": observed[others].mean(0) if others else np.zeros(len(genes)),
+                       "linear co-expression": linear[index]}
+        for method, predicted in predictions.items():
+            rows.append({
+                "target": target, "method": method, "cells": int((labels == target).sum()),
+                "pearson_delta": pearson_delta(predicted[scored], truth[scored]),
+                "direction_accuracy": direction_accuracy(predicted[scored], truth[scored], top_genes),
+                "target_measured": len(measured) == len(target_genes),
+                "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
+                "model_cells_perturbed": int(result.shifts.loc[target, "cells"]),
+            })
+    settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample), "genes": len(genes),
+                "top_genes": top_genes, "masking_rounds": masking_rounds, "seed": seed,
+                "model": result.record["model"]}
+    return PerturbationReport(pd.DataFrame(rows), settings)
