@@ -36,6 +36,7 @@ from .modeling_scgene import (
     ScGeneModelOutput,
     ScGenePreTrainedModel,
 )
+from .perturbation import PerturbationResult, perturb
 from .pipeline_scgene import TASK as PIPELINE_TASK
 from .pipeline_scgene import CellEmbeddingPipeline
 from .tokenization_scgene import ScGeneTokenizer
@@ -67,6 +68,8 @@ __all__ = [
     "regulation",
     "collectri",
     "transcription_factors",
+    "perturb",
+    "PerturbationResult",
     "embed_genes",
     "gene_prior",
     "evaluate",

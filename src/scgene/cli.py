@@ -22,6 +22,9 @@ COMMANDS = {
     "regulation": ("scgene.commands.regulation", "The signed regulator -> target network of a dual-branch checkpoint, as a table."),
     "evaluate-regulation": ("scgene.commands.evaluate_regulation",
                             "Score a checkpoint's signed network against a curated one (CollecTRI), next to baselines."),
+    "perturb": ("scgene.commands.perturb", "Knock genes out or up in silico: predicted expression changes and embedding shifts."),
+    "evaluate-perturbation": ("scgene.commands.evaluate_perturbation",
+                              "Score in-silico perturbation against a real CRISPR screen, next to baselines."),
     "push": ("scgene.commands.push", "Publish a checkpoint to the Hugging Face Hub in one commit, with a measured model card."),
 }
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .fileio import atomic_path
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
 from .perturbation import load_masked_expression_model, perturb
@@ -61,10 +62,33 @@ class PerturbationReport:
                 .join(by_method["pearson_delta"].count().rename("targets_scored")))
 
     def to_markdown(self) -> str:
-        return self.table.to_markdown(index=False, floatfmt=".3f") + "\n\n" + self.summary().to_markdown(floatfmt=".3f")
+        facts = (f"{self.settings.get('screen')} screen, in-silico {self.settings.get('mode')} on "
+                 f"{self.settings.get('control_cells_seen')} control cells; {self.settings.get('genes')} genes")
+        return (facts + "\n\n" + markdown_table(self.summary().reset_index()) + "\n\nPer target:\n\n"
+                + markdown_table(self.table) + "\n")
 
     def to_json(self) -> str:
-        return json.dumps({"settings": self.settings, "table": self.table.to_dict(orient="records")}, default=str)
+        table = self.table.astype(object).where(self.table.notna(), None)  # NaN -> null
+        return json.dumps({"settings": self.settings, "table": table.to_dict(orient="records")}, default=str)
+
+    def save(self, markdown=None, json_path=None) -> None:
+        """Write the markdown tables and / or the JSON record, each atomically."""
+        for path, text in ((markdown, self.to_markdown), (json_path, self.to_json)):
+            if path:
+                with atomic_path(path) as staged:
+                    staged.write_text(text() + "\n", encoding="utf-8")
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
+    """A DataFrame as a GitHub markdown table: floats to `digits`, NaN as a dash."""
+    def cell(value):
+        if isinstance(value, (float, np.floating)):
+            return "–" if np.isnan(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|---" * len(table.columns) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control: str) -> np.ndarray:

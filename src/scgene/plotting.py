@@ -57,3 +57,34 @@ def regulation_heatmap(network: pd.DataFrame, path: str | os.PathLike, regulator
         figure.savefig(staged, dpi=120, bbox_inches="tight", format=suffix)
     plt.close(figure)
     return matrix
+
+
+def perturbation_changes(top_changes: pd.DataFrame, path: str | os.PathLike, perturbations=None,
+                         n_genes: int = 10, max_panels: int = 6) -> None:
+    """Bars of each perturbation's largest predicted changes (red: up, blue: down), one panel per perturbation, saved
+    to `path`. `top_changes`: `PerturbationResult.top_changes()`; `perturbations`: the panels (default: the first
+    `max_panels`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    suffix = image_format(path)
+    names = list(dict.fromkeys(top_changes["perturbation"])) if perturbations is None else list(perturbations)
+    missing = sorted(set(names) - set(top_changes["perturbation"]))
+    if missing or not names:
+        raise ValueError(f"No predicted changes to plot for {missing or 'any perturbation'}: perturbations with "
+                         f"changes are {sorted(set(top_changes['perturbation']))[:20]}.")
+    names = names[:max_panels]
+    figure, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 0.8 + 0.3 * n_genes), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        rows = top_changes[top_changes["perturbation"] == name].nsmallest(n_genes, "rank").iloc[::-1]
+        axis.barh(rows["gene"], rows["change"], color=np.where(rows["change"] > 0, "#b2182b", "#2166ac"))
+        axis.axvline(0, color="black", linewidth=0.5)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("predicted change (log1p)")
+        axis.tick_params(axis="y", labelsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as staged:
+        figure.savefig(staged, dpi=120, bbox_inches="tight", format=suffix)
+    plt.close(figure)

@@ -1,0 +1,78 @@
+"""`scgene evaluate-perturbation SCREEN.h5ad --screen knockout`: do in-silico perturbations match a real screen?
+
+For each target, `scgene.perturb` on the screen's control cells is scored against the observed change of the
+target's cells, next to no change, the mean of the other perturbations and a linear co-expression model; prints a
+markdown table (per target, then per method), `--json` and `--markdown` save it. See `scgene.perturbation_benchmark`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from . import USER_ERRORS, coverage_report_shown, user_error_message
+
+FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells",
+         "screen must": "--screen must", "tokenizer=": "--tokenizer"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..perturbation_benchmark import MODE_OF_SCREEN
+
+    parser.add_argument("input", help=".h5ad screen with raw counts in X and each cell's target in obs (read, never "
+                                      "modified)")
+    parser.add_argument("--screen", required=True, choices=list(MODE_OF_SCREEN),
+                        help="knockout and crispri are scored with in-silico deletion, crispra with overexpression")
+    parser.add_argument("--model", help="a pretrained ScGene checkpoint (default: the one shipped with scgene)")
+    parser.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's target "
+                                                                           "(A+B for two; default %(default)s)")
+    parser.add_argument("--control", default="control", help="its value for control cells (default %(default)s)")
+    parser.add_argument("--targets", nargs="*", help="targets to score (default: all)")
+    parser.add_argument("--max-control-cells", type=int, default=500,
+                        help="control cells the model perturbs (default %(default)s)")
+    parser.add_argument("--top-genes", type=int, default=20, help="genes of the direction accuracy (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="save the table and settings as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="save the tables as markdown")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
+
+
+def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anndata
+
+    from ..fileio import claimed_output
+    from ..inference import DEFAULT_CHECKPOINT
+    from ..perturbation_benchmark import evaluate_perturbation
+
+    try:
+        for flag, value in (("--max-control-cells", args.max_control_cells), ("--top-genes", args.top_genes)):
+            if value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value}.")
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
+        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
+        with contextlib.ExitStack() as claims:
+            for path in (args.markdown, args.json):
+                if path:
+                    claims.enter_context(claimed_output(path, inputs, command="evaluate-perturbation", folder=False,
+                                                        overwrite=True))
+            report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen,
+                                           perturbation_key=args.perturbation_key, control=args.control,
+                                           targets=args.targets, max_control_cells=args.max_control_cells,
+                                           top_genes=args.top_genes, seed=args.seed, tokenizer=args.tokenizer)
+            report.save(markdown=args.markdown, json_path=args.json)
+    except USER_ERRORS as error:
+        print(user_error_message("evaluate-perturbation", error, FLAGS), file=sys.stderr)
+        return 1
+    print(report.to_markdown())
+    for path in (args.markdown, args.json):
+        if path:
+            print(f"Wrote {path}")
+    return 0
