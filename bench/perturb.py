@@ -1,0 +1,108 @@
+"""Cost of `scgene.perturb(adata, genes="all")`: every gene of every cell deleted in turn, against a naive loop that
+runs one forward per perturbed cell, with the same model in the same process.
+
+The cells: simulated raw counts shaped like PBMC data (`bench/embed.py`'s `pbmc_like_counts`, 5,000 symbols of the
+default vocabulary), read at the shipped checkpoint's 256 tokens per cell, so each cell makes 255 perturbed copies.
+Rows (perturbed cells per second; peak RSS beyond the loaded model, VmHWM reset before each row):
+
+- `perturb, embedding shifts`: `expression=False`, 1 forward per copy, copies of 8 cells batched under the token budget;
+- `naive loop, embedding shifts`: the same copies one at a time (batch of 1), the loop a user would write;
+- `perturb, with expression changes`: 7 masked rounds per copy plus the re-run reference round;
+- `naive loop, with expression changes`: the same rounds one copy at a time.
+
+Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression rows on
+`--expression-cells`. The issue's bound: >= 5x the naive loop's perturbed cells per second.
+
+    python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from embed import anndata_of, gene_symbols, pbmc_like_counts, reset_peak, status_mb  # noqa: E402
+
+ROUNDS = 7
+
+
+def naive_loop(model, tokenizer, adata, expression: bool) -> int:
+    """Delete each gene of each cell in turn, one forward per perturbed cell (and per masked round); returns copies."""
+    batch = tokenizer(adata, return_tensors="pt")
+    copies = 0
+    with torch.inference_mode():
+        for row in range(adata.n_obs):
+            cell = {name: tensor[row : row + 1] for name, tensor in batch.items()}
+            length = int(cell["attention_mask"].sum())
+            for position in range(1, length):  # 0 is <cls>
+                keep = torch.ones(length, dtype=torch.bool)
+                keep[position] = False
+                copy = {name: tensor[:, :length][:, keep] for name, tensor in cell.items()}
+                model.base_model(**copy).pooler_output.sum().item()
+                if expression:
+                    for round_index in range(ROUNDS + 1):
+                        masked = copy["expression_values"].clone()
+                        masked[:, 1 + round_index :: ROUNDS] = -1.0
+                        model(**(copy | {"expression_values": masked})).predicted_values.sum().item()
+                copies += 1
+    return copies
+
+
+def measure(row: str, adata, model, tokenizer) -> dict:
+    import scgene
+
+    expression = row.endswith("expression changes")
+    before = reset_peak()
+    start = time.perf_counter()
+    if row.startswith("naive"):
+        copies = naive_loop(model, tokenizer, adata, expression)
+    else:
+        result = scgene.perturb(adata, model, "all", expression=expression, tokenizer=tokenizer, key_added=None,
+                                progress=False)
+        copies = int(result.shifts["cells"].sum())
+    seconds = time.perf_counter() - start
+    return {"row": row, "cells": adata.n_obs, "perturbed_cells": copies, "seconds": seconds,
+            "perturbed_cells_per_second": copies / seconds, "peak_mb": status_mb("VmHWM") - before}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-cells", type=int, default=1000)
+    parser.add_argument("--expression-cells", type=int, default=50)
+    parser.add_argument("--naive-cells", type=int, default=5)
+    parser.add_argument("--n-genes", type=int, default=5000)
+    parser.add_argument("--model", help="a pretrained checkpoint (default: the shipped one)")
+    parser.add_argument("--json", help="save the rows here")
+    args = parser.parse_args()
+    import scgene
+    from scgene.inference import load_tokenizer
+    from scgene.perturbation import load_masked_expression_model
+
+    torch.set_num_threads(torch.get_num_threads())
+    model = load_masked_expression_model(args.model, "cpu")
+    tokenizer = load_tokenizer(None, model)
+    adata = anndata_of(pbmc_like_counts(args.n_cells, 500, min(3000, args.n_genes // 2), args.n_genes),
+                       gene_symbols(args.n_genes))
+    plan = [("perturb, embedding shifts", args.n_cells), ("naive loop, embedding shifts", args.naive_cells),
+            ("perturb, with expression changes", args.expression_cells),
+            ("naive loop, with expression changes", args.naive_cells)]
+    results = [measure(row, adata[:n].copy(), model, tokenizer) for row, n in plan]
+    print(f"model {model.name_or_path or scgene.DEFAULT_CHECKPOINT}, {torch.get_num_threads()} threads\n")
+    print("| row | cells | perturbed cells | seconds | perturbed cells/s | x naive | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    for index, result in enumerate(results):
+        naive = results[index + 1 if index % 2 == 0 else index]["perturbed_cells_per_second"]
+        print(f"| {result['row']} | {result['cells']} | {result['perturbed_cells']} | {result['seconds']:.1f} | "
+              f"{result['perturbed_cells_per_second']:.0f} | {result['perturbed_cells_per_second'] / naive:.1f} | "
+              f"{result['peak_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

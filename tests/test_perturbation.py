@@ -1,0 +1,185 @@
+"""`scgene.perturb`, `scgene perturb`, the screen benchmark (`scgene.perturbation_benchmark`) and
+`scgene evaluate-perturbation`."""
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scgene
+from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
+from scgene.cli import main
+from scgene.perturbation_benchmark import direction_accuracy, evaluate_perturbation, linear_changes, pearson_delta
+
+PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
+MAX_LENGTH = 48
+
+
+def tiny_model(vocab_size: int, n_bins: int = 51, seed: int = 0) -> ScGeneForMaskedExpression:
+    torch.manual_seed(seed)
+    config = ScGeneConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, n_bins=n_bins, pooling="mean")
+    model = ScGeneForMaskedExpression(config)
+    prior = torch.randn(vocab_size, 32) * 0.5
+    prior[:3] = 0
+    model.set_gene_prior(prior)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny masked-expression checkpoint on the default vocabulary, its tokenizer saved with short cells."""
+    folder = tmp_path_factory.mktemp("perturbation") / "model"
+    tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
+    tiny_model(tokenizer.vocab_size).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return ad.read_h5ad(PBMC)[:40].copy()
+
+
+def expressed_gene(adata, rank: int = 0) -> str:
+    """The gene expressed in the most cells (or the rank-th most)."""
+    detected = np.asarray((adata.X > 0).sum(0)).ravel()
+    return str(adata.var_names[np.argsort(-detected, kind="stable")[rank]])
+
+
+def test_scaling_by_one_changes_nothing_and_deleting_changes_something(checkpoint, cells):
+    """The perturbed copy and its reference share masks and context: a no-op perturbation predicts exactly no change."""
+    gene = expressed_gene(cells)
+    same = scgene.perturb(cells, checkpoint, gene, mode="scale", value=1.0, key_added=None, progress=False)
+    assert same.shifts.loc[gene, "cells"] > 0
+    assert np.nanmax(np.abs(same.changes.to_numpy())) < 1e-7
+    assert same.shifts.loc[gene, "cosine_shift"] < 1e-7
+    deleted = scgene.perturb(cells, checkpoint, gene, key_added=None, progress=False)
+    assert np.nanmax(np.abs(deleted.changes.to_numpy())) > 1e-5  # an untrained head moves little, but it moves
+    assert deleted.shifts.loc[gene, "cosine_shift"] > 1e-5
+    assert np.isnan(deleted.changes.loc[gene, gene])  # the deleted gene itself has no prediction
+
+
+def test_deleting_a_gene_the_model_ignores_changes_nothing(checkpoint, cells):
+    """With the attention values zeroed no token sees another: deleting a gene moves no other gene's prediction."""
+    model = ScGeneForMaskedExpression.from_pretrained(checkpoint)
+    with torch.no_grad():
+        for layer in model.scgene.encoder.layers:
+            layer.attention.v_proj.weight.zero_()
+            layer.attention.v_proj.bias.zero_()
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    result = scgene.perturb(cells, model, expressed_gene(cells), tokenizer=tokenizer, key_added=None, progress=False)
+    assert np.nanmax(np.abs(result.changes.to_numpy())) < 1e-7
+
+
+def test_perturbed_cells_are_those_expressing_the_gene_and_results_do_not_depend_on_batching(checkpoint, cells):
+    gene, other = expressed_gene(cells, 20), expressed_gene(cells, 5)
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    holding = int((tokenizer(cells, return_tensors="pt")["input_ids"] == tokenizer._lookup(gene)).any(1).sum())
+    first = scgene.perturb(cells, checkpoint, [gene, f"{gene}+{other}"], key_added=None, progress=False)
+    assert 0 < first.shifts.loc[gene, "cells"] == holding < cells.n_obs  # the cells holding its token
+    second = scgene.perturb(cells, checkpoint, [gene, f"{gene}+{other}"], key_added=None, progress=False,
+                            max_tokens_per_batch=97)
+    pd.testing.assert_frame_equal(first.changes, second.changes, atol=1e-5)
+    pd.testing.assert_frame_equal(first.shifts, second.shifts, atol=1e-6)
+    overexpressed = scgene.perturb(cells, checkpoint, gene, mode="overexpress", key_added=None, progress=False)
+    assert overexpressed.shifts.loc[gene, "cells"] == cells.n_obs  # a gene a cell lacks is added
+
+
+def test_one_perturbation_writes_layers_obs_and_uns_and_a_goal_gets_tested(checkpoint, cells, tmp_path):
+    adata = cells.copy()
+    gene = expressed_gene(adata)
+    scgene.perturb(adata, checkpoint, gene, progress=False)
+    layer = adata.layers["scgene_perturbation"]
+    assert layer.shape == adata.shape and np.isfinite(layer).any()
+    assert np.isnan(layer[:, list(adata.var_names).index(gene)]).all()
+    assert adata.obs["scgene_perturbation_shift"].notna().sum() == adata.uns["scgene_perturbation"]["shifts"]["cells"][0]
+    adata.write_h5ad(tmp_path / "perturbed.h5ad")
+    assert "scgene_perturbation" in ad.read_h5ad(tmp_path / "perturbed.h5ad").uns
+    start, goal = adata.obs["cell_type"].value_counts().index[:2]
+    result = scgene.perturb(adata, checkpoint, [expressed_gene(adata, i) for i in range(4)], state_key="cell_type",
+                            start_state=start, goal_state=goal, expression=False, key_added=None, progress=False)
+    assert result.changes is None and set(result.shifts.columns) >= {"shift_to_goal", "goal_pval", "goal_fdr"}
+    assert (result.shifts["cells"] <= (adata.obs["cell_type"] == start).sum()).all()
+    assert result.shifts["goal_pval"].between(0, 1).all() and (result.shifts["goal_fdr"] >= result.shifts["goal_pval"]).all()
+
+
+def test_perturb_refuses_what_it_cannot_do(checkpoint, cells):
+    gene = expressed_gene(cells)
+    for kwargs, message in (
+        ({"genes": gene, "mode": "set"}, "needs value"),
+        ({"genes": gene, "mode": "knockdown"}, "mode must be one of"),
+        ({"genes": "NOT_A_GENE_XYZ"}, "not in the model's vocabulary"),
+        ({"genes": gene, "groupby": "cell_type", "groups": ["no such type"]}, "are not in obs"),
+        ({"genes": gene, "state_key": "cell_type", "start_state": "B"}, "needs state_key, start_state and goal_state"),
+        ({"genes": "all", "max_memory_gb": 1e-6}, "need"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            scgene.perturb(cells, checkpoint, key_added=None, progress=False, **kwargs)
+    encoder_only = scgene.ScGeneModel.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match="masked-expression head"):
+        scgene.perturb(cells, encoder_only, gene, tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), progress=False)
+
+
+def test_metrics_and_the_linear_baseline():
+    observed = np.array([3.0, -2.0, 1.0, 0.1])
+    assert direction_accuracy(np.array([1.0, -1.0, -1.0, 0.0]), observed, 3) == pytest.approx(2 / 3)
+    assert direction_accuracy(np.zeros(4), observed, 3) == 0.0  # no change has no direction
+    assert np.isnan(pearson_delta(np.zeros(4), observed))
+    assert pearson_delta(2 * observed, observed) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    target = rng.uniform(0, 4, 500)
+    expression = np.stack([target, 2 * target + rng.normal(0, 0.01, 500), rng.normal(0, 1, 500)], axis=1)
+    predicted = linear_changes(expression, np.arange(500), ["T", "T+missing"], np.array(["T", "A", "B"]), "delete")
+    assert predicted[0, 1] == pytest.approx(-2 * target.mean(), rel=0.01)
+    assert abs(predicted[0, 2]) < 0.1
+    np.testing.assert_allclose(predicted[1], predicted[0])  # an unmeasured gene adds nothing
+
+
+def small_screen(cells) -> ad.AnnData:
+    screen = cells.copy()
+    first, second = expressed_gene(cells), expressed_gene(cells, 3)
+    screen.obs["perturbation"] = np.array(["control", first, second, f"{first}+{second}"])[np.arange(cells.n_obs) % 4]
+    return screen
+
+
+def test_evaluate_perturbation_scores_every_method_on_every_target(checkpoint, cells):
+    screen = small_screen(cells)
+    report = evaluate_perturbation(screen, checkpoint, screen="knockout", max_control_cells=10)
+    assert set(report.table["method"]) == {"scgene", "no change", "mean of other perturbations", "linear co-expression"}
+    assert len(report.table) == 4 * 3 and report.table["target_measured"].all()
+    assert report.table.loc[report.table["method"] == "no change", "direction_accuracy"].eq(0).all()
+    assert report.settings["control_cells_seen"] == 10
+    assert "| scgene |" in report.to_markdown()
+    with pytest.raises(ValueError, match="screen must be one of"):
+        evaluate_perturbation(screen, checkpoint, screen="rnai")
+    with pytest.raises(ValueError, match="No 'nontargeting' cells"):
+        evaluate_perturbation(screen, checkpoint, screen="knockout", control="nontargeting")
+
+
+def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
+    source = tmp_path / "cells.h5ad"
+    cells.write_h5ad(source)
+    gene = expressed_gene(cells)
+    out, changes, plot = tmp_path / "shifts.tsv", tmp_path / "changes.tsv", tmp_path / "changes.png"
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", f"{gene},{gene}+CD74",
+                 "--out", str(out), "--changes", str(changes), "--plot", str(plot)]) == 0
+    shifts = pd.read_csv(out, sep="\t", index_col=0)
+    assert list(shifts.index) == [gene, f"{gene}+CD74"] and plot.stat().st_size > 0
+    assert set(pd.read_csv(changes, sep="\t")["perturbation"]) == {gene, f"{gene}+CD74"}
+    before = out.read_bytes()
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", gene, "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before  # never replaced without --overwrite
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", gene, "--mode", "set",
+                 "--out", str(tmp_path / "x.tsv")]) == 1
+    assert "needs --value" in capsys.readouterr().err and not (tmp_path / "x.tsv").exists()
+    screen = tmp_path / "screen.h5ad"
+    small_screen(cells).write_h5ad(screen)
+    assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--max-control-cells", "10", "--json", str(tmp_path / "report.json")]) == 0
+    assert "| mean of other perturbations |" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "report.json").read_text())["table"]) == 12
