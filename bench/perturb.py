@@ -10,10 +10,11 @@ Rows (perturbed cells per second; peak RSS beyond the loaded model, VmHWM reset 
 - `perturb, with expression changes`: 7 masked rounds per copy plus the re-run reference round;
 - `naive loop, with expression changes`: the same rounds one copy at a time.
 
-Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression rows on
+MFU: the model FLOPs per perturbed cell (counted by torch's FlopCounterMode) times the rate, over a 2,048 x 2,048
+fp32 matmul timed in the same run (`bench/forward.py`). Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression rows on
 `--expression-cells`. The issue's bound: >= 5x the naive loop's perturbed cells per second.
 
-    python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--json FILE]
+    python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--device cuda] [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from embed import anndata_of, gene_symbols, pbmc_like_counts, reset_peak, status_mb  # noqa: E402
+from forward import count_flops, matmul_flops_per_second  # noqa: E402
 
 ROUNDS = 7
 
@@ -44,6 +46,7 @@ def naive_loop(model, tokenizer, adata, expression: bool) -> int:
                 keep = torch.ones(length, dtype=torch.bool)
                 keep[position] = False
                 copy = {name: tensor[:, :length][:, keep] for name, tensor in cell.items()}
+                copy = {name: tensor.to(model.device) for name, tensor in copy.items()}
                 model.base_model(**copy).pooler_output.sum().item()
                 if expression:
                     for round_index in range(ROUNDS + 1):
@@ -78,14 +81,14 @@ def main():
     parser.add_argument("--naive-cells", type=int, default=5)
     parser.add_argument("--n-genes", type=int, default=5000)
     parser.add_argument("--model", help="a pretrained checkpoint (default: the shipped one)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", help="save the rows here")
     args = parser.parse_args()
     import scgene
     from scgene.inference import load_tokenizer
     from scgene.perturbation import load_masked_expression_model
 
-    torch.set_num_threads(torch.get_num_threads())
-    model = load_masked_expression_model(args.model, "cpu")
+    model = load_masked_expression_model(args.model, args.device)
     tokenizer = load_tokenizer(None, model)
     adata = anndata_of(pbmc_like_counts(args.n_cells, 500, min(3000, args.n_genes // 2), args.n_genes),
                        gene_symbols(args.n_genes))
@@ -93,15 +96,29 @@ def main():
             ("perturb, with expression changes", args.expression_cells),
             ("naive loop, with expression changes", args.naive_cells)]
     results = [measure(row, adata[:n].copy(), model, tokenizer) for row, n in plan]
-    print(f"model {model.name_or_path or scgene.DEFAULT_CHECKPOINT}, {torch.get_num_threads()} threads\n")
-    print("| row | cells | perturbed cells | seconds | perturbed cells/s | x naive | peak RSS MB |\n|---|---|---|---|---|---|---|")
+    # FLOPs of a perturbed cell: one forward of a 255-token copy; with expression also 7 masked rounds and the
+    # re-run reference round (every deleted gene was a token, so each copy has one)
+    cell = {name: tensor[:1] for name, tensor in tokenizer(adata[:1], return_tensors="pt").items()}
+    keep = cell["attention_mask"][0].bool().clone()
+    keep[-1] = False
+    copy = {name: tensor[:, keep].to(model.device) for name, tensor in cell.items()}
+    forward_flops = count_flops(model.base_model, copy)
+    peak = matmul_flops_per_second()
+    for result in results:
+        flops = forward_flops * ((1 + ROUNDS + 1) if result["row"].endswith("expression changes") else 1)
+        result["mfu"] = result["perturbed_cells_per_second"] * flops / peak
+    print(f"model {model.name_or_path or scgene.DEFAULT_CHECKPOINT}, {args.device}, {torch.get_num_threads()} threads\n")
+    print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; one forward of a perturbed cell {forward_flops / 1e6:.0f} MFLOP\n")
+    print("| row | cells | perturbed cells | seconds | perturbed cells/s | x naive | MFU | peak RSS MB |\n"
+          "|---|---|---|---|---|---|---|---|")
     for index, result in enumerate(results):
         naive = results[index + 1 if index % 2 == 0 else index]["perturbed_cells_per_second"]
         print(f"| {result['row']} | {result['cells']} | {result['perturbed_cells']} | {result['seconds']:.1f} | "
               f"{result['perturbed_cells_per_second']:.0f} | {result['perturbed_cells_per_second'] / naive:.1f} | "
-              f"{result['peak_mb']:.0f} |")
+              f"{result['mfu']:.0%} | {result['peak_mb']:.0f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"matmul_flops_per_second": peak, "forward_flops": forward_flops,
+                                               "rows": results}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--max-control-cells", type=int, default=500)
     parser.add_argument("--screens", nargs="*", default=list(SCREENS))
+    parser.add_argument("--adapt-steps", type=int, default=0,
+                        help="masked-expression steps on the control cells before perturbing (default 0)")
     parser.add_argument("--jsonl", help="append one JSON line per (screen, seed)")
     parser.add_argument("--markdown", help="write the summary and per-target tables here")
     args = parser.parse_args()
@@ -40,7 +42,7 @@ def main():
         adata = ad.read_h5ad(Path(args.data) / name)
         for seed in args.seeds:
             report = evaluate_perturbation(adata, args.model, screen=SCREENS[name], seed=seed,
-                                           max_control_cells=args.max_control_cells)
+                                           max_control_cells=args.max_control_cells, adapt_steps=args.adapt_steps)
             summary = report.summary().reset_index().assign(screen=name.split("_")[0], seed=seed)
             summaries.append(summary)
             sections.append(f"### {name} (seed {seed})\n\n{report.to_markdown()}")
@@ -49,8 +51,9 @@ def main():
                 with open(args.jsonl, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"file": name, **json.loads(report.to_json())}) + "\n")
     overall = pd.concat(summaries)
-    columns = ["screen", "method", "pearson_delta", "direction_accuracy", "targets_scored"]
+    columns = ["screen", "method", "pearson_delta", "direction_accuracy", "targets_scored", "targets"]
     table = overall.groupby(["screen", "method"], sort=False)[columns[2:]].mean().reset_index()
+    table[["targets_scored", "targets"]] = table[["targets_scored", "targets"]].round().astype(int)
     text = markdown_table(table) + "\n\n" + "\n\n".join(sections) + "\n"
     print(markdown_table(table))
     if args.markdown:

@@ -8,6 +8,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import torch
 
 import scgene
@@ -183,3 +184,28 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
                  "--max-control-cells", "10", "--json", str(tmp_path / "report.json")]) == 0
     assert "| mean of other perturbations |" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "report.json").read_text())["table"]) == 12
+
+
+def test_overexpressing_a_types_markers_moves_cells_toward_it_more_than_matched_random_genes():
+    """The readable check on the shipped checkpoint: B-cell markers overexpressed in monocytes move them toward the
+    B cells' mean embedding more than each of 10 sets of random genes with matched mean expression."""
+    adata = ad.read_h5ad(PBMC)
+    counts = sp.csr_matrix(adata.X, dtype=np.float64)
+    expression = np.log1p(np.asarray(sp.diags(1e4 / np.asarray(counts.sum(1)).ravel()) @ counts.toarray()))
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    tokenizer = ScGeneTokenizer()
+    names = np.asarray(adata.var_names)
+    known = np.array([tokenizer._lookup(name) is not None for name in names])
+    difference = expression[labels == "B"].mean(0) - expression[labels != "B"].mean(0)
+    markers = np.argsort(-np.where(known, difference, -np.inf))[:5]
+    mean = expression.mean(0)
+    decile = np.searchsorted(np.quantile(mean, np.linspace(0.1, 0.9, 9)), mean)
+    rng = np.random.default_rng(0)
+    sets = ["+".join(names[markers])] + [
+        "+".join(names[[rng.choice(np.flatnonzero((decile == decile[m]) & known & (difference < 0.1))) for m in markers]])
+        for _ in range(10)]
+    cells = adata[np.flatnonzero(labels == "CD14+ Mono")[:40].tolist() + np.flatnonzero(labels == "B")[:60].tolist()]
+    result = scgene.perturb(cells.copy(), None, sets, mode="overexpress", state_key="cell_type",
+                            start_state="CD14+ Mono", goal_state="B", expression=False, key_added=None, progress=False)
+    toward = result.shifts["shift_to_goal"]
+    assert toward.iloc[0] > 0 and toward.iloc[0] > toward.iloc[1:].max()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .fileio import atomic_path
 from .gene_regulation import GeneIndex
@@ -57,9 +58,13 @@ class PerturbationReport:
     settings: dict = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
-        by_method = self.table.groupby("method", sort=False)
+        """Each method's mean over the targets the model could perturb (those with `model_cells_perturbed` > 0), so
+        every method is scored on the same targets; `targets_scored`: those where its pearson_delta is defined."""
+        common = self.table[self.table["model_cells_perturbed"] > 0]
+        by_method = common.groupby("method", sort=False)
         return (by_method[["pearson_delta", "direction_accuracy"]].mean()
-                .join(by_method["pearson_delta"].count().rename("targets_scored")))
+                .join(by_method["pearson_delta"].count().rename("targets_scored"))
+                .join(by_method["target"].count().rename("targets")))
 
     def to_markdown(self) -> str:
         facts = (f"{self.settings.get('screen')} screen, in-silico {self.settings.get('mode')} on "
@@ -116,6 +121,34 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
     return changes
 
 
+def adapted_to_cells(model, tokenizer, adata, *, steps: int, learning_rate: float = 1e-4, batch_size: int = 32,
+                     seed: int = 0):
+    """A copy of `model` trained `steps` more steps of masked-expression modelling on the cells of `adata` (the
+    screen's control cells: self-supervised, no perturbed cell), with the pretraining collator (15% masked) and
+    without the contrastive term (it needs count views; the expression head is what perturbation reads)."""
+    import copy
+
+    from .data.collators import DataCollatorForMaskedExpression
+
+    batch = tokenizer(adata, return_tensors="np")
+    lengths = batch["attention_mask"].sum(1)
+    features = [{name: batch[name][row, : lengths[row]] for name in ("input_ids", "expression_values",
+                                                                    "expression_bins")} for row in range(adata.n_obs)]
+    collator = DataCollatorForMaskedExpression(tokenizer, seed=seed)
+    adapted = copy.deepcopy(model).train()
+    adapted.config.contrastive_loss_weight, adapted.contrastive_projection = 0.0, None  # (docstring)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=learning_rate)
+    rng = np.random.default_rng(seed)
+    for step in range(steps):
+        collator.epoch = step
+        inputs = collator([features[i] for i in rng.choice(len(features), batch_size)])
+        loss = adapted(**{name: tensor.to(adapted.device) for name, tensor in inputs.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return adapted.eval()
+
+
 def evaluate_perturbation(
     adata,
     model=None,
@@ -127,6 +160,7 @@ def evaluate_perturbation(
     max_control_cells: int = 500,
     top_genes: int = 20,
     masking_rounds: int = 7,
+    adapt_steps: int = 0,
     seed: int = 0,
     tokenizer=None,
     progress: bool = False,
@@ -134,7 +168,8 @@ def evaluate_perturbation(
     """Score `scgene.perturb` on the screen in `adata` (raw counts; `obs[perturbation_key]` names each cell's target,
     `A+B` for two, or `control`) against its observed changes, next to the baselines (module docstring).
     `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
-    The model sees `max_control_cells` control cells (a seeded sample) and never a perturbed cell."""
+    The model sees `max_control_cells` control cells (a seeded sample) and never a perturbed cell; with
+    `adapt_steps`, it first trains that many masked-expression steps on those control cells (`adapted_to_cells`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen]
@@ -155,13 +190,24 @@ def evaluate_perturbation(
     observed = observed_changes(expression, labels, all_targets, control)
     control_rows = np.flatnonzero(labels == control)
     sample = np.sort(np.random.default_rng(seed).permutation(control_rows)[:max_control_cells])
-    result = perturb(adata[sample].copy(), masked_model, genes=targets, mode=mode, masking_rounds=masking_rounds,
-                     seed=seed, tokenizer=tokenizer, key_added=None, progress=progress)
-    perturbed_cells = result.shifts["cells"].to_numpy()[:, None]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        model_changes = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed_cells)
-    linear = linear_changes(expression, control_rows, targets, genes.names, mode)
     column = {name: index for index, name in enumerate(genes.names)}
+    # deletion needs the gene among the cells' tokens: a target the file does not measure cannot be deleted
+    perturbable = [t for t in targets if mode == "overexpress" or any(g in column for g in t.split("+"))]
+    model_changes = np.zeros((len(targets), len(genes)))
+    model_cells = dict.fromkeys(targets, 0)
+    model_name = str(getattr(masked_model, "name_or_path", "") or "in-memory model")
+    if adapt_steps:
+        masked_model = adapted_to_cells(masked_model, tokenizer, adata[sample], steps=adapt_steps, seed=seed)
+    if perturbable:
+        result = perturb(adata[sample].copy(), masked_model, genes=perturbable, mode=mode,
+                         masking_rounds=masking_rounds, seed=seed, tokenizer=tokenizer, key_added=None,
+                         progress=progress)
+        perturbed_cells = result.shifts["cells"].to_numpy()[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pseudobulk = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed_cells)
+        model_changes[[targets.index(t) for t in perturbable]] = pseudobulk
+        model_cells |= result.shifts["cells"].to_dict()
+    linear = linear_changes(expression, control_rows, targets, genes.names, mode)
     rows = []
     for index, target in enumerate(targets):
         target_genes = target.split("+")
@@ -181,9 +227,9 @@ def evaluate_perturbation(
                 "direction_accuracy": direction_accuracy(predicted[scored], truth[scored], top_genes),
                 "target_measured": len(measured) == len(target_genes),
                 "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
-                "model_cells_perturbed": int(result.shifts.loc[target, "cells"]),
+                "model_cells_perturbed": int(model_cells[target]),
             })
     settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample), "genes": len(genes),
-                "top_genes": top_genes, "masking_rounds": masking_rounds, "seed": seed,
-                "model": result.record["model"]}
+                "top_genes": top_genes, "masking_rounds": masking_rounds, "adapt_steps": adapt_steps, "seed": seed,
+                "model": model_name}
     return PerturbationReport(pd.DataFrame(rows), settings)
