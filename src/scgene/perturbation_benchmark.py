@@ -7,6 +7,8 @@ scored target:
 - `scgene`: `scgene.perturb` on control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
   predicted change is summed over the cells that express it and divided by the cells perturbed (a pseudobulk, like the
   observed change);
+- `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb: what is
+  left of the prediction once its generic response to any perturbation (e.g. "one expressed gene fewer") is removed;
 - `no change`: zero everywhere;
 - `mean of other perturbations`: the mean observed change of the screen's other targets (those sharing no gene with it);
 - `linear co-expression`: on control cells, each gene regressed on the target gene (ordinary least squares, one
@@ -33,7 +35,7 @@ from .inference import load_tokenizer
 from .perturbation import load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 
-METHODS = ("scgene", "no change", "mean of other perturbations", "linear co-expression")
+METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations", "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
 
 
@@ -217,7 +219,10 @@ def evaluate_perturbation(
         scored = np.ones(len(genes), bool)
         measured = [column[g] for g in target_genes if g in column]
         scored[measured] = False
-        predictions = {"scgene": model_changes[index], "no change": np.zeros(len(genes)),
+        other_model = [targets.index(t) for t in perturbable if t != target]
+        generic = model_changes[other_model].mean(0) if other_model else np.zeros(len(genes))
+        specific = model_changes[index] - generic if model_cells[target] else np.zeros(len(genes))
+        predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
                        "mean of other perturbations": observed[others].mean(0) if others else np.zeros(len(genes)),
                        "linear co-expression": linear[index]}
         for method, predicted in predictions.items():
