@@ -17,6 +17,7 @@ COMMANDS = {
     "build-prior": ("scgene.commands.build_prior", "Build the fused prior gene embedding from data."),
     "convert": ("scgene.commands.convert", "Convert an original ScGene checkpoint to a Hugging Face checkpoint."),
     "embed": ("scgene.commands.embed", "Cell embeddings of an .h5ad into obsm (and a UMAP plot)."),
+    "merge": ("scgene.commands.merge", "Join the shards of `scgene embed --shard I/N` into one .h5ad."),
     "annotate": ("scgene.commands.annotate", "Cell-type labels of an .h5ad from a fine-tuned classifier."),
     "evaluate": ("scgene.commands.evaluate", "Score a model's cell embeddings against labels, next to PCA and other baselines."),
     "regulation": ("scgene.commands.regulation", "The signed regulator -> target network of a dual-branch checkpoint, as a table."),

@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--genes", help=GENES_HELP)
     parser.add_argument("--plot", metavar="IMAGE", help="save a UMAP of the embedding here (png, pdf, svg, ...)")
     parser.add_argument("--color", nargs="*", default=[], metavar="COL", help="obs columns to colour the UMAP by")
+    parser.add_argument("--shard", metavar="I/N", help="embed only the I-th of N equal runs of cells (0 <= I < N) and "
+                                                      "write it to the folder --out, keyed by cell name; a shard "
+                                                      "already there is skipped; `scgene merge` joins them")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         options = inference_options(args)
+        if args.shard:
+            return embed_shard(args, options)
         if args.plot:
             plot_format(args.plot)
         with claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite):
@@ -131,6 +136,41 @@ def _run(args: argparse.Namespace) -> int:
         print(user_error_message("embed", error, FLAGS), file=sys.stderr)
         return 1
     print(f"Wrote {args.out}")
+    return 0
+
+
+def embed_shard(args: argparse.Namespace, options: dict) -> int:
+    """`--shard I/N`: the I-th of N contiguous runs of cells into `--out/shard-I-of-N.npz` (cell names, embeddings and
+    the run's record), written atomically; an existing shard is a finished one and is skipped."""
+    import json
+
+    import numpy as np
+
+    from ..fileio import atomic_path, claimed_output
+    from ..inference import embed
+    from ..sharding import shard_path, shard_range
+    from .annotated_copy import read_input
+
+    if args.plot:
+        raise ValueError("--plot needs every cell: embed the shards, `scgene merge` them, then plot the merged file.")
+    path = shard_path(args.out, args.shard)
+    if path.exists() and not args.overwrite:
+        print(f"{path} exists: this shard finished in an earlier run and is skipped (--overwrite recomputes it).")
+        return 0
+    with claimed_output(path, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite):
+        with read_input(args.input) as adata:
+            rows = shard_range(args.shard, adata.n_obs)
+            cells = adata[rows.start : rows.stop]
+            genes = genes_option(args.genes, adata)
+            if genes is not None:
+                options["genes"] = genes
+            embeddings = embed(cells, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
+            names, n_obs = np.asarray(cells.obs_names, dtype=str), adata.n_obs
+        record = {"input": os.path.abspath(args.input), "cells": [rows.start, rows.stop], "n_obs": n_obs,
+                  "model": str(args.model or "scgene default checkpoint"), "pooling_layer": args.pooling_layer}
+        with atomic_path(path) as staged, open(staged, "wb") as handle:
+            np.savez(handle, names=names, embeddings=embeddings, record=np.asarray(json.dumps(record)))
+    print(f"Wrote {path}: cells {rows.start}-{rows.stop - 1} of {n_obs}")
     return 0
 
 

@@ -1,0 +1,61 @@
+"""`scgene embed --shard I/N` and `scgene merge`: sharded embedding equals one run, resumes, and refuses gaps."""
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from scgene.cli import main
+from scgene.sharding import parse_shard, shard_range
+
+PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sharding") / "cells.h5ad"
+    ad.read_h5ad(PBMC)[:37].copy().write_h5ad(path)
+    return path
+
+
+def test_shards_cover_every_cell_once_in_order():
+    for n_obs, count in ((37, 3), (10, 10), (1000, 7)):
+        ranges = [shard_range(f"{index}/{count}", n_obs) for index in range(count)]
+        assert [row for part in ranges for row in part] == list(range(n_obs))
+    for bad in ("3/3", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ValueError, match="--shard takes I/N"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="use at most 5 shards"):
+        shard_range("0/6", 5)
+
+
+def test_sharded_embedding_equals_one_run_and_resumes(source, tmp_path, capsys):
+    whole = tmp_path / "whole.h5ad"
+    assert main(["embed", str(source), "--out", str(whole)]) == 0
+    shards = tmp_path / "shards"
+    for index in (2, 0):  # any order, as array jobs finish
+        assert main(["embed", str(source), "--shard", f"{index}/3", "--out", str(shards)]) == 0
+    merged = tmp_path / "merged.h5ad"
+    assert main(["merge", str(shards), "--input", str(source), "--out", str(merged)]) == 1
+    assert "1 of 3 shards are missing" in capsys.readouterr().err and not merged.exists()
+    assert main(["embed", str(source), "--shard", "1/3", "--out", str(shards), "--max-tokens-per-batch", "700"]) == 0
+    finished = (shards / "shard-0-of-3.npz").read_bytes()
+    assert main(["embed", str(source), "--shard", "0/3", "--out", str(shards)]) == 0  # a restarted array job
+    assert "skipped" in capsys.readouterr().out and (shards / "shard-0-of-3.npz").read_bytes() == finished
+    assert main(["merge", str(shards), "--input", str(source), "--out", str(merged)]) == 0
+    one, joined = ad.read_h5ad(whole), ad.read_h5ad(merged)
+    assert list(joined.obs_names) == list(one.obs_names)
+    np.testing.assert_allclose(joined.obsm["X_scgene"], one.obsm["X_scgene"], atol=1e-6)
+    assert joined.uns["X_scgene"]["shards"] == 3
+
+
+def test_merge_refuses_shards_of_another_file(source, tmp_path, capsys):
+    other = tmp_path / "other.h5ad"
+    ad.read_h5ad(PBMC)[37:74].copy().write_h5ad(other)
+    shards = tmp_path / "shards"
+    assert main(["embed", str(other), "--shard", "0/1", "--out", str(shards)]) == 0
+    assert main(["merge", str(shards), "--input", str(source), "--out", str(tmp_path / "m.h5ad")]) == 1
+    assert "another file" in capsys.readouterr().err
+    assert main(["embed", str(source), "--shard", "0/2", "--out", str(shards), "--plot", "x.png"]) == 1
+    assert "--plot needs every cell" in capsys.readouterr().err
