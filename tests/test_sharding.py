@@ -59,3 +59,23 @@ def test_merge_refuses_shards_of_another_file(source, tmp_path, capsys):
     assert "another file" in capsys.readouterr().err
     assert main(["embed", str(source), "--shard", "0/2", "--out", str(shards), "--plot", "x.png"]) == 1
     assert "--plot needs every cell" in capsys.readouterr().err
+
+
+def test_embed_under_torchrun_equals_one_process(source, tmp_path):
+    """2 CPU processes (gloo): each embeds its share, rank 0 writes the cells in input order, as one process would."""
+    import subprocess
+    import sys
+
+    from distributed_helpers import launcher
+
+    whole, parallel = tmp_path / "whole.h5ad", tmp_path / "parallel.h5ad"
+    assert main(["embed", str(source), "--out", str(whole)]) == 0
+    command = [sys.executable, *launcher("torchrun"), "-m", "scgene.cli", "embed", str(source), "--out", str(parallel),
+               "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Wrote") == 1  # one writer
+    one, joined = ad.read_h5ad(whole), ad.read_h5ad(parallel)
+    assert list(joined.obs_names) == list(one.obs_names)
+    np.testing.assert_allclose(joined.obsm["X_scgene"], one.obsm["X_scgene"], atol=1e-6)
+    assert joined.uns["X_scgene"]["processes"] == 2
