@@ -101,3 +101,23 @@ def test_half_precision_embeddings_agree_with_float32(source, dtype):
         assert not np.array_equal(reduced, reference)  # the precision did change the arithmetic
     with pytest.raises(ValueError, match="dtype must be one of"):
         scgene.embed(cells, key_added=None, progress=False, dtype="int8")
+
+
+def test_embeddings_stream_into_an_array_on_disk(source, tmp_path):
+    """`out=` (here a numpy memmap; the CLI passes the output file's HDF5 dataset) receives every batch in place: the
+    same numbers as in memory, and obsm is left alone."""
+    import scgene
+
+    cells = ad.read_h5ad(source)
+    in_memory = scgene.embed(cells, key_added=None, progress=False)
+    on_disk = np.lib.format.open_memmap(tmp_path / "embeddings.npy", mode="w+", dtype=np.float32,
+                                        shape=in_memory.shape)
+    scgene.embed(cells, out=on_disk, max_tokens_per_batch=500, progress=False)
+    on_disk.flush()
+    np.testing.assert_allclose(np.load(tmp_path / "embeddings.npy"), in_memory, atol=1e-6)
+    assert "X_scgene" not in cells.obsm and "X_scgene" in cells.uns
+    with pytest.raises(ValueError, match="out has shape"):
+        scgene.embed(cells, out=np.zeros((3, 3), np.float32), progress=False)
+    written = tmp_path / "embedded.h5ad"
+    assert main(["embed", str(source), "--out", str(written)]) == 0
+    np.testing.assert_allclose(ad.read_h5ad(written).obsm["X_scgene"], in_memory, atol=1e-6)

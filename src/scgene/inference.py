@@ -387,6 +387,7 @@ def embed(
     device=None,
     pooling_layer: int | None = None,
     dtype: str | None = None,
+    out=None,
     progress: bool = True,
     **tokenize_kwargs,
 ) -> np.ndarray:
@@ -400,29 +401,36 @@ def embed(
     per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
     and never written: the embeddings are returned. Results do not depend on `batch_size`, `max_tokens_per_batch`, cell
     order or batch mates. `dtype` "bfloat16" or "float16" runs under autocast (faster on GPUs; measured to agree with
-    float32 at cosine >= 0.999 per cell).
+    float32 at cosine >= 0.999 per cell). `out`: an array-like of shape (cells, hidden_size) (an h5py dataset, a
+    numpy memmap) that each batch is written into as it comes, instead of an array in memory; it is returned, and
+    `obsm` is left alone (`uns` still gets the record).
     """
     encoder = load_model(model, classifier=False, device=device, pooling_layer=pooling_layer)
     tokenizer = load_tokenizer(tokenizer, encoder)
     embeddings, coverage, _ = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
                                                       max_tokens_per_batch=max_tokens_per_batch, progress=progress,
-                                                      dtype=dtype, **tokenize_kwargs)
+                                                      dtype=dtype, out=out, **tokenize_kwargs)
     if key_added and not isinstance(adata, (str, os.PathLike)):
-        adata.obsm[key_added] = embeddings
+        if out is None:
+            adata.obsm[key_added] = embeddings
         adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer, dtype=dtype)
     return embeddings
 
 
 def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens_per_batch, progress, dtype=None,
-                            **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
-    """`embed`'s work on a loaded encoder and tokenizer: the embeddings, the prior coverage of their tokens, and
-    whether each cell had counts on any gene it was read on."""
+                            out=None, **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
+    """`embed`'s work on a loaded encoder and tokenizer: the embeddings (written into `out` when given), the prior
+    coverage of their tokens, and whether each cell had counts on any gene it was read on."""
     with opened(adata) as cells:
-        embeddings = np.zeros((cells.n_obs, encoder.config.hidden_size), np.float32)
+        shape = (cells.n_obs, encoder.config.hidden_size)
+        if out is not None and tuple(out.shape) != shape:
+            raise ValueError(f"out has shape {tuple(out.shape)}; the embeddings need {shape} (cells, hidden_size).")
+        embeddings = np.zeros(shape, np.float32) if out is None else out
         has_counts = np.zeros(cells.n_obs, bool)
 
         def consume(batch, outputs):
-            embeddings[batch.cells] = outputs.pooler_output.float().cpu().numpy()
+            order = np.argsort(batch.cells)  # rows in increasing order, as an HDF5 dataset takes them
+            embeddings[batch.cells[order]] = outputs.pooler_output.float().cpu().numpy()[order]
             ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
             has_counts[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).any(dim=1).cpu().numpy()
 

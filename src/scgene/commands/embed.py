@@ -111,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
-    from ..inference import embed
-    from .annotated_copy import read_input, write_annotated_copy
+    from ..inference import embed, load_model
+    from .annotated_copy import annotated_copy, element_group, read_input, write_elements
 
     try:
         options = inference_options(args) | ({"dtype": args.dtype} if args.dtype else {})
@@ -130,13 +130,24 @@ def _run(args: argparse.Namespace) -> int:
                 genes = genes_option(args.genes, adata)
                 if genes is not None:
                     options["genes"] = genes
-                # the backed input is only read: obsm and uns are set in memory and written to the copy
-                embeddings = embed(adata, args.model, key_added=args.key, pooling_layer=args.pooling_layer, **options)
-                print(f"{len(embeddings)} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}]")
-                obsm, obs, uns = {args.key: embeddings}, None, {args.key: adata.uns[args.key]}
-                if args.plot:
-                    obs, obsm[f"{args.key}_umap"] = plot_embedding(adata.obs, embeddings, args.plot, args.color)
-            write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, uns=uns)
+                encoder = load_model(args.model, device=options["device"], pooling_layer=args.pooling_layer)
+                # the backed input is only read; the embeddings go batch by batch into the copy's obsm (on disk)
+                with annotated_copy(args.input, args.out) as handle:
+                    obsm = element_group(handle, "obsm")
+                    if args.key in obsm:
+                        del obsm[args.key]
+                    shape = (adata.n_obs, encoder.config.hidden_size)
+                    stored = obsm.create_dataset(args.key, shape=shape, dtype="float32",
+                                                 chunks=(min(shape[0], 4096), shape[1]) if shape[0] else None)
+                    stored.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+                    embed(adata, encoder, key_added=args.key, out=stored, **options)
+                    print(f"{shape[0]} cells -> {shape[1]}-d embeddings in obsm[{args.key!r}]")
+                    record = adata.uns[args.key] | ({} if args.pooling_layer is None else
+                                                    {"pooling_layer": args.pooling_layer})
+                    uns, obs, extra = {args.key: record}, None, {}
+                    if args.plot:
+                        obs, extra[f"{args.key}_umap"] = plot_embedding(adata.obs, stored[:], args.plot, args.color)
+                    write_elements(handle, obs=obs, obsm=extra, uns=uns)
     except USER_ERRORS as error:
         print(user_error_message("embed", error, FLAGS), file=sys.stderr)
         return 1
