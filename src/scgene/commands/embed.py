@@ -138,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
                         del obsm[args.key]
                     shape = (adata.n_obs, encoder.config.hidden_size)
                     stored = obsm.create_dataset(args.key, shape=shape, dtype="float32",
-                                                 chunks=(min(shape[0], 4096), shape[1]) if shape[0] else None)
+                                                 chunks=(min(shape[0], 1024), shape[1]) if shape[0] else None)
                     stored.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
                     embed(adata, encoder, key_added=args.key, out=stored, **options)
                     print(f"{shape[0]} cells -> {shape[1]}-d embeddings in obsm[{args.key!r}]")

@@ -426,11 +426,11 @@ def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens
         if out is not None and tuple(out.shape) != shape:
             raise ValueError(f"out has shape {tuple(out.shape)}; the embeddings need {shape} (cells, hidden_size).")
         embeddings = np.zeros(shape, np.float32) if out is None else out
+        rows = embeddings if isinstance(embeddings, np.ndarray) else InOrderWriter(embeddings)
         has_counts = np.zeros(cells.n_obs, bool)
 
         def consume(batch, outputs):
-            order = np.argsort(batch.cells)  # rows in increasing order, as an HDF5 dataset takes them
-            embeddings[batch.cells[order]] = outputs.pooler_output.float().cpu().numpy()[order]
+            rows[batch.cells] = outputs.pooler_output.float().cpu().numpy()
             ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]
             has_counts[batch.cells] = ((ids >= NUM_SPECIAL_TOKENS) & (values != 0)).any(dim=1).cpu().numpy()
 
@@ -438,6 +438,39 @@ def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens
                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
                                   encode_kwargs=tokenize_kwargs, dtype=dtype)
     return embeddings, coverage, has_counts
+
+
+class InOrderWriter:
+    """Rows arriving in any order, written to `target` (e.g. an HDF5 dataset) in contiguous slabs, in input order:
+    a row waits in a buffer until every row before it has come. Batches come window by window (`iter_batches`), so
+    the buffer holds at most about one window's cells."""
+
+    def __init__(self, target):
+        self.target, self.written = target, 0  # rows before `written` are in target
+        self.buffer = np.zeros((1024, target.shape[1]), np.float32)  # row written + i at buffer[start + i]
+        self.filled = np.zeros(1024, bool)
+        self.start = 0
+
+    def __setitem__(self, rows: np.ndarray, values: np.ndarray) -> None:
+        positions = self.start + rows - self.written
+        if positions.max() >= len(self.filled):
+            self.compact(int(positions.max()) + 1 - self.start)
+            positions = self.start + rows - self.written
+        self.buffer[positions], self.filled[positions] = values, True
+        pending = self.filled[self.start :]
+        ready = len(pending) if pending.all() else int(np.argmin(pending))
+        if ready:
+            self.target[self.written : self.written + ready] = self.buffer[self.start : self.start + ready]
+            self.filled[self.start : self.start + ready] = False
+            self.written, self.start = self.written + ready, self.start + ready
+
+    def compact(self, needed: int) -> None:
+        """Move the waiting rows to the front of a buffer with room for `needed` of them."""
+        size = max(len(self.filled), 2 * needed)
+        buffer, filled = np.zeros((size, self.buffer.shape[1]), np.float32), np.zeros(size, bool)
+        waiting = len(self.filled) - self.start
+        buffer[:waiting], filled[:waiting] = self.buffer[self.start :], self.filled[self.start :]
+        self.buffer, self.filled, self.start = buffer, filled, 0
 
 
 def fit_prior_readout_weight(adata, model=None, *, tokenizer=None, max_cells: int = 2000, seed: int = 0,
