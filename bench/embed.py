@@ -25,7 +25,8 @@ truncated) in a temporary folder and loaded once, outside the timings. Rows, all
 Timing: one warm-up on 8 cells per row, then `--repeats` round-robin passes over all cells, best pass kept (a burst of
 other load slows one pass, not one row); ratios are against (a) and (b) timed in the same process, and are also printed
 pass by pass. "tokens/s" counts real (unpadded) tokens, <cls> included; "padding" is the share of padded positions
-among those the model ran (counted by a forward hook). "peak RSS MB" is the resident memory one pass adds, in a fresh
+among those the model ran (counted by a forward hook). "MFU": the model FLOPs of the real tokens (counted by torch's
+FlopCounterMode) per second, over a 2,048 x 2,048 fp32 matmul timed in the same run. "peak RSS MB" is the resident memory one pass adds, in a fresh
 process per row (VmHWM reset after loading, so it is the pass's own peak; glibc's heap keeps freed blocks, as for a user).
 
 Memory section: `scgene.embed(path)` on backed .h5ad files of N and 4N small cells (10-50 UMIs each), and N cells
@@ -326,6 +327,22 @@ def memory_of_backed(path: Path, workdir: Path, budget: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def flops_per_cell(model, vocab_size: int, lengths: np.ndarray, scgene_inputs: bool) -> np.ndarray:
+    """Model FLOPs of one forward of a cell of each length. A transformer's FLOPs are a quadratic polynomial in the
+    length, so they are counted (`bench/forward.py`'s FlopCounterMode count) at three lengths and interpolated."""
+    import torch
+    from forward import count_flops
+
+    probes = np.array([16, 64, 256])
+    counted = []
+    for n in probes:
+        inputs = {"input_ids": torch.randint(3, vocab_size, (1, int(n))), "attention_mask": torch.ones(1, int(n))}
+        if scgene_inputs:
+            inputs |= {"expression_values": torch.rand(1, int(n)), "expression_bins": torch.ones(1, int(n)).long()}
+        counted.append(count_flops(model, inputs))
+    return np.polyval(np.polyfit(probes, counted, 2), lengths)
+
+
 def padding_share(lengths: np.ndarray, batches) -> float:
     positions = sum(len(rows) * int(lengths[rows].max()) for rows in batches)
     return 1 - lengths.sum() / positions
@@ -373,16 +390,29 @@ def speed_section(args, workdir: Path) -> None:
     load_timed = os.getloadavg()[0]
     peak = {method: child(["--memory-of", method, "--workdir", str(workdir)])["peak_mb"] for method in methods}
 
-    print(f"\nbest of {args.repeats} round-robin passes; load average {load_timed:.2f} after the timed passes\n")
-    header = (f"{'method':<42} {'cells':>5} {'cells/s':>8} {'tokens/s':>9} {'padding':>8} {'peak RSS MB':>11} "
-              f"{'vs (a)':>7} {'vs (b)':>7}")
+    # MFU: the model FLOPs of the real tokens (padding is not useful work) over the time, against a large fp32 matmul
+    from forward import matmul_flops_per_second
+
+    matmul_peak = matmul_flops_per_second()
+    scgene_flops = flops_per_cell(setup.model, setup.tokenizer.vocab_size, lengths, scgene_inputs=True).sum()
+    bert_flops = flops_per_cell(setup.bert, setup.tokenizer.vocab_size, lengths, scgene_inputs=False).sum()
+    useful = {method: bert_flops if method.startswith("geneformer") else scgene_flops for method in methods}
+    if "embed2048" in methods:
+        useful["embed2048"] = flops_per_cell(setup.model, setup.tokenizer.vocab_size, setup.lengths_2048,
+                                             scgene_inputs=True).sum()
+
+    print(f"\nbest of {args.repeats} round-robin passes; load average {load_timed:.2f} after the timed passes; MFU "
+          f"against a 2,048 x 2,048 fp32 matmul at {matmul_peak / 1e9:,.0f} GFLOP/s\n")
+    header = (f"{'method':<42} {'cells':>5} {'cells/s':>8} {'tokens/s':>9} {'padding':>8} {'MFU':>6} "
+              f"{'peak RSS MB':>11} {'vs (a)':>7} {'vs (b)':>7}")
     print(header)
     print("-" * len(header))
     speed = {method: args.n_cells / min(seconds[method]) for method in methods}
     for method in methods:
         print(f"{METHODS[method]:<42} {args.n_cells:>5} {speed[method]:>8.2f} "
               f"{real_tokens[method] * speed[method] / args.n_cells:>9,.0f} "
-              f"{1 - real_tokens[method] / positions[method]:>8.1%} {peak[method]:>11,.0f} "
+              f"{1 - real_tokens[method] / positions[method]:>8.1%} "
+              f"{useful[method] / min(seconds[method]) / matmul_peak:>6.1%} {peak[method]:>11,.0f} "
               f"{speed[method] / speed['naive']:>7.2f} {speed[method] / speed['geneformer']:>7.2f}")
     difference = np.abs(outputs["embed"] - outputs["naive"]).max()
     print(f"\nscgene.embed vs (a), same model and cells: max |difference| {difference:.1e}")
