@@ -55,4 +55,5 @@ weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=T
 if rank == 0:
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, os.environ["FSDP_WEIGHTS"])
 if sharded:
+    dist.barrier()  # every rank done (rank 0's file written) before the process group goes: no teardown race
     dist.destroy_process_group()
