@@ -48,6 +48,7 @@ from .inference import (
     embeddings_and_coverage,
     is_scgene,
     iter_batches,
+    load_model,
     load_tokenizer,
     load_weights,
     training_genes,
@@ -444,11 +445,8 @@ def perturb(
     if not isinstance(masking_rounds, int) or masking_rounds < 2:
         raise ValueError(f"masking_rounds must be an integer >= 2 (each round masks 1/rounds of a cell's genes), got "
                          f"{masking_rounds!r}.")
-    masked_model = load_masked_expression_model(model, device) if expression else None
-    if masked_model is None:
-        from .inference import load_model
-
-        masked_model = load_model(DEFAULT_CHECKPOINT if model is None else model, device=device)
+    masked_model = (load_masked_expression_model(model, device) if expression
+                    else load_model(DEFAULT_CHECKPOINT if model is None else model, device=device))
     encoder = masked_model.base_model
     tokenizer = load_tokenizer(tokenizer, masked_model)
     max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH

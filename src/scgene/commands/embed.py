@@ -49,6 +49,33 @@ def genes_option(value: str | None, adata=None):
     return genes
 
 
+def with_genes(options: dict, value: str | None, adata) -> dict:
+    """`options` plus `genes=` when `--genes` names some (resolved against `adata`)."""
+    genes = genes_option(value, adata)
+    return options if genes is None else options | {"genes": genes}
+
+
+def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read a file through the tokenizer without `add_common_arguments` (regulation,
+    perturb): which genes and counts are read, the token budget, the device, --overwrite."""
+    parser.add_argument("--genes", help=GENES_HELP)
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
+    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
+    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
+    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
+    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+    parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384)")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
+
+
+def reading_options(args: argparse.Namespace, adata) -> dict:
+    """The tokenizing keyword arguments that `add_reading_arguments`' flags set (`--genes` resolved on `adata`)."""
+    options = {key: getattr(args, key) for key in ("gene_column", "max_length", "layer", "max_tokens_per_batch")
+               if getattr(args, key) is not None} | ({"use_raw": True} if args.use_raw else {})
+    return with_genes(options, args.genes, adata)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, model_help: str, model_required: bool = True) -> None:
     """Input, model, output and batching flags shared by `scgene embed` and `scgene annotate`."""
     parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X; read backed, never modified)")
@@ -127,9 +154,7 @@ def _run(args: argparse.Namespace) -> int:
                 missing = [column for column in args.color if column not in adata.obs.columns]
                 if missing:
                     raise KeyError(f"--color columns not in obs: {missing}; available: {list(adata.obs.columns)}")
-                genes = genes_option(args.genes, adata)
-                if genes is not None:
-                    options["genes"] = genes
+                options = with_genes(options, args.genes, adata)
                 encoder = load_model(args.model, device=options["device"], pooling_layer=args.pooling_layer)
                 # the backed input is only read; the embeddings go batch by batch into the copy's obsm (on disk)
                 with annotated_copy(args.input, args.out) as handle:
@@ -177,9 +202,7 @@ def embed_shard(args: argparse.Namespace, options: dict) -> int:
         with read_input(args.input) as adata:
             rows = shard_range(args.shard, adata.n_obs)
             cells = adata[rows.start : rows.stop]
-            genes = genes_option(args.genes, adata)
-            if genes is not None:
-                options["genes"] = genes
+            options = with_genes(options, args.genes, adata)
             embeddings = embed(cells, args.model, key_added=None, pooling_layer=args.pooling_layer, **options)
             names, n_obs = np.asarray(cells.obs_names, dtype=str), adata.n_obs
         record = {"input": os.path.abspath(args.input), "cells": [rows.start, rows.stop], "n_obs": n_obs,
@@ -230,9 +253,7 @@ def embed_distributed(args: argparse.Namespace, options: dict) -> int:
             with read_input(args.input) as adata:
                 n_obs = adata.n_obs
                 rows = shard_range(f"{rank}/{world}", n_obs)
-                genes = genes_option(args.genes, adata)
-                if genes is not None:
-                    options["genes"] = genes
+                options = with_genes(options, args.genes, adata)
                 mine = embed(adata[rows.start : rows.stop], args.model, key_added=None,
                              pooling_layer=args.pooling_layer, progress=rank == 0, **options)
                 obs_frame = adata.obs if rank == 0 and args.plot else None

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import USER_ERRORS, coverage_report_shown, user_error_message
-from .embed import GENES_HELP, genes_option
+from .embed import add_reading_arguments, reading_options
 
 FLAGS = {"genes=": "--targets ", "value=": "--value ", "groupby=": "--groupby ", "groups=": "--groups ",
          "state_key": "--state-key", "start_state": "--start-state", "goal_state": "--goal-state",
@@ -58,15 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the masking groups (default 0)")
     parser.add_argument("--max-memory-gb", type=float, default=4.0,
                         help="refuse change tables that need more (default %(default)s)")
-    parser.add_argument("--genes", help=GENES_HELP)
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
-    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
-    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
-    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
-    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
-    parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
+    add_reading_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,17 +81,13 @@ def _run(args: argparse.Namespace) -> int:
         if args.top_genes < 1:
             raise ValueError(f"--top-genes must be a positive integer, got {args.top_genes}.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
-        options = {key: getattr(args, key) for key in ("gene_column", "max_length", "layer", "max_tokens_per_batch")
-                   if getattr(args, key) is not None} | ({"use_raw": True} if args.use_raw else {})
         with contextlib.ExitStack() as claims:  # every output is checked before the work starts
             for path in (args.out, args.changes, args.plot):
                 if path:
                     claims.enter_context(claimed_output(path, inputs, command="perturb", folder=False,
                                                         overwrite=args.overwrite))
             with read_input(args.input) as adata:
-                genes = genes_option(args.genes, adata)
-                if genes is not None:
-                    options["genes"] = genes
+                options = reading_options(args, adata)
                 result = perturb(adata, args.model, targets_option(args.targets), mode=args.mode, value=args.value,
                                  groupby=args.groupby, groups=args.groups, state_key=args.state_key,
                                  start_state=args.start_state, goal_state=args.goal_state,

@@ -13,7 +13,7 @@ import os
 import sys
 
 from . import USER_ERRORS, coverage_report_shown, user_error_message
-from .embed import GENES_HELP, genes_option
+from .embed import add_reading_arguments, genes_option, reading_options
 
 FLAGS = {"top_k": "--top-k", "min_cells": "--min-cells", "groupby=": "--groupby ", "regulators=": "--regulators ",
          "max_memory_gb": "--max-memory-gb", "gene_column=": "--gene-column", "tokenizer=": "--tokenizer",
@@ -50,15 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-regulators", nargs="*", metavar="GENE", help="the regulators to plot (default: the 10 "
                                                                              "strongest)")
     parser.add_argument("--plot-group", help="with --groupby: the group whose network --plot shows")
-    parser.add_argument("--genes", help=GENES_HELP)
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
-    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
-    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
-    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
-    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
-    parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384)")
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT (and the plot) if they exist")
+    add_reading_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,17 +72,13 @@ def _run(args: argparse.Namespace) -> int:
         inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer)
                                  if p and os.path.exists(p)]
         regulators = regulators_option(args.regulators)
-        options = {key: getattr(args, key) for key in ("gene_column", "max_length", "layer", "max_tokens_per_batch")
-                   if getattr(args, key) is not None} | ({"use_raw": True} if args.use_raw else {})
         with contextlib.ExitStack() as claims:  # every output is checked before the work starts
             for path in (args.out, args.plot):
                 if path:
                     claims.enter_context(claimed_output(path, inputs, command="regulation", folder=False,
                                                         overwrite=args.overwrite))
             with read_input(args.input) as adata:
-                genes = genes_option(args.genes, adata)
-                if genes is not None:
-                    options["genes"] = genes
+                options = reading_options(args, adata)
                 network = regulation(adata, args.model, regulators=regulators, groupby=args.groupby, top_k=args.top_k,
                                      min_cells=args.min_cells, tokenizer=args.tokenizer, device=args.device,
                                      max_memory_gb=args.max_memory_gb, key_added=None, **options)
