@@ -57,9 +57,12 @@ from pathlib import Path
 import numpy as np
 
 GENEFORMER_V1 = dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512)
+GENEFORMER_V2 = dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=1024)  # 12L-38M
+SHAPES = {"v1": GENEFORMER_V1, "v2": GENEFORMER_V2}
 GENEFORMER_FORWARD_BATCH_SIZE = 100  # geneformer.emb_extractor.EmbExtractor(forward_batch_size=100), its default
 NAIVE_BATCH_SIZE = 32
 N_GENES = 20_000
+ATLAS_GENES, ATLAS_REFERENCE_CELLS, ATLAS_TARGET_MB = 5_000, 10_000, 3_000
 TARGET_VS_NAIVE, TARGET_VS_GENEFORMER = 1.5, 1.0
 METHODS = {  # key -> row label
     "embed": "scgene.embed (max_length 4096)",
@@ -121,8 +124,8 @@ def anndata_of(counts, symbols):
     return ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=symbols))
 
 
-def save_checkpoint(folder: Path, num_layers: int, max_length: int) -> None:
-    """An ScGene standard encoder of the Geneformer V1 width (random weights, random prior) and its tokenizer."""
+def save_checkpoint(folder: Path, num_layers: int, max_length: int, shape: dict = GENEFORMER_V1) -> None:
+    """An ScGene standard encoder of a Geneformer shape (random weights, random prior) and its tokenizer."""
     import torch
 
     from scgene import ScGeneConfig, ScGeneModel, ScGeneTokenizer
@@ -130,7 +133,7 @@ def save_checkpoint(folder: Path, num_layers: int, max_length: int) -> None:
     tokenizer = ScGeneTokenizer(max_length=max_length)
     torch.manual_seed(0)
     config = ScGeneConfig(vocab_size=tokenizer.vocab_size, encoder_type="standard", attention_type="mha",
-                          pooling="mean", **(GENEFORMER_V1 | {"num_hidden_layers": num_layers}))
+                          pooling="mean", **(shape | {"num_hidden_layers": num_layers}))
     model = ScGeneModel(config)
     prior = torch.randn(config.vocab_size, config.hidden_size) * 0.5
     prior[:3] = 0
@@ -139,22 +142,22 @@ def save_checkpoint(folder: Path, num_layers: int, max_length: int) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def load_checkpoint(folder: Path):
+def load_checkpoint(folder: Path, device: str = "cpu"):
     from scgene import ScGeneModel, ScGeneTokenizer
 
-    model = ScGeneModel.from_pretrained(folder).eval()
+    model = ScGeneModel.from_pretrained(folder).eval().to(device)
     model.set_attn_implementation("sdpa")
     return model, ScGeneTokenizer.from_pretrained(folder)
 
 
-def geneformer_bert(vocab_size: int, max_positions: int):
-    """transformers' BertModel of the Geneformer V1 shape (ReLU, as Geneformer V1), SDPA, eval mode."""
+def geneformer_bert(vocab_size: int, max_positions: int, shape: dict = GENEFORMER_V1):
+    """transformers' BertModel of a Geneformer shape (ReLU, as Geneformer V1), SDPA, eval mode."""
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=vocab_size, max_position_embeddings=max_positions, hidden_act="relu",
-                                **GENEFORMER_V1), add_pooling_layer=False).eval()
+                                **shape), add_pooling_layer=False).eval()
     bert.set_attn_implementation("sdpa")
     return bert
 
@@ -165,21 +168,35 @@ def token_lengths(tokenizer, adata, **kwargs) -> np.ndarray:
 
 
 class Setup:
-    """The cells, the checkpoint loaded from `workdir`, BertModel and its pre-tokenized cells: what every row needs."""
+    """The cells, the checkpoint loaded from `workdir`, BertModel and its pre-tokenized cells, on the device and in the
+    precision of `workdir/setup.json`: what every row needs."""
 
     def __init__(self, workdir: Path):
         import anndata as ad
         import torch
 
+        settings = json.loads((workdir / "setup.json").read_text())
+        self.device, self.dtype, shape = settings["device"], settings["dtype"], SHAPES[settings["shape"]]
         self.adata = ad.read_h5ad(workdir / "cells.h5ad")
-        self.model, self.tokenizer = load_checkpoint(workdir / "model")
+        self.model, self.tokenizer = load_checkpoint(workdir / "model", self.device)
         self.lengths = token_lengths(self.tokenizer, self.adata)
         self.lengths_2048 = token_lengths(self.tokenizer, self.adata, max_length=2048)
-        self.bert = geneformer_bert(self.tokenizer.vocab_size, max(self.tokenizer.max_length, int(self.lengths.max())))
+        self.bert = geneformer_bert(self.tokenizer.vocab_size, max(self.tokenizer.max_length, int(self.lengths.max())),
+                                    shape).to(self.device)
         generator = torch.Generator().manual_seed(0)
         # Geneformer's .dataset: one 1-D tensor of token ids per cell, same lengths as ScGene's tokens
         self.bert_cells = [torch.randint(3, self.tokenizer.vocab_size, (int(n),), generator=generator)
                            for n in self.lengths]
+
+    def autocast(self):
+        """The precision of the run for the rows that call a model directly (scgene.embed gets `dtype=`)."""
+        import contextlib
+
+        import torch
+
+        if self.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=getattr(torch, self.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,17 +208,18 @@ def run_embed(setup: Setup, adata, max_length: int | None = None) -> np.ndarray:
     import scgene
 
     extra = {} if max_length is None else {"max_length": max_length}
-    return scgene.embed(adata, setup.model, tokenizer=setup.tokenizer, key_added=None, progress=False, **extra)
+    return scgene.embed(adata, setup.model, tokenizer=setup.tokenizer, key_added=None, progress=False,
+                        dtype=setup.dtype, **extra)
 
 
 def run_naive(setup: Setup, adata) -> np.ndarray:
     import torch
 
     embeddings = np.empty((adata.n_obs, setup.model.config.hidden_size), np.float32)
-    with torch.no_grad():
+    with torch.no_grad(), setup.autocast():
         for start in range(0, adata.n_obs, NAIVE_BATCH_SIZE):
-            batch = setup.tokenizer(adata[start : start + NAIVE_BATCH_SIZE], return_tensors="pt")
-            embeddings[start : start + NAIVE_BATCH_SIZE] = setup.model(**batch).pooler_output.numpy()
+            batch = setup.tokenizer(adata[start : start + NAIVE_BATCH_SIZE], return_tensors="pt").to(setup.device)
+            embeddings[start : start + NAIVE_BATCH_SIZE] = setup.model(**batch).pooler_output.float().cpu().numpy()
     return embeddings
 
 
@@ -217,7 +235,7 @@ def run_geneformer(setup: Setup, n_cells: int, at_scale: bool = False) -> np.nda
     cells, lengths = setup.bert_cells[:n_cells], setup.lengths[:n_cells]
     layer = setup.bert.config.num_hidden_layers - 1  # emb_layer=-1: the second-to-last layer
     embeddings = np.empty((n_cells, setup.bert.config.hidden_size), np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), setup.autocast():
         for rows in token_budget_batches(lengths) if at_scale else geneformer_batches(lengths):
             batch_lengths = torch.from_numpy(lengths[rows])
             width = int(batch_lengths.max())
@@ -225,10 +243,11 @@ def run_geneformer(setup: Setup, n_cells: int, at_scale: bool = False) -> np.nda
             for i, row in enumerate(rows):
                 input_ids[i, : lengths[row]] = cells[row]
             attention_mask = (torch.arange(width)[None, :] < batch_lengths[:, None]).long()
+            input_ids, attention_mask = input_ids.to(setup.device), attention_mask.to(setup.device)
             hidden = setup.bert(input_ids=input_ids, attention_mask=attention_mask,
                                 output_hidden_states=True).hidden_states[layer]
-            mean = (hidden * attention_mask[..., None]).sum(1) / batch_lengths[:, None]
-            embeddings[rows] = mean.numpy()  # back to input order, as scgene.embed returns them
+            mean = (hidden.float() * attention_mask[..., None]).sum(1) / batch_lengths[:, None].to(setup.device)
+            embeddings[rows] = mean.cpu().numpy()  # back to input order, as scgene.embed returns them
     return embeddings
 
 
@@ -339,6 +358,7 @@ def flops_per_cell(model, vocab_size: int, lengths: np.ndarray, scgene_inputs: b
         inputs = {"input_ids": torch.randint(3, vocab_size, (1, int(n))), "attention_mask": torch.ones(1, int(n))}
         if scgene_inputs:
             inputs |= {"expression_values": torch.rand(1, int(n)), "expression_bins": torch.ones(1, int(n)).long()}
+        inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
         counted.append(count_flops(model, inputs))
     return np.polyval(np.polyfit(probes, counted, 2), lengths)
 
@@ -353,9 +373,11 @@ def speed_section(args, workdir: Path) -> None:
 
     counts = pbmc_like_counts(args.n_cells, args.min_genes, args.max_genes, N_GENES)
     anndata_of(counts, gene_symbols(N_GENES)).write_h5ad(workdir / "cells.h5ad")
-    save_checkpoint(workdir / "model", GENEFORMER_V1["num_hidden_layers"], args.max_length)
+    shape = SHAPES[args.shape]
+    save_checkpoint(workdir / "model", shape["num_hidden_layers"], args.max_length, shape)
+    (workdir / "setup.json").write_text(json.dumps({"device": args.device, "dtype": args.dtype, "shape": args.shape}))
     start = time.perf_counter()
-    load_checkpoint(workdir / "model")
+    load_checkpoint(workdir / "model", args.device)
     load_seconds = time.perf_counter() - start
 
     setup = Setup(workdir)
@@ -364,36 +386,47 @@ def speed_section(args, workdir: Path) -> None:
     real_tokens = {method: int(lengths.sum()) for method in methods}
     real_tokens["embed2048"] = int(setup.lengths_2048.sum())
     genes = np.diff(counts.indptr)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f} "
-          f"at start")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {args.device} ({where}); load average {os.getloadavg()[0]:.2f} at start")
     print(f"{args.n_cells} cells, {genes.min()}-{genes.max()} expressed genes per cell (mean {genes.mean():.0f}, "
           f"{counts.sum() / args.n_cells:,.0f} UMIs), {lengths.mean():.0f} tokens per cell with <cls> "
           f"(max_length {args.max_length}: none truncated; {int((setup.lengths_2048 < lengths).sum())} cells above "
           f"2,048)")
-    print(f"model: ScGene standard/mha, 6 layers, d=256, 4 heads, FFN 512, vocab {setup.tokenizer.vocab_size:,}, "
-          f"fp32, SDPA; checkpoint loading (model + tokenizer) {load_seconds:.2f} s, not timed below")
+    print(f"model: ScGene standard/mha at the Geneformer {args.shape.upper()} shape ({shape['num_hidden_layers']} "
+          f"layers, d={shape['hidden_size']}, {shape['num_attention_heads']} heads, FFN {shape['intermediate_size']}), "
+          f"vocab {setup.tokenizer.vocab_size:,}, {args.dtype}, SDPA; checkpoint loading (model + tokenizer) "
+          f"{load_seconds:.2f} s, not timed below")
 
     counter = PositionCounter(setup.model, setup.bert)
     for method in methods:  # warm-up
         run(method, setup, n_cells=min(8, args.n_cells))
     seconds = {method: [] for method in methods}
-    positions, outputs = {}, {}
+    positions, outputs, gpu_peak = {}, {}, {}
+    on_gpu = args.device.startswith("cuda")
     for repeat in range(args.repeats):
         for method in methods:
             counter.positions = 0
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
             start = time.perf_counter()
-            outputs[method] = run(method, setup)
+            outputs[method] = run(method, setup)  # back in host memory: the GPU has finished
             seconds[method].append(time.perf_counter() - start)
             positions[method] = counter.positions
+            if on_gpu:
+                gpu_peak[method] = (torch.cuda.max_memory_allocated() - before) / 2**20
         print(f"  pass {repeat + 1}/{args.repeats}: " + ", ".join(f"{m} {seconds[m][-1]:.1f} s" for m in methods),
               file=sys.stderr, flush=True)
     load_timed = os.getloadavg()[0]
-    peak = {method: child(["--memory-of", method, "--workdir", str(workdir)])["peak_mb"] for method in methods}
+    # on a GPU the memory a pass adds is the CUDA allocator's peak, in this process; on the CPU, a fresh process per row
+    peak = gpu_peak if on_gpu else {method: child(["--memory-of", method, "--workdir", str(workdir)])["peak_mb"]
+                                    for method in methods}
 
     # MFU: the model FLOPs of the real tokens (padding is not useful work) over the time, against a large fp32 matmul
     from forward import matmul_flops_per_second
 
-    matmul_peak = matmul_flops_per_second()
+    matmul_size = 8192 if on_gpu else 2048
+    matmul_peak = matmul_flops_per_second(matmul_size, device=args.device, dtype=getattr(torch, args.dtype))
     scgene_flops = flops_per_cell(setup.model, setup.tokenizer.vocab_size, lengths, scgene_inputs=True).sum()
     bert_flops = flops_per_cell(setup.bert, setup.tokenizer.vocab_size, lengths, scgene_inputs=False).sum()
     useful = {method: bert_flops if method.startswith("geneformer") else scgene_flops for method in methods}
@@ -402,9 +435,10 @@ def speed_section(args, workdir: Path) -> None:
                                              scgene_inputs=True).sum()
 
     print(f"\nbest of {args.repeats} round-robin passes; load average {load_timed:.2f} after the timed passes; MFU "
-          f"against a 2,048 x 2,048 fp32 matmul at {matmul_peak / 1e9:,.0f} GFLOP/s\n")
+          f"against a {matmul_size:,} x {matmul_size:,} {args.dtype} matmul at {matmul_peak / 1e9:,.0f} GFLOP/s\n")
+    memory_label = "peak GPU MB" if on_gpu else "peak RSS MB"
     header = (f"{'method':<42} {'cells':>5} {'cells/s':>8} {'tokens/s':>9} {'padding':>8} {'MFU':>6} "
-              f"{'peak RSS MB':>11} {'vs (a)':>7} {'vs (b)':>7}")
+              f"{memory_label:>11} {'vs (a)':>7} {'vs (b)':>7}")
     print(header)
     print("-" * len(header))
     speed = {method: args.n_cells / min(seconds[method]) for method in methods}
@@ -485,6 +519,45 @@ def memory_section(args, workdir: Path) -> None:
           f"bound)")
 
 
+def cli_peak(command: list[str]) -> dict:
+    """Run `command` as a child process; its peak resident memory (ru_maxrss of that child alone) and seconds."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+    return {"peak_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}
+
+
+def atlas_section(args, workdir: Path) -> None:
+    """`scgene embed FILE --out OUT.h5ad` (the shipped checkpoint, output streamed into the file) on a backed file of
+    `--atlas-cells` small cells against the same command on 10,000 of them: what the cell count adds to the peak."""
+    import h5py
+
+    symbols = gene_symbols(ATLAS_GENES)
+    counts = small_cell_counts(args.atlas_cells, ATLAS_GENES)
+    runs = {}
+    for n in (ATLAS_REFERENCE_CELLS, args.atlas_cells):
+        path, out = workdir / f"atlas_{n}.h5ad", workdir / f"atlas_{n}_embedded.h5ad"
+        anndata_of(counts[:n], symbols).write_h5ad(path)
+        runs[n] = cli_peak([sys.executable, "-m", "scgene.cli", "embed", str(path), "--out", str(out)])
+        with h5py.File(out, "r") as written:
+            embedded = written["obsm/X_scgene"]
+            runs[n] |= {"rows": embedded.shape[0], "finite": bool(np.isfinite(embedded[-1000:]).all())}
+        path.unlink()
+        out.unlink()
+    del counts
+    print(f"\nAtlas: `scgene embed FILE --out OUT.h5ad`, shipped checkpoint, backed input, embeddings streamed into the "
+          f"output file; 10-50 UMIs per cell, {ATLAS_GENES:,} genes; peak RSS of the whole command (libraries, model)\n")
+    print(f"{'cells':>10} {'seconds':>8} {'cells/s':>8} {'peak RSS MB':>12} {'rows written':>13}")
+    for n, run in runs.items():
+        print(f"{n:>10,} {run['seconds']:>8.0f} {n / run['seconds']:>8,.0f} {run['peak_mb']:>12,.0f} "
+              f"{run['rows']:>13,}{'' if run['finite'] else ' (NOT finite)'}")
+    added = runs[args.atlas_cells]["peak_mb"] - runs[ATLAS_REFERENCE_CELLS]["peak_mb"]
+    print(f"\n{args.atlas_cells:,} cells add {added:+,.0f} MB to the peak of {ATLAS_REFERENCE_CELLS:,}; target: under "
+          f"{ATLAS_TARGET_MB:,} MB beyond the model and libraries -> {'met' if added < ATLAS_TARGET_MB else 'NOT met'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-cells", type=int, default=128)
@@ -496,6 +569,12 @@ def main() -> None:
     parser.add_argument("--memory-cells", type=int, default=10_000, help="N of the memory section (N and 4N cells)")
     parser.add_argument("--memory-layers", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory section")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="v1", help="Geneformer V1 (6 layers, d=256) or V2 "
+                        "(12 layers, d=512) for every row of the speed section")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the speed section; memory is CPU RSS)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="precision of every row (autocast)")
+    parser.add_argument("--atlas-cells", type=int, help="run only the atlas section, on this many cells (e.g. 1000000)")
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", choices=sorted(METHODS), help=argparse.SUPPRESS)  # internal: fresh process
     parser.add_argument("--memory-backed", type=Path, help=argparse.SUPPRESS)  # internal: fresh process
@@ -511,6 +590,9 @@ def main() -> None:
         print(json.dumps(memory_of_backed(args.memory_backed, args.workdir, args.budget)))
         return
     with tempfile.TemporaryDirectory(prefix="scgene-bench-embed-") as folder:
+        if args.atlas_cells:
+            atlas_section(args, Path(folder))
+            return
         speed_section(args, Path(folder))
         if not args.no_memory:
             memory_section(args, Path(folder))

@@ -43,13 +43,18 @@ def forward_peak_mb(index: int, args, live: bool) -> float:
     return float(subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout.split()[-1])
 
 
-def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
-    """The machine's fp32 matmul rate: best of `repeats` 2,048 x 2,048 products."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_flops_per_second(size: int = 2048, repeats: int = 10, device: str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate: best of `repeats` size x size products (on a GPU, after a warm-up, synchronized)."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    synchronize = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 

@@ -139,3 +139,21 @@ def test_rows_in_any_order_reach_an_hdf5_dataset_in_order(tmp_path):
                 writer[rows] = values[rows]
         assert writer.written == 5000
         np.testing.assert_array_equal(dataset[:], values)
+
+
+def test_compiled_forward_gives_the_eager_embeddings_in_one_graph(source, tmp_path):
+    """`--torch-compile`: the same embeddings as eager on padded and unpadded batches of several shapes, compiled
+    without graph breaks (a break would silently run part of the model eagerly)."""
+    import torch._dynamo
+
+    eager, compiled = tmp_path / "eager.h5ad", tmp_path / "compiled.h5ad"
+    budget = ["--max-tokens-per-batch", "3000"]  # 37 cells of up to 256 tokens: several batch shapes
+    assert main(["embed", str(source), "--out", str(eager), *budget]) == 0
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert main(["embed", str(source), "--out", str(compiled), "--torch-compile", *budget]) == 0
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    written = ad.read_h5ad(compiled)
+    np.testing.assert_allclose(written.obsm["X_scgene"], ad.read_h5ad(eager).obsm["X_scgene"], atol=1e-5)
+    assert written.uns["X_scgene"]["torch_compile"]

@@ -126,6 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="precision of the forward "
                         "(autocast; default float32): bfloat16 / float16 are faster on GPUs and agree with float32 at "
                         "cosine >= 0.999 per cell")
+    parser.add_argument("--torch-compile", action="store_true", help="compile the forward with torch.compile (dynamic "
+                        "shapes; a one-off cost that pays on large files, mostly on GPUs)")
     parser.add_argument("--shard", metavar="I/N", help="embed only the I-th of N equal runs of cells (0 <= I < N) and "
                                                       "write it to the folder --out, keyed by cell name; a shard "
                                                       "already there is skipped; `scgene merge` joins them")
@@ -142,7 +144,8 @@ def _run(args: argparse.Namespace) -> int:
     from .annotated_copy import annotated_copy, element_group, read_input, write_elements
 
     try:
-        options = inference_options(args) | ({"dtype": args.dtype} if args.dtype else {})
+        options = inference_options(args) | ({"dtype": args.dtype} if args.dtype else {}) \
+            | ({"torch_compile": True} if args.torch_compile else {})
         if args.shard:
             return embed_shard(args, options)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:

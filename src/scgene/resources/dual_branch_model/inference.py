@@ -334,10 +334,13 @@ def run_over_cells(
     encode_kwargs: dict,
     model_kwargs: dict | None = None,
     dtype: str | None = None,
+    torch_compile: bool = False,
 ) -> PriorCoverage:
     """Run `model` over every cell of `adata` in token-budget batches (`model_kwargs` go to its forward);
     `consume(batch, outputs)` gets each result. `dtype` "bfloat16" / "float16" runs the forward under autocast
-    (matrix products in that precision; the weights, the frozen prior and the norms stay float32).
+    (matrix products in that precision; the weights, the frozen prior and the norms stay float32). `torch_compile`
+    runs the forward through `torch.compile(model, dynamic=True, fullgraph=True)`: one graph, no breaks, for every
+    batch shape.
     Returns (and logs, as a warning when high) the share of gene tokens without a prior row."""
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive number of cells, got {batch_size!r}.")
@@ -356,6 +359,7 @@ def run_over_cells(
     coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
     batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
     precision = DTYPES[dtype or "float32"]
+    forward = torch.compile(model, dynamic=True, fullgraph=True) if torch_compile else model
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
     with torch.inference_mode(), autocast, tqdm(total=adata.n_obs, unit="cells", desc=description, disable=not progress) as bar:
         for batch in batches:
@@ -365,7 +369,7 @@ def run_over_cells(
             coverage.without_prior += int((genes & ~has_prior[ids]).sum())
             if trained is not None:
                 coverage.unseen_in_training += int((genes & ~trained[ids]).sum())
-            consume(batch, model(**batch.inputs, return_dict=True, **(model_kwargs or {})))
+            consume(batch, forward(**batch.inputs, return_dict=True, **(model_kwargs or {})))
             bar.update(len(batch.cells))
     coverage.report()
     return coverage
@@ -387,6 +391,7 @@ def embed(
     device=None,
     pooling_layer: int | None = None,
     dtype: str | None = None,
+    torch_compile: bool = False,
     out=None,
     progress: bool = True,
     **tokenize_kwargs,
@@ -401,7 +406,8 @@ def embed(
     per batch. `pooling_layer` reads another layer than the checkpoint's (-2: the second-to-last). A path is read backed
     and never written: the embeddings are returned. Results do not depend on `batch_size`, `max_tokens_per_batch`, cell
     order or batch mates. `dtype` "bfloat16" or "float16" runs under autocast (faster on GPUs; measured to agree with
-    float32 at cosine >= 0.999 per cell). `out`: an array-like of shape (cells, hidden_size) (an h5py dataset, a
+    float32 at cosine >= 0.999 per cell). `torch_compile=True` compiles the forward once (`torch.compile`, dynamic
+    shapes): it pays off on large inputs, mostly on GPUs. `out`: an array-like of shape (cells, hidden_size) (an h5py dataset, a
     numpy memmap) that each batch is written into as it comes, instead of an array in memory; it is returned, and
     `obsm` is left alone (`uns` still gets the record).
     """
@@ -409,16 +415,18 @@ def embed(
     tokenizer = load_tokenizer(tokenizer, encoder)
     embeddings, coverage, _ = embeddings_and_coverage(adata, encoder, tokenizer, batch_size=batch_size,
                                                       max_tokens_per_batch=max_tokens_per_batch, progress=progress,
-                                                      dtype=dtype, out=out, **tokenize_kwargs)
+                                                      dtype=dtype, torch_compile=torch_compile, out=out,
+                                                      **tokenize_kwargs)
     if key_added and not isinstance(adata, (str, os.PathLike)):
         if out is None:
             adata.obsm[key_added] = embeddings
-        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer, dtype=dtype)
+        adata.uns[key_added] = run_record(encoder, tokenizer, coverage, pooling_layer=pooling_layer, dtype=dtype,
+                                           torch_compile=torch_compile or None)
     return embeddings
 
 
 def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens_per_batch, progress, dtype=None,
-                            out=None, **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
+                            torch_compile=False, out=None, **tokenize_kwargs) -> tuple[np.ndarray, PriorCoverage, np.ndarray]:
     """`embed`'s work on a loaded encoder and tokenizer: the embeddings (written into `out` when given), the prior
     coverage of their tokens, and whether each cell had counts on any gene it was read on."""
     with opened(adata) as cells:
@@ -436,7 +444,7 @@ def embeddings_and_coverage(adata, encoder, tokenizer, *, batch_size, max_tokens
 
         coverage = run_over_cells(encoder, tokenizer, cells, consume, batch_size=batch_size,
                                   max_tokens_per_batch=max_tokens_per_batch, progress=progress, description="Embedding",
-                                  encode_kwargs=tokenize_kwargs, dtype=dtype)
+                                  encode_kwargs=tokenize_kwargs, dtype=dtype, torch_compile=torch_compile)
     return embeddings, coverage, has_counts
 
 
