@@ -522,10 +522,12 @@ def memory_section(args, workdir: Path) -> None:
 def cli_peak(command: list[str]) -> dict:
     """Run `command` as a child process; its peak resident memory (ru_maxrss of that child alone) and seconds."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read()[-3000:]}")
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the child
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        if os.waitstatus_to_exitcode(status):
+            log.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{log.read()[-3000:]}")
     return {"peak_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start}
 
 

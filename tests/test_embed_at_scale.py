@@ -157,3 +157,37 @@ def test_compiled_forward_gives_the_eager_embeddings_in_one_graph(source, tmp_pa
     written = ad.read_h5ad(compiled)
     np.testing.assert_allclose(written.obsm["X_scgene"], ad.read_h5ad(eager).obsm["X_scgene"], atol=1e-5)
     assert written.uns["X_scgene"]["torch_compile"]
+
+
+def test_prefetched_batches_come_in_order_raise_the_producers_error_and_stop_with_the_consumer():
+    import threading
+    import time
+
+    from scgene.inference import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise ValueError("a bad cell")
+
+    items = prefetched(failing())
+    assert next(items) == 1
+    with pytest.raises(ValueError, match="a bad cell"):
+        next(items)
+
+    produced = []
+
+    def endless():
+        for index in range(10**9):
+            produced.append(index)
+            yield index
+
+    for item in prefetched(endless(), depth=2):
+        if item == 3:
+            break  # the consumer stops: the producer must stop too, not run on in the background
+    time.sleep(0.3)
+    stopped_at = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == stopped_at <= 3 + 2 + 2
+    assert not any(thread.name == "scgene-prefetch" for thread in threading.enumerate())
