@@ -11,7 +11,8 @@ Inference is exact and fast:
   of cells;
 - padding is masked everywhere, so a cell's output does not depend on its batch mates, the batch size or the order;
   results go back to input order;
-- the model runs in eval mode under `torch.inference_mode`, on SDPA by default.
+- the model runs in eval mode under `torch.inference_mode`, on SDPA by default; on a GPU, a background thread
+  tokenizes the next batches while the device runs the current one (`prefetched`).
 """
 
 from __future__ import annotations
@@ -274,6 +275,58 @@ def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, devic
         yield from flush()
 
 
+def prefetched(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, in order, produced by a background thread at most `depth` ahead of the consumer: on a GPU, the CPU
+    tokenizes the next batches while the device runs this one. An exception in the producer is raised here; a consumer
+    that stops early stops the producer."""
+    import queue
+    import threading
+
+    box, stop, finished = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                box.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(finished)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(error)
+
+    producer = threading.Thread(target=produce, name="scgene-prefetch", daemon=True)
+    producer.start()
+    try:
+        while (item := box.get()) is not finished:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        producer.join()
+
+
+def on_device(batches: Iterator[CellBatch], device: torch.device) -> Iterator[CellBatch]:
+    """CPU batches moved to `device`. On a GPU they are made (and pinned) by a background thread while the device runs
+    the batch before, and copied without blocking."""
+    if device.type == "cpu":
+        yield from batches
+        return
+    if device.type == "cuda":
+        batches = prefetched(CellBatch(batch.cells, {name: tensor.pin_memory() for name, tensor in batch.inputs.items()})
+                             for batch in batches)
+    for batch in batches:
+        yield CellBatch(batch.cells, {name: tensor.to(device, non_blocking=True) for name, tensor in batch.inputs.items()})
+
+
 @dataclass
 class PriorCoverage:
     """How many of the gene tokens a run fed the model have a prior row (a gene identity the model knows)."""
@@ -357,7 +410,8 @@ def run_over_cells(
     trained = getattr(model, "training_genes", None)
     trained = None if trained is None else trained.to(device)
     coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
-    batches = iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, device, encode_kwargs | {"progress": False})
+    batches = on_device(iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, "cpu",
+                                     encode_kwargs | {"progress": False}), device)
     precision = DTYPES[dtype or "float32"]
     forward = torch.compile(model, dynamic=True, fullgraph=True) if torch_compile else model
     autocast = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
