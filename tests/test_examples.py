@@ -57,8 +57,13 @@ def test_pretrain_then_finetune_scripts(tokenized):
                   "--dataset", tokenized / "tokenized", "--prior", tokenized / "gene_prior.safetensors",
                   "--output_dir", pretrained, "--max_steps", "4", "--per_device_train_batch_size", "8",
                   "--pooling", "mean", "--contrastive_loss_weight", "0.5", "--logging_steps", "2",
-                  "--data_licence", "CC-BY-4.0 (10x Genomics)", *TINY_MODEL, *COMMON])
+                  "--data_licence", "CC-BY-4.0 (10x Genomics)", "--prior_readout", *TINY_MODEL, *COMMON])
     assert "pretraining eval loss" in output
+    # --prior_readout fitted the weight on the tokenized corpus: the weight the AnnData path fits on the same cells
+    weight = json.loads((pretrained / "config.json").read_text())["prior_readout_weight"]
+    on_cells = scgene.fit_prior_readout_weight(anndata.read_h5ad(tokenized / "cells.h5ad"), str(pretrained),
+                                               progress=False)
+    assert weight > 0 and abs(weight - on_cells) < 1e-4 * weight, (weight, on_cells)
     logged = [ast.literal_eval(line) for line in output.splitlines() if line.startswith("{'loss'")]  # the Trainer's printed logs
     assert len(logged) == 2 and all({"value_loss", "bin_loss", "contrastive_loss"} <= set(log) for log in logged)
     assert {"model.safetensors", "config.json", "modeling_scgene.py", "preprocessor_config.json",

@@ -24,6 +24,7 @@ from .inference import (
     embed,
     embed_genes,
     fit_prior_readout_weight,
+    fit_prior_readout_weight_on_tokens,
     gene_prior,
 )
 from .label_transfer import transfer_labels
@@ -64,6 +65,7 @@ __all__ = [
     "embed",
     "annotate",
     "fit_prior_readout_weight",
+    "fit_prior_readout_weight_on_tokens",
     "transfer_labels",
     "regulation",
     "collectri",
