@@ -53,8 +53,9 @@ from scgene.data import DataCollatorForMaskedExpression, KnownRegulation
 from scgene.data.collators import cell_fingerprint
 from scgene.fileio import write_json
 from scgene.hub import BUILD_RECORD, tokenized_corpus, training_record
-from scgene.inference import TRAINING_GENES_FILE, fit_prior_readout_weight_on_tokens
+from scgene.inference import TRAINING_GENES_FILE
 from scgene.modeling_scgene import NUM_SPECIAL_TOKENS
+from scgene.prior_readout import fit_prior_readout_weight_on_tokens
 from scgene.regulation_benchmark import checked_reference, split_regulators
 from scgene.training import ScGeneTrainer, check_processes_train_together
 

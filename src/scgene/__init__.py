@@ -23,8 +23,6 @@ from .inference import (
     annotate,
     embed,
     embed_genes,
-    fit_prior_readout_weight,
-    fit_prior_readout_weight_on_tokens,
     gene_prior,
 )
 from .label_transfer import transfer_labels
@@ -40,6 +38,7 @@ from .modeling_scgene import (
 from .perturbation import PerturbationResult, perturb
 from .pipeline_scgene import TASK as PIPELINE_TASK
 from .pipeline_scgene import CellEmbeddingPipeline
+from .prior_readout import fit_prior_readout_weight, fit_prior_readout_weight_on_tokens
 from .tokenization_scgene import ScGeneTokenizer
 
 __version__ = "0.1.0"
