@@ -48,3 +48,30 @@ def coverage_report_shown():
     finally:
         scgene_logger.removeHandler(report)
         scgene_logger.setLevel(level)
+
+
+def add_report_arguments(parser, saved: str = "the scores, settings and targets") -> None:
+    """--json and --markdown: where an evaluate command saves its report."""
+    parser.add_argument("--json", metavar="FILE", help=f"save {saved} as JSON")
+    parser.add_argument("--markdown", metavar="FILE", help="save the table as markdown")
+
+
+@contextlib.contextmanager
+def claimed_reports(args, inputs: list, command: str):
+    """Claim --markdown and --json before the run: checked first, replaced if they exist, never an input."""
+    from ..fileio import claimed_output
+
+    with contextlib.ExitStack() as claims:
+        for path in (args.markdown, args.json):
+            if path:
+                claims.enter_context(claimed_output(path, inputs, command=command, folder=False, overwrite=True))
+        yield
+
+
+def show_report(report, args) -> int:
+    """Print the report's table and the files it was saved to; the command's exit status."""
+    print(report.to_markdown())
+    for path in (args.markdown, args.json):
+        if path:
+            print(f"Wrote {path}")
+    return 0

@@ -8,10 +8,16 @@ and `--markdown` save it. See `scgene.evaluation` for the metrics.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import (
+    USER_ERRORS,
+    add_report_arguments,
+    claimed_reports,
+    coverage_report_shown,
+    show_report,
+    user_error_message,
+)
 from .embed import GENES_HELP, POOLING_LAYER_HELP, command_inputs, genes_option
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
@@ -30,8 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-key", help="obs column with batches: adds label transfer across batches and batch mixing")
     parser.add_argument("--baselines", nargs="*", default=list(BASELINES), choices=BASELINES,
                         help="baselines scored on the same cells (default: all)")
-    parser.add_argument("--json", metavar="FILE", help="save the scores, settings and targets as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="save the table as markdown")
+    add_report_arguments(parser)
     parser.add_argument("--leiden-resolution", type=float, default=defaults.leiden_resolution, help="default %(default)s")
     parser.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors, help="kNN and graph neighbours (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="folds, clustering and the untrained model (default %(default)s)")
@@ -53,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..evaluation import EvaluationSettings, evaluate
-    from ..fileio import claimed_output
     from .annotated_copy import read_input
 
     try:
@@ -61,10 +65,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--n-neighbors and --max-length must be positive integers.")
         inputs = command_inputs(args)
         genes = genes_option(args.genes)
-        with contextlib.ExitStack() as claims:  # report files are checked before the run; replaced, never an input
-            for path in (args.markdown, args.json):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="evaluate", folder=False, overwrite=True))
+        with claimed_reports(args, inputs, "evaluate"):
             with read_input(args.input) as backed:  # a one-line error for a missing or corrupt file
                 adata = backed.to_memory()
             settings = EvaluationSettings(n_neighbors=args.n_neighbors, leiden_resolution=args.leiden_resolution,
@@ -80,8 +81,4 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as error:
         print(user_error_message("evaluate", error, FLAGS), file=sys.stderr)
         return 1
-    print(report.to_markdown())
-    for path in (args.markdown, args.json):
-        if path:
-            print(f"Wrote {path}")
-    return 0
+    return show_report(report, args)

@@ -8,11 +8,17 @@ markdown table (per target, then per method), `--json` and `--markdown` save it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import (
+    USER_ERRORS,
+    add_report_arguments,
+    claimed_reports,
+    coverage_report_shown,
+    show_report,
+    user_error_message,
+)
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells",
          "screen must": "--screen must", "tokenizer=": "--tokenizer"}
@@ -34,8 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="control cells the model perturbs (default %(default)s)")
     parser.add_argument("--top-genes", type=int, default=20, help="genes of the direction accuracy (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", metavar="FILE", help="save the table and settings as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="save the tables as markdown")
+    add_report_arguments(parser, "the table and settings")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
 
 
@@ -47,7 +52,6 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import anndata
 
-    from ..fileio import claimed_output
     from ..inference import DEFAULT_CHECKPOINT
     from ..perturbation_benchmark import evaluate_perturbation
 
@@ -58,11 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
-        with contextlib.ExitStack() as claims:
-            for path in (args.markdown, args.json):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="evaluate-perturbation", folder=False,
-                                                        overwrite=True))
+        with claimed_reports(args, inputs, "evaluate-perturbation"):
             report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen,
                                            perturbation_key=args.perturbation_key, control=args.control,
                                            targets=args.targets, max_control_cells=args.max_control_cells,
@@ -71,8 +71,4 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as error:
         print(user_error_message("evaluate-perturbation", error, FLAGS), file=sys.stderr)
         return 1
-    print(report.to_markdown())
-    for path in (args.markdown, args.json):
-        if path:
-            print(f"Wrote {path}")
-    return 0
+    return show_report(report, args)

@@ -8,11 +8,17 @@ and `--markdown` save it. See `scgene.regulation_benchmark` for the metrics and 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import (
+    USER_ERRORS,
+    add_report_arguments,
+    claimed_reports,
+    coverage_report_shown,
+    show_report,
+    user_error_message,
+)
 
 FLAGS = {"test_fraction": "--test-fraction", "max_cells": "--max-cells", "min_cells": "--min-cells",
          "null_ratio": "--null-ratio", "gene_column=": "--gene-column", "tokenizer=": "--tokenizer"}
@@ -39,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cells, null and untrained model (default 0)")
     parser.add_argument("--split-seed", type=int, help="the TF split (default: --seed); a model pretrained with "
                                                        "--regulation_prior is scored with its --regulation_split_seed")
-    parser.add_argument("--json", metavar="FILE", help="save the scores, settings and targets as JSON")
-    parser.add_argument("--markdown", metavar="FILE", help="save the table as markdown")
+    add_report_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -52,7 +57,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..fileio import claimed_output
     from ..gene_regulation import DEFAULT_REGULATION_CHECKPOINT
     from ..regulation_benchmark import evaluate_regulation
     from .annotated_copy import read_input
@@ -67,11 +71,7 @@ def _run(args: argparse.Namespace) -> int:
                                     "weight, or leave it out for CollecTRI.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)
                                  if p and os.path.exists(p)]
-        with contextlib.ExitStack() as claims:
-            for path in (args.markdown, args.json):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="evaluate-regulation", folder=False,
-                                                        overwrite=True))
+        with claimed_reports(args, inputs, "evaluate-regulation"):
             with read_input(args.input) as adata:
                 options = {"gene_column": args.gene_column} if args.gene_column else {}
                 report = evaluate_regulation(adata, args.model, args.reference, baselines=args.baselines,
@@ -84,8 +84,4 @@ def _run(args: argparse.Namespace) -> int:
     except USER_ERRORS as error:
         print(user_error_message("evaluate-regulation", error, FLAGS), file=sys.stderr)
         return 1
-    print(report.to_markdown())
-    for path in (args.markdown, args.json):
-        if path:
-            print(f"Wrote {path}")
-    return 0
+    return show_report(report, args)
