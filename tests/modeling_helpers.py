@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from scgene import ScGeneConfig
+from scgene import ScGeneConfig, ScGeneForMaskedExpression
 
 VOCAB_SIZE = 40
 N_BINS = 6
@@ -61,3 +61,17 @@ def with_prior(model, seed: int = 0):
     prior[:3] = 0.0
     model.set_gene_prior(prior)
     return model
+
+
+def tiny_pretrained(vocab_size: int, model_class=ScGeneForMaskedExpression, seed: int = 0, **overrides):
+    """A tiny model on a real vocabulary (d = 32, 2 layers, 4 heads, mean pooling, `overrides` on top) with a random
+    prior (scale 0.5, special-token rows zero), in eval mode: what the inference, perturbation and regulation tests
+    save as a checkpoint."""
+    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, pooling="mean")
+    torch.manual_seed(seed)
+    model = model_class(ScGeneConfig(**(settings | overrides)))
+    prior = torch.randn(vocab_size, 32) * 0.5
+    prior[:3] = 0
+    model.set_gene_prior(prior)
+    return model.eval()

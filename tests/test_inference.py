@@ -12,7 +12,8 @@ import torch
 
 import scgene
 import scgene.inference
-from scgene import ScGeneConfig, ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
+from modeling_helpers import tiny_pretrained
+from scgene import ScGeneForCellClassification, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
 from scgene.cli import main
 
 PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
@@ -20,15 +21,9 @@ LABELS = ["B", "Mono", "T"]
 
 
 def tiny(vocab_size: int, model_class=ScGeneForCellClassification, **overrides):
-    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, expression_encoding="binned", pooling="mean", num_labels=len(LABELS),
-                    id2label=dict(enumerate(LABELS)), label2id={name: i for i, name in enumerate(LABELS)})
-    torch.manual_seed(0)
-    model = model_class(ScGeneConfig(**(settings | overrides)))
-    prior = torch.randn(vocab_size, 32) * 0.5
-    prior[:3] = 0
-    model.set_gene_prior(prior)
-    return model.eval()
+    labels = dict(expression_encoding="binned", num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
+                  label2id={name: i for i, name in enumerate(LABELS)})
+    return tiny_pretrained(vocab_size, model_class, **(labels | overrides))
 
 
 @pytest.fixture(scope="module")

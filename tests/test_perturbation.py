@@ -12,7 +12,8 @@ import scipy.sparse as sp
 import torch
 
 import scgene
-from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneTokenizer
+from modeling_helpers import tiny_pretrained
+from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.cli import main
 from scgene.perturbation_benchmark import (
     METHODS,
@@ -26,23 +27,12 @@ PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.
 MAX_LENGTH = 48
 
 
-def tiny_model(vocab_size: int, n_bins: int = 51, seed: int = 0) -> ScGeneForMaskedExpression:
-    torch.manual_seed(seed)
-    config = ScGeneConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, n_bins=n_bins, pooling="mean")
-    model = ScGeneForMaskedExpression(config)
-    prior = torch.randn(vocab_size, 32) * 0.5
-    prior[:3] = 0
-    model.set_gene_prior(prior)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny masked-expression checkpoint on the default vocabulary, its tokenizer saved with short cells."""
     folder = tmp_path_factory.mktemp("perturbation") / "model"
     tokenizer = ScGeneTokenizer(max_length=MAX_LENGTH)
-    tiny_model(tokenizer.vocab_size).save_pretrained(folder)
+    tiny_pretrained(tokenizer.vocab_size).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

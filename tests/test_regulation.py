@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import scgene
+from modeling_helpers import tiny_pretrained
 from scgene import ScGeneConfig, ScGeneForMaskedExpression, ScGeneModel, ScGeneTokenizer
 from scgene.cli import main
 from scgene.regulation_benchmark import (
@@ -28,14 +29,7 @@ MAX_LENGTH = 48
 
 
 def tiny_dual_branch(vocab_size: int, **overrides) -> ScGeneForMaskedExpression:
-    settings = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, encoder_type="dual_branch", regulation_init=1.0, pooling="mean")
-    torch.manual_seed(0)
-    model = ScGeneForMaskedExpression(ScGeneConfig(**(settings | overrides)))
-    prior = torch.randn(vocab_size, 32) * 0.5
-    prior[:3] = 0
-    model.set_gene_prior(prior)
-    return model.eval()
+    return tiny_pretrained(vocab_size, **({"encoder_type": "dual_branch", "regulation_init": 1.0} | overrides))
 
 
 @pytest.fixture(scope="module")
