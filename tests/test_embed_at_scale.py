@@ -191,3 +191,28 @@ def test_prefetched_batches_come_in_order_raise_the_producers_error_and_stop_wit
     time.sleep(0.3)
     assert len(produced) == stopped_at <= 3 + 2 + 2
     assert not any(thread.name == "scgene-prefetch" for thread in threading.enumerate())
+
+
+def test_annotate_under_torchrun_equals_one_process(source, tmp_path):
+    """2 CPU processes label their shares against the same reference; rank 0 writes what one process writes."""
+    import subprocess
+    import sys
+
+    from distributed_helpers import launcher
+
+    reference = tmp_path / "reference.h5ad"
+    ad.read_h5ad(PBMC)[100:400].copy().write_h5ad(reference)
+    transfer = ["--reference", str(reference), "--label-key", "cell_type"]
+    whole, parallel = tmp_path / "whole.h5ad", tmp_path / "parallel.h5ad"
+    assert main(["annotate", str(source), "--out", str(whole), *transfer]) == 0
+    command = [sys.executable, *launcher("torchrun"), "-m", "scgene.cli", "annotate", str(source), "--out",
+               str(parallel), "--device", "cpu", *transfer]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("Wrote") == 1  # one writer
+    one, joined = ad.read_h5ad(whole), ad.read_h5ad(parallel)
+    assert list(joined.obs_names) == list(one.obs_names)
+    assert list(joined.obs["scgene_label"]) == list(one.obs["scgene_label"])
+    for column in ("scgene_label_confidence", "scgene_label_distance"):
+        np.testing.assert_allclose(joined.obs[column], one.obs[column], atol=1e-6)
+    assert joined.uns["scgene_label"]["processes"] == 2

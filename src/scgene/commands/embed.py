@@ -142,13 +142,14 @@ def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from ..inference import embed, load_model
     from .annotated_copy import annotated_copy, element_group, read_input, write_elements
+    from .processes import launched
 
     try:
         options = inference_options(args) | ({"dtype": args.dtype} if args.dtype else {}) \
             | ({"torch_compile": True} if args.torch_compile else {})
         if args.shard:
             return embed_shard(args, options)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched():
             return embed_distributed(args, options)
         if args.plot:
             plot_format(args.plot)
@@ -217,8 +218,8 @@ def embed_shard(args: argparse.Namespace, options: dict) -> int:
 
 
 def embed_distributed(args: argparse.Namespace, options: dict) -> int:
-    """Under torchrun / accelerate launch: each process embeds its share of the cells (`sharding.shard_range` by
-    rank), rank 0 gathers them in input order and writes `--out` as one process would."""
+    """Under torchrun / accelerate launch: each process embeds its share of the cells, rank 0 gathers them in input
+    order and writes `--out` as one process would."""
     import contextlib
 
     import numpy as np
@@ -229,55 +230,39 @@ def embed_distributed(args: argparse.Namespace, options: dict) -> int:
     from ..inference import embed
     from ..sharding import shard_range
     from .annotated_copy import read_input, write_annotated_copy
+    from .processes import claimed_by_rank_zero, process_group
 
-    on_gpu = torch.cuda.is_available() and not str(args.device or "cuda").startswith("cpu")
-    if on_gpu:
-        options["device"] = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(options["device"])
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = options["device"] if on_gpu else "cpu"
-    try:
-        with contextlib.ExitStack() as claims:
-            failed = torch.zeros(1, device=device)
-            if rank == 0:  # one writer: rank 0 claims the output before anyone works
-                try:
-                    if args.plot:
-                        plot_format(args.plot)
-                    claims.enter_context(claimed_output(args.out, command_inputs(args), command="embed", folder=False,
-                                                        overwrite=args.overwrite))
-                except USER_ERRORS as error:
-                    print(user_error_message("embed", error, FLAGS), file=sys.stderr)
-                    failed += 1
-            dist.broadcast(failed, 0)
-            if failed.item():
-                return 1
-            with read_input(args.input) as adata:
-                n_obs = adata.n_obs
-                rows = shard_range(f"{rank}/{world}", n_obs)
-                options = with_genes(options, args.genes, adata)
-                mine = embed(adata[rows.start : rows.stop], args.model, key_added=None,
-                             pooling_layer=args.pooling_layer, progress=rank == 0, **options)
-                obs_frame = adata.obs if rank == 0 and args.plot else None
-            sizes = [len(shard_range(f"{r}/{world}", n_obs)) for r in range(world)]
-            padded = torch.zeros((max(sizes), mine.shape[1]), device=device)
-            padded[: len(mine)] = torch.from_numpy(mine).to(device)
-            parts = [torch.zeros_like(padded) for _ in range(world)] if rank == 0 else None
-            dist.gather(padded, parts, dst=0)
-            if rank != 0:
-                return 0
-            embeddings = np.concatenate([part[:size].cpu().numpy() for part, size in zip(parts, sizes)])
-            print(f"{n_obs} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}] ({world} processes)")
-            record = {"model": str(args.model or "scgene default checkpoint"), "processes": world}
-            obsm, obs = {args.key: embeddings}, None
-            if args.plot:
-                obs, obsm[f"{args.key}_umap"] = plot_embedding(obs_frame, embeddings, args.plot, args.color)
-            write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, uns={args.key: record})
-        print(f"Wrote {args.out}")
-        return 0
-    finally:
-        dist.destroy_process_group()
+    def claim():
+        if args.plot:
+            plot_format(args.plot)
+        return claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite)
+
+    with process_group(options, args.device) as (rank, world, device), contextlib.ExitStack() as claims:
+        if not claimed_by_rank_zero(claims, rank, device, claim, "embed", FLAGS):
+            return 1
+        with read_input(args.input) as adata:
+            n_obs = adata.n_obs
+            rows = shard_range(f"{rank}/{world}", n_obs)
+            options = with_genes(options, args.genes, adata)
+            mine = embed(adata[rows.start : rows.stop], args.model, key_added=None,
+                         pooling_layer=args.pooling_layer, progress=rank == 0, **options)
+            obs_frame = adata.obs if rank == 0 and args.plot else None
+        sizes = [len(shard_range(f"{r}/{world}", n_obs)) for r in range(world)]
+        padded = torch.zeros((max(sizes), mine.shape[1]), device=device)
+        padded[: len(mine)] = torch.from_numpy(mine).to(device)
+        parts = [torch.zeros_like(padded) for _ in range(world)] if rank == 0 else None
+        dist.gather(padded, parts, dst=0)
+        if rank != 0:
+            return 0
+        embeddings = np.concatenate([part[:size].cpu().numpy() for part, size in zip(parts, sizes)])
+        print(f"{n_obs} cells -> {embeddings.shape[1]}-d embeddings in obsm[{args.key!r}] ({world} processes)")
+        record = {"model": str(args.model or "scgene default checkpoint"), "processes": world}
+        obsm, obs = {args.key: embeddings}, None
+        if args.plot:
+            obs, obsm[f"{args.key}_umap"] = plot_embedding(obs_frame, embeddings, args.plot, args.color)
+        write_annotated_copy(args.input, args.out, obs=obs, obsm=obsm, uns={args.key: record})
+    print(f"Wrote {args.out}")
+    return 0
 
 
 def plot_format(path: str) -> str:
