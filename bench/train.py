@@ -107,13 +107,16 @@ def train_steps(model, optimizer, batch, steps: int, device: str = "cpu", dtype:
 
 
 def step_flops(model, batch) -> float:
-    """FLOPs of one forward and backward (eager attention: the same arithmetic SDPA does, made visible)."""
+    """FLOPs of one forward and backward (eager attention: the same arithmetic SDPA does, made visible), counted on
+    the batch's first cell and multiplied by the cells: every cost is per cell, and eager attention on a whole batch
+    of long cells would hold (cells, heads, length, length) per layer for the backward."""
+    cells = len(batch["input_ids"])
     model.set_attn_implementation("eager")
     with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
+        model(**{name: tensor[:1] for name, tensor in batch.items()}).loss.backward()
     model.zero_grad(set_to_none=True)
     model.set_attn_implementation("sdpa")
-    return counter.get_total_flops()
+    return counter.get_total_flops() * cells
 
 
 def placed(name: str, args) -> tuple[torch.nn.Module, dict]:
