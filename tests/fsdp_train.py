@@ -3,6 +3,7 @@
 (each process takes its slice of every batch), or whole in one process; then saves the full weights to
 $FSDP_WEIGHTS (rank 0). Used by tests/test_training.py to check that ScGene trains sharded on CPU."""
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -55,5 +56,13 @@ weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=T
 if rank == 0:
     save_file({name: tensor.contiguous() for name, tensor in weights.items()}, os.environ["FSDP_WEIGHTS"])
 if sharded:
-    dist.barrier()  # every rank done (rank 0's file written) before the process group goes: no teardown race
+    # FSDP2 keeps gloo work objects that hold tensors; freed at interpreter exit, after the process group, they can
+    # abort the process ("terminate called without an active exception", pytorch/pytorch#179291). Free them while the
+    # group lives, let every rank finish (rank 0's file written), then leave without the interpreter's teardown.
+    del model, optimizer, weights, loss
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
