@@ -247,7 +247,7 @@ def prior_only_embedding(adata, encoder, tokenizer, tokenize_kwargs: dict) -> np
     """Each cell's expression-weighted mean of the prior rows of the tokens the model would see (no transformer)."""
     prior = encoder.get_gene_prior().detach().float().cpu()
     result = np.zeros((adata.n_obs, prior.shape[1]), np.float32)
-    for batch in iter_batches(tokenizer, adata, 1 << 16, None, "cpu", tokenize_kwargs | {"progress": False}):
+    for batch in iter_batches(tokenizer, adata, 1 << 16, None, tokenize_kwargs | {"progress": False}):
         ids, values = batch.inputs["input_ids"], batch.inputs["expression_values"]  # (B, G)
         weights = values * batch.inputs["attention_mask"]
         pooled = (weights[..., None] * prior[ids]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-8)  # (B, d)

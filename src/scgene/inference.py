@@ -250,8 +250,9 @@ def plan_batches(lengths: np.ndarray, max_tokens: int, max_cells: int | None) ->
     return batches
 
 
-def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, device, encode_kwargs) -> Iterator[CellBatch]:
-    """Tokenize `adata` chunk by chunk and yield length-sorted batches, window by window (see the module docstring)."""
+def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, encode_kwargs) -> Iterator[CellBatch]:
+    """Tokenize `adata` chunk by chunk and yield length-sorted batches (CPU tensors), window by window (see the module
+    docstring)."""
     window, window_tokens = [], 0
 
     def flush():
@@ -262,8 +263,7 @@ def iter_batches(tokenizer, adata, max_tokens: int, max_cells: int | None, devic
         cells = np.concatenate([np.arange(c.start, c.start + len(c.lengths)) for c in window])
         flat = {name: np.concatenate([getattr(c, name) for c in window]) for name in ("input_ids", "expression_values", "expression_bins")}
         for rows in plan_batches(lengths, max_tokens, max_cells):
-            inputs = padded_batch(flat, starts[rows], lengths[rows])
-            yield CellBatch(cells[rows], {name: tensor.to(device) for name, tensor in inputs.items()})
+            yield CellBatch(cells[rows], padded_batch(flat, starts[rows], lengths[rows]))
 
     for chunk in tokenizer.iter_encoded(adata, **encode_kwargs):
         window.append(chunk)
@@ -410,7 +410,7 @@ def run_over_cells(
     trained = getattr(model, "training_genes", None)
     trained = None if trained is None else trained.to(device)
     coverage = PriorCoverage(unseen_in_training=None if trained is None else 0)
-    batches = on_device(iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size, "cpu",
+    batches = on_device(iter_batches(tokenizer, adata, max_tokens_per_batch, batch_size,
                                      encode_kwargs | {"progress": False}), device)
     precision = DTYPES[dtype or "float32"]
     forward = torch.compile(model, dynamic=True, fullgraph=True) if torch_compile else model

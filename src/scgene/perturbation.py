@@ -479,8 +479,7 @@ def perturb(
         extra = max(len(ids) for _, ids in perturbations)
         subset = cells if chosen.all() else cells[np.flatnonzero(chosen)]
         cell_index = np.flatnonzero(chosen)
-        batches = iter_batches(tokenizer, subset, max_tokens, CELLS_PER_BATCH, torch.device("cpu"),
-                               tokenize_kwargs | {"progress": False})
+        batches = iter_batches(tokenizer, subset, max_tokens, CELLS_PER_BATCH, tokenize_kwargs | {"progress": False})
         with torch.inference_mode(), tqdm(total=int(chosen.sum()), unit="cells", desc="Perturbing",
                                           disable=not progress) as bar:
             for batch in batches:
