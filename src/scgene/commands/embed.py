@@ -55,15 +55,20 @@ def with_genes(options: dict, value: str | None, adata) -> dict:
     return options if genes is None else options | {"genes": genes}
 
 
-def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of the commands that read a file through the tokenizer without `add_common_arguments` (regulation,
-    perturb): which genes and counts are read, the token budget, the device, --overwrite."""
-    parser.add_argument("--genes", help=GENES_HELP)
+def add_tokenizing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a file is read into tokens: --tokenizer, --gene-column, --layer, --use-raw, --max-length."""
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
     parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
     parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
     parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
     parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+
+
+def add_reading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read a file through the tokenizer without `add_common_arguments` (regulation,
+    perturb): which genes and counts are read, the token budget, the device, --overwrite."""
+    parser.add_argument("--genes", help=GENES_HELP)
+    add_tokenizing_arguments(parser)
     parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384)")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs if they exist")
@@ -81,11 +86,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, model_help: str, model
     parser.add_argument("input", help="the .h5ad file (raw counts or log1p-normalised in X; read backed, never modified)")
     parser.add_argument("--model", required=model_required, help=model_help)
     parser.add_argument("--out", required=True, help="the .h5ad to write: the input plus the new columns (atomically)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
-    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
-    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
-    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
-    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+    add_tokenizing_arguments(parser)
     parser.add_argument("--batch-size", type=int, help="at most this many cells per batch")
     parser.add_argument("--max-tokens-per-batch", type=int, help="token budget per batch (default 16384): lower it if memory runs out")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

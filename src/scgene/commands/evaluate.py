@@ -18,7 +18,7 @@ from . import (
     show_report,
     user_error_message,
 )
-from .embed import GENES_HELP, POOLING_LAYER_HELP, command_inputs, genes_option
+from .embed import GENES_HELP, POOLING_LAYER_HELP, add_tokenizing_arguments, command_inputs, genes_option
 
 FLAGS = {"label_key": "--label-key", "batch_key": "--batch-key", "max_length": "--max-length",
          "gene_column=": "--gene-column", "tokenizer=": "--tokenizer", "layer=": "--layer ", "use_raw=True": "--use-raw",
@@ -40,11 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leiden-resolution", type=float, default=defaults.leiden_resolution, help="default %(default)s")
     parser.add_argument("--n-neighbors", type=int, default=defaults.n_neighbors, help="kNN and graph neighbours (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="folds, clustering and the untrained model (default %(default)s)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
-    parser.add_argument("--gene-column", help="var column with gene names (default: the tokenizer's, else detect)")
-    parser.add_argument("--layer", help="read the counts from adata.layers[LAYER] instead of X")
-    parser.add_argument("--use-raw", action="store_true", help="read the counts (and genes) from adata.raw")
-    parser.add_argument("--max-length", type=int, help="tokens per cell (default: the tokenizer's saved setting)")
+    add_tokenizing_arguments(parser)
     parser.add_argument("--pooling-layer", type=int, help=POOLING_LAYER_HELP)
     parser.add_argument("--genes", help=GENES_HELP.replace("(default", "for the model, the untrained model and the prior "
                                                                        "(default"))
