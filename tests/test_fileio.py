@@ -4,6 +4,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -185,17 +186,28 @@ def test_embed_checks_its_output_before_the_work(tmp_path, cells_h5ad, capsys):
 
 
 def test_two_real_embeds_to_one_output_cannot_both_report_success(tmp_path, cells_h5ad):
-    """Two `scgene embed --overwrite` processes started together on one --out: exactly one writes it and says so; the
-    other stops with a one-line error and writes nothing. (Before the output was claimed at the start, both wrote and
-    both said "Wrote": one result was silently lost.) Each claims the output a second or so after starting, and holds
-    it for the seconds of loading and embedding, so the two overlap."""
+    """Two `scgene embed --overwrite` processes on one --out, the second started while the first holds the output:
+    exactly one writes it and says so; the other stops with a one-line error and writes nothing. (Before the output
+    was claimed at the start, both wrote and both said "Wrote": one result was silently lost.) The first is paused
+    (SIGSTOP) as soon as its lock appears and resumed once the second has finished, so the two always overlap; started
+    together and left alone, a loaded machine sometimes ran them one after the other, and then both rightly wrote."""
     out = tmp_path / "out.h5ad"
+    lock = tmp_path / f".{out.name}.lock"
     command = [sys.executable, "-m", "scgene.cli", "embed", str(cells_h5ad), "--out", str(out), "--overwrite"]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
-    assert sorted(code for code, _, _ in results) == [0, 1], results
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert lock.exists(), first.communicate()
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    results = [(first.wait(timeout=300), *first.communicate()), (second.returncode, second.stdout, second.stderr)]
+    assert [code for code, _, _ in results] == [0, 1], results
     assert sum(f"Wrote {out}" in stdout for _, stdout, _ in results) == 1
-    failed = next(stderr for code, _, stderr in results if code == 1)
+    failed = results[1][2]
     assert "scgene embed: error:" in failed and "is writing" in failed, failed
     assert "Traceback" not in failed
     import anndata
