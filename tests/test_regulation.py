@@ -352,6 +352,26 @@ def test_the_regulation_loss_moves_the_map_and_signs_toward_known_edges():
     assert activating_after > max(activating_before, 0) and repressing_after < min(repressing_before, 0)
 
 
+def test_the_sign_loss_weighs_activating_and_repressing_edges_the_same():
+    """9 activating edges and 1 repressing: "always activate" and "always repress" cost the same, and a regulator
+    map that gets every sign right costs less than either (with every edge weighing the same, the majority won)."""
+    from scgene.modeling_scgene import regulation_prior_loss
+
+    known = torch.zeros(1, 11, 11, dtype=torch.int8)
+    known[0, 0, 1:10] = 1
+    known[0, 0, 10] = -1
+    regulation_map = torch.full((1, 2, 11, 11), 1 / 11)
+
+    def loss(sign_logits):
+        return regulation_prior_loss([(regulation_map, sign_logits.expand(1, 2, 11))], known).item()
+
+    always_activate, always_repress = loss(torch.full((11,), 4.0)), loss(torch.full((11,), -4.0))
+    right = torch.full((11,), 4.0)
+    right[10] = -4.0
+    assert always_activate == pytest.approx(always_repress, rel=1e-6)
+    assert loss(right) < always_activate - 1.5
+
+
 def test_the_collator_adds_known_edges():
     from scgene.data import DataCollatorForMaskedExpression, KnownRegulation
 
