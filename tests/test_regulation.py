@@ -221,6 +221,38 @@ def test_the_benchmark_can_say_yes_and_no(checkpoint):
                                                               "sign balanced accuracy > 0.5"}
 
 
+def prior_planted_reference(adata, checkpoint, n_sources=40, per_source=6, seed=0) -> pd.DataFrame:
+    """A reference the checkpoint's prior supports: each source's targets are the measured genes nearest it in the
+    prior, and its sign is that of its prior row's first coordinate."""
+    from scgene.gene_regulation import GeneIndex
+
+    encoder = ScGeneForMaskedExpression.from_pretrained(checkpoint).scgene
+    genes = GeneIndex(adata, ScGeneTokenizer.from_pretrained(checkpoint), None, encoder.config.vocab_size)
+    prior = torch.nn.functional.normalize(encoder.get_gene_prior()[torch.from_numpy(genes.vocab_ids)], dim=1).numpy()
+    similarity = prior @ prior.T
+    np.fill_diagonal(similarity, -np.inf)
+    rows = []
+    for source in np.random.default_rng(seed).choice(len(genes), n_sources, replace=False):
+        for target in np.argsort(-similarity[source])[:per_source]:
+            rows.append((genes.names[source], genes.names[target], np.sign(prior[source, 0])))
+    return pd.DataFrame(rows, columns=["source", "target", "weight"])
+
+
+def test_the_prior_probe_learns_from_training_tfs_what_their_prior_rows_hold(checkpoint):
+    """The probe, fitted on the training TFs only, recovers the held-out TFs' edges and signs of a reference that the
+    prior supports; with that reference's targets shuffled there is nothing to learn, and it scores about chance."""
+    adata = ad.read_h5ad(PBMC)[:100].copy()
+    reference = prior_planted_reference(adata, checkpoint, n_sources=200)
+    probe = evaluate_regulation(adata, checkpoint, reference, baselines=("prior_probe",), max_cells=None).table.loc[
+        "prior probe (training TFs)"]
+    assert probe["edge_auroc"] > 0.85 and probe["sign_balanced_accuracy"] > 0.8, probe
+    shuffled = reference.assign(target=np.random.default_rng(1).permutation(reference["target"].to_numpy()),
+                                weight=np.random.default_rng(2).choice([-1, 1], len(reference)))
+    null = evaluate_regulation(adata, checkpoint, shuffled, baselines=("prior_probe",), max_cells=None).table.loc[
+        "prior probe (training TFs)"]
+    assert 0.3 < null["edge_auroc"] < 0.7 and null["sign_balanced_accuracy"] < 0.7, null
+
+
 def test_the_tf_split_has_its_own_seed(checkpoint, cells):
     """Cell and null seeds vary while `split_seed` keeps the held-out TFs: a model pretrained on the other half is
     scored on TFs it never saw at every seed."""

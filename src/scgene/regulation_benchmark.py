@@ -15,8 +15,8 @@ The split is of the reference's TFs (`split_regulators`, seeded), so it does not
   floor (always the reference's commoner sign), balanced accuracy (the floor is 0.5) and AUROC of weight vs sign.
 
 Rows: the model (`scgene.regulation`), the untrained model, signed Pearson and Spearman correlation, a GENIE3-style
-tree model (feature importances of extremely randomised trees, signed by correlation) and the prior's cosine, all on
-the same cells.
+tree model (feature importances of extremely randomised trees, signed by correlation), the prior's cosine and a
+linear probe of the prior fitted on the training TFs' edges (`prior_probe_weights`), all on the same cells.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from .fileio import atomic_path
 from .gene_regulation import DEFAULT_REGULATION_CHECKPOINT, GeneIndex, collectri, regulation
 from .inference import load_model, load_tokenizer
 
-BASELINES = ("untrained", "pearson", "spearman", "trees", "prior")
+BASELINES = ("untrained", "pearson", "spearman", "trees", "prior", "prior_probe")
+PROBE_NULL_RATIO = 3  # shuffled-target pairs per training edge for the prior probe
+PROBE_STRENGTHS = [0.01, 0.1, 1.0, 10.0, 100.0]  # inverse regularisation strengths the probe chooses from
 TREE_MIN_LEAF = 10  # cells per leaf of the tree baseline: faster than GENIE3's 1, and less noise-fitting
 MIN_SIGNED_EDGES = 20  # sign metrics of fewer scored edges are left out (NaN): too few to tell anything
 METRICS = ["edge_auroc", "auprc_ratio", "epr", "sign_accuracy", "majority_sign_accuracy", "sign_balanced_accuracy",
@@ -90,18 +92,24 @@ class EdgeSet:
         return np.r_[np.ones(len(self.positive_sources)), np.zeros(len(self.negative_sources))]
 
 
-def reference_positions(reference: pd.DataFrame, genes: GeneIndex, tokenizer) -> pd.DataFrame:
-    """The reference's edges between measured genes, as gene positions (`source`, `target`, `sign`), self-edges and
+def reference_ids(reference: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """The reference's edges between vocabulary genes, as vocabulary ids (`source`, `target`, `sign`), self-edges and
     unsigned (weight 0) edges dropped, duplicates kept once."""
     names = pd.unique(pd.concat([reference["source"], reference["target"]]).astype(str))
-    ids = [tokenizer._lookup(name) for name in names]
-    position_of = dict(zip(names, [-1 if i is None else int(genes.position[i]) for i in ids]))
-    edges = pd.DataFrame({"source": reference["source"].astype(str).map(position_of),
-                          "target": reference["target"].astype(str).map(position_of),
+    id_of = {name: -1 if i is None else i for name, i in zip(names, (tokenizer._lookup(name) for name in names))}
+    edges = pd.DataFrame({"source": reference["source"].astype(str).map(id_of),
+                          "target": reference["target"].astype(str).map(id_of),
                           "sign": np.sign(reference["weight"].to_numpy(float))})
     edges = edges[(edges["source"] >= 0) & (edges["target"] >= 0) & (edges["source"] != edges["target"])
                   & (edges["sign"] != 0)]
     return edges.drop_duplicates(["source", "target"]).reset_index(drop=True)
+
+
+def reference_positions(reference: pd.DataFrame, genes: GeneIndex, tokenizer) -> pd.DataFrame:
+    """`reference_ids` between measured genes, as positions of `genes`."""
+    edges = reference_ids(reference, tokenizer)
+    edges["source"], edges["target"] = genes.position[edges["source"]], genes.position[edges["target"]]
+    return edges[(edges["source"] >= 0) & (edges["target"] >= 0)].reset_index(drop=True)
 
 
 def shuffled_target_edges(edges: pd.DataFrame, held_out: np.ndarray, null_ratio: int, seed: int) -> EdgeSet:
@@ -209,6 +217,44 @@ def prior_weights(encoder, genes: GeneIndex, pairs: EdgeSet) -> np.ndarray:
     return np.einsum("ij,ij->i", rows[pairs.sources], rows[pairs.targets])
 
 
+def prior_probe_weights(encoder, tokenizer, reference: pd.DataFrame, training_regulators, genes: GeneIndex,
+                        pairs: EdgeSet, seed: int) -> np.ndarray:
+    """A linear probe of the frozen prior, fitted on the reference edges of the training TFs only (the scored, held-out
+    TFs never reach it). Features of a pair: the regulator's and the target's unit prior rows and their product. One
+    logistic regression tells an edge from a shuffled-target pair, another an edge's sign (the two signs weighing the
+    same); each one's strength is chosen by cross-validation over groups of training TFs. Weight: P(edge), with the
+    predicted sign."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.model_selection import GroupKFold
+
+    prior = torch.nn.functional.normalize(encoder.get_gene_prior().detach().float().cpu(), dim=1).numpy()
+
+    def features(sources, targets):
+        regulator, target = prior[sources], prior[targets]
+        return np.hstack([regulator, target, regulator * target])
+
+    edges = reference_ids(reference, tokenizer)
+    training_ids = [i for i in (tokenizer._lookup(name) for name in training_regulators) if i is not None]
+    training = shuffled_target_edges(edges, np.asarray(training_ids), PROBE_NULL_RATIO, seed + 1)
+
+    def fitted(sources, targets, labels, **options):
+        folds = list(GroupKFold(n_splits=3).split(sources, labels, groups=sources))
+        regression = LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, l1_ratios=(0.0,), max_iter=2000,
+                                          use_legacy_attributes=False, **options)
+        return regression.fit(features(sources, targets), labels)
+
+    edge_model = fitted(training.sources, training.targets, training.labels, scoring="roc_auc")
+    scored = features(genes.vocab_ids[pairs.sources], genes.vocab_ids[pairs.targets])
+    activating = training.signs > 0
+    if activating.all() or not activating.any():  # one sign to learn: it is the only prediction
+        signs = np.full(len(scored), 1.0 if activating.all() else -1.0)
+    else:
+        sign_model = fitted(training.positive_sources, training.positive_targets, activating,
+                            scoring="balanced_accuracy", class_weight="balanced")
+        signs = np.where(sign_model.predict(scored), 1.0, -1.0)
+    return edge_model.predict_proba(scored)[:, 1] * signs
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------------------------
@@ -304,7 +350,7 @@ def evaluate_regulation(
     # the split is of the reference's TFs, whatever the data measures: a model trained on the training TFs
     # (`regulation_prior` in pretraining) with the same seed and fraction is scored only on TFs it never saw
     split_seed = seed if split_seed is None else split_seed
-    _, held_out = split_regulators(reference["source"].astype(str), test_fraction, split_seed)
+    training, held_out = split_regulators(reference["source"].astype(str), test_fraction, split_seed)
     held_out_ids = [i for i in (tokenizer._lookup(name) for name in held_out) if i is not None]
     pairs = shuffled_target_edges(edges, genes.position[held_out_ids], null_ratio, seed)
     if not len(pairs.signs):
@@ -325,6 +371,9 @@ def evaluate_regulation(
         weights["trees (GENIE3-style)"] = tree_weights(expression, regulators, pairs, tree_estimators, seed)
     if "prior" in baselines:
         weights["prior cosine"] = prior_weights(encoder, genes, pairs)
+    if "prior_probe" in baselines and training:  # nothing to learn from when every TF is held out
+        weights["prior probe (training TFs)"] = prior_probe_weights(encoder, tokenizer, reference, training, genes,
+                                                                    pairs, seed)
     table = pd.DataFrame({method: score_pairs(values, pairs) for method, values in weights.items()}).T
     floor = pd.Series(np.nan, index=METRICS, name="majority sign (floor)")
     majority = max((pairs.signs > 0).mean(), (pairs.signs < 0).mean())
