@@ -174,6 +174,19 @@ def test_scores_tell_a_perfect_network_from_a_reversed_one():
     assert np.isnan(too_few["sign_balanced_accuracy"]) and too_few["signed_edges_scored"] == pytest.approx(5 / 24)
 
 
+def test_the_one_sign_per_tf_ceiling_reads_each_tfs_commoner_sign():
+    """TF 0 activates 3 targets and represses 1, TF 1 represses 2: one sign per TF gets 5 of 6 edges right, and every
+    repressing edge but one."""
+    from scgene.regulation_benchmark import EdgeSet, per_regulator_sign_ceiling
+
+    pairs = EdgeSet(np.array([0, 0, 0, 0, 1, 1]), np.arange(6), np.array([1, 1, 1, -1, -1, -1]), np.array([0]),
+                    np.array([9]))
+    ceiling = per_regulator_sign_ceiling(pairs)
+    assert ceiling["sign_accuracy"] == pytest.approx(5 / 6)
+    assert ceiling["sign_balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
+    assert np.isnan(ceiling["edge_auroc"])
+
+
 def test_shuffled_target_null_keeps_the_held_out_sources_and_no_real_edge():
     edges = pd.DataFrame({"source": [0, 0, 0, 1, 1, 2, 2, 2], "target": [3, 4, 5, 3, 6, 4, 7, 8],
                           "sign": [1, 1, -1, 1, 1, 1, -1, 1]})
@@ -214,6 +227,8 @@ def test_the_benchmark_can_say_yes_and_no(checkpoint):
     assert report.info["held_out_regulators"] == 20 and report.info["negative_edges"] > 5 * report.info["positive_edges"]
     floor = report.table.loc["majority sign (floor)"]
     assert floor["sign_balanced_accuracy"] == 0.5 and floor["sign_accuracy"] >= 0.5
+    ceiling = report.table.loc["one sign per TF, read from the answers (ceiling)"]
+    assert ceiling["sign_accuracy"] >= floor["sign_accuracy"] and ceiling["sign_balanced_accuracy"] >= 0.5
     shuffled = reference.assign(target=np.random.default_rng(1).permutation(reference["target"].to_numpy()))
     null = evaluate_regulation(adata, checkpoint, shuffled, baselines=("pearson",), max_cells=None)
     assert null.table.at["Pearson correlation", "edge_auroc"] < 0.7
