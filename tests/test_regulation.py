@@ -268,6 +268,28 @@ def test_the_prior_probe_learns_from_training_tfs_what_their_prior_rows_hold(che
     assert 0.3 < null["edge_auroc"] < 0.7 and null["sign_balanced_accuracy"] < 0.7, null
 
 
+def test_prior_regulation_predicts_the_edges_of_regulators_the_reference_lacks(checkpoint):
+    """Fitted on 150 planted regulators, the prior's network of 50 others finds their planted targets and signs; the
+    curated edges of a reference regulator are marked; the network lands in varp."""
+    adata = ad.read_h5ad(PBMC)[:100].copy()
+    planted = prior_planted_reference(adata, checkpoint, n_sources=200)
+    sources = planted["source"].unique()
+    reference, new = planted[planted["source"].isin(sources[:150])], planted[planted["source"].isin(sources[150:])]
+    network = scgene.prior_regulation(adata, checkpoint, regulators=list(sources[150:]) + [sources[0]],
+                                      reference=reference, top_k=20)
+    found = network.merge(new, on=["source", "target"], suffixes=("", "_planted"))
+    assert len(found) > 0.8 * len(new)  # chance: 20 of ~1,900 genes per regulator, about 1%
+    assert (np.sign(found["weight"]) == found["weight_planted"]).mean() > 0.8
+    assert not network.loc[network["source"].isin(sources[150:]), "in_reference"].any()
+    curated = network[network["source"] == sources[0]]
+    assert curated["in_reference"].sum() == 6 and curated.loc[curated["in_reference"], "rank"].max() <= 10
+    assert (network.groupby("source")["rank"].max() == 20).all()
+    assert (network.groupby("source")["abs_weight"].apply(lambda w: w.is_monotonic_decreasing)).all()
+    assert adata.varp["scgene_prior_regulation"].nnz == len(network)
+    with pytest.raises(ValueError, match="None of the regulators"):
+        scgene.prior_regulation(adata, checkpoint, regulators=["NOT_A_GENE"], reference=reference)
+
+
 def test_the_tf_split_has_its_own_seed(checkpoint, cells):
     """Cell and null seeds vary while `split_seed` keeps the held-out TFs: a model pretrained on the other half is
     scored on TFs it never saw at every seed."""
@@ -309,6 +331,25 @@ def test_regulation_command_writes_the_table_and_a_heatmap(checkpoint, tmp_path,
     assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "g.tsv"),
                  "--groupby", "cell_type", "--plot", str(tmp_path / "g.png")]) == 1
     assert "--plot-group" in capsys.readouterr().err and not (tmp_path / "g.tsv").exists()
+
+
+def test_regulation_command_writes_the_prior_probes_network_and_refuses_what_does_not_apply(checkpoint, tmp_path,
+                                                                                             capsys):
+    source, reference = tmp_path / "cells.h5ad", tmp_path / "reference.csv"
+    adata = ad.read_h5ad(PBMC)[:60].copy()
+    adata.write_h5ad(source)
+    prior_planted_reference(adata, checkpoint, n_sources=60).to_csv(reference, index=False)
+    out = tmp_path / "edges.tsv"
+    assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(out), "--method", "prior-probe",
+                 "--reference", str(reference), "--top-k", "4"]) == 0
+    table = pd.read_csv(out, sep="\t")
+    assert list(table.columns) == ["source", "target", "weight", "abs_weight", "rank", "in_reference"]
+    assert table["source"].nunique() == 60 and table["rank"].max() == 4
+    for wrong, message in ((["--method", "prior-probe", "--groupby", "cell_type"], "--groupby"),
+                           (["--reference", str(reference)], "--method prior-probe")):
+        assert main(["regulation", str(source), "--model", str(checkpoint), "--out", str(tmp_path / "w.tsv"),
+                     *wrong]) == 1
+        assert message in capsys.readouterr().err and not (tmp_path / "w.tsv").exists()
 
 
 def test_evaluate_regulation_command_prints_and_saves_the_report(checkpoint, tmp_path, capsys):

@@ -39,6 +39,7 @@ from .perturbation import PerturbationResult, perturb
 from .pipeline_scgene import TASK as PIPELINE_TASK
 from .pipeline_scgene import CellEmbeddingPipeline
 from .prior_readout import fit_prior_readout_weight, fit_prior_readout_weight_on_tokens
+from .regulation_probe import prior_regulation
 from .tokenization_scgene import ScGeneTokenizer
 
 __version__ = "0.1.0"
@@ -67,6 +68,7 @@ __all__ = [
     "fit_prior_readout_weight_on_tokens",
     "transfer_labels",
     "regulation",
+    "prior_regulation",
     "collectri",
     "transcription_factors",
     "perturb",

@@ -34,12 +34,11 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 from .encoding_scgene import is_log_normalized
 from .evaluation import untrained_copy
 from .fileio import atomic_path
-from .gene_regulation import DEFAULT_REGULATION_CHECKPOINT, GeneIndex, collectri, regulation
+from .gene_regulation import DEFAULT_REGULATION_CHECKPOINT, GeneIndex, regulation
 from .inference import load_model, load_tokenizer
+from .regulation_probe import EdgeSet, RegulationProbe, checked_reference, reference_ids, shuffled_target_edges
 
 BASELINES = ("untrained", "pearson", "spearman", "trees", "prior", "prior_probe")
-PROBE_NULL_RATIO = 3  # shuffled-target pairs per training edge for the prior probe
-PROBE_STRENGTHS = [0.01, 0.1, 1.0, 10.0, 100.0]  # inverse regularisation strengths the probe chooses from
 TREE_MIN_LEAF = 10  # cells per leaf of the tree baseline: faster than GENIE3's 1, and less noise-fitting
 MIN_SIGNED_EDGES = 20  # sign metrics of fewer scored edges are left out (NaN): too few to tell anything
 METRICS = ["edge_auroc", "auprc_ratio", "epr", "sign_accuracy", "majority_sign_accuracy", "sign_balanced_accuracy",
@@ -56,74 +55,11 @@ def split_regulators(regulators, test_fraction: float = 0.5, seed: int = 0) -> t
     return sorted(names[order[n_test:]].tolist()), sorted(names[order[:n_test]].tolist())
 
 
-def checked_reference(reference) -> pd.DataFrame:
-    """A reference network (`source, target, weight`, weight's sign = the edge's sign; default CollecTRI)."""
-    if reference is None:
-        return collectri()
-    if isinstance(reference, (str, os.PathLike)):
-        reference = pd.read_csv(reference, sep=None, engine="python")
-    missing = {"source", "target", "weight"} - set(reference.columns)
-    if missing:
-        raise ValueError(f"The reference network needs the columns source, target, weight (as decoupler's networks); "
-                         f"missing {sorted(missing)}.")
-    return reference[["source", "target", "weight"]]
-
-
-@dataclass
-class EdgeSet:
-    """The pairs scored, in gene positions of a `GeneIndex`: positives with their reference sign, and negatives."""
-
-    positive_sources: np.ndarray
-    positive_targets: np.ndarray
-    signs: np.ndarray  # +1 / -1 of each positive
-    negative_sources: np.ndarray
-    negative_targets: np.ndarray
-
-    @property
-    def sources(self) -> np.ndarray:
-        return np.concatenate([self.positive_sources, self.negative_sources])
-
-    @property
-    def targets(self) -> np.ndarray:
-        return np.concatenate([self.positive_targets, self.negative_targets])
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.r_[np.ones(len(self.positive_sources)), np.zeros(len(self.negative_sources))]
-
-
-def reference_ids(reference: pd.DataFrame, tokenizer) -> pd.DataFrame:
-    """The reference's edges between vocabulary genes, as vocabulary ids (`source`, `target`, `sign`), self-edges and
-    unsigned (weight 0) edges dropped, duplicates kept once."""
-    names = pd.unique(pd.concat([reference["source"], reference["target"]]).astype(str))
-    id_of = {name: -1 if i is None else i for name, i in zip(names, (tokenizer._lookup(name) for name in names))}
-    edges = pd.DataFrame({"source": reference["source"].astype(str).map(id_of),
-                          "target": reference["target"].astype(str).map(id_of),
-                          "sign": np.sign(reference["weight"].to_numpy(float))})
-    edges = edges[(edges["source"] >= 0) & (edges["target"] >= 0) & (edges["source"] != edges["target"])
-                  & (edges["sign"] != 0)]
-    return edges.drop_duplicates(["source", "target"]).reset_index(drop=True)
-
-
 def reference_positions(reference: pd.DataFrame, genes: GeneIndex, tokenizer) -> pd.DataFrame:
     """`reference_ids` between measured genes, as positions of `genes`."""
     edges = reference_ids(reference, tokenizer)
     edges["source"], edges["target"] = genes.position[edges["source"]], genes.position[edges["target"]]
     return edges[(edges["source"] >= 0) & (edges["target"] >= 0)].reset_index(drop=True)
-
-
-def shuffled_target_edges(edges: pd.DataFrame, held_out: np.ndarray, null_ratio: int, seed: int) -> EdgeSet:
-    """Positives: the edges of the held-out sources. Negatives: the same sources with the positives' targets permuted,
-    `null_ratio` times, minus any reference edge and self pair, each pair once."""
-    positives = edges[edges["source"].isin(held_out)]
-    known = set(zip(edges["source"], edges["target"]))
-    rng = np.random.default_rng(seed)
-    sources = np.tile(positives["source"].to_numpy(), null_ratio)
-    targets = np.concatenate([rng.permutation(positives["target"].to_numpy()) for _ in range(null_ratio)])
-    keep = [(s, t) not in known and s != t for s, t in zip(sources, targets)]
-    negatives = pd.DataFrame({"source": sources[keep], "target": targets[keep]}).drop_duplicates()
-    return EdgeSet(positives["source"].to_numpy(), positives["target"].to_numpy(), positives["sign"].to_numpy(),
-                   negatives["source"].to_numpy(), negatives["target"].to_numpy())
 
 
 def early_precision(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -219,45 +155,11 @@ def prior_weights(encoder, genes: GeneIndex, pairs: EdgeSet) -> np.ndarray:
 
 def prior_probe_weights(encoder, tokenizer, reference: pd.DataFrame, training_regulators, genes: GeneIndex,
                         pairs: EdgeSet, seed: int) -> np.ndarray:
-    """A linear probe of the frozen prior, fitted on the reference edges of the training TFs only (the scored, held-out
-    TFs never reach it). Features of a pair: the regulator's and the target's unit prior rows and their product. One
-    logistic regression tells an edge from a shuffled-target pair, another an edge's sign (the two signs weighing the
-    same); each one's strength is chosen by cross-validation over groups of training TFs. Weight: P(edge), with the
-    predicted sign."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.model_selection import GroupKFold
-
-    prior = torch.nn.functional.normalize(encoder.get_gene_prior().detach().float().cpu(), dim=1).numpy()
-
-    def features(sources, targets):
-        regulator, target = prior[sources], prior[targets]
-        return np.hstack([regulator, target, regulator * target])
-
-    edges = reference_ids(reference, tokenizer)
+    """`RegulationProbe` of the frozen prior, fitted on the reference edges of the training TFs only (the scored,
+    held-out TFs never reach it), read at the scored pairs."""
     training_ids = [i for i in (tokenizer._lookup(name) for name in training_regulators) if i is not None]
-    training = shuffled_target_edges(edges, np.asarray(training_ids), PROBE_NULL_RATIO, seed + 1)
-
-    def fitted(sources, targets, labels, **options):
-        folds = list(GroupKFold(n_splits=3).split(sources, labels, groups=sources))
-        regression = LogisticRegressionCV(Cs=PROBE_STRENGTHS, cv=folds, l1_ratios=(0.0,), max_iter=2000,
-                                          use_legacy_attributes=False, **options)
-        return regression.fit(features(sources, targets), labels)
-
-    edge_model = fitted(training.sources, training.targets, training.labels, scoring="roc_auc")
-    scored = features(genes.vocab_ids[pairs.sources], genes.vocab_ids[pairs.targets])
-    activating = training.signs > 0
-    if activating.all() or not activating.any():  # one sign to learn: it is the only prediction
-        signs = np.full(len(scored), 1.0 if activating.all() else -1.0)
-    else:
-        sign_model = fitted(training.positive_sources, training.positive_targets, activating,
-                            scoring="balanced_accuracy", class_weight="balanced")
-        signs = np.where(sign_model.predict(scored), 1.0, -1.0)
-    return edge_model.predict_proba(scored)[:, 1] * signs
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The report
-# ----------------------------------------------------------------------------------------------------------------------
+    probe = RegulationProbe.fit(encoder.get_gene_prior(), reference_ids(reference, tokenizer), training_ids, seed=seed)
+    return probe.weights(genes.vocab_ids[pairs.sources], genes.vocab_ids[pairs.targets])
 
 
 def per_regulator_sign_ceiling(pairs: EdgeSet) -> pd.Series:

@@ -2,7 +2,8 @@
 
 Writes the long table `source, target, weight, abs_weight, rank, cells` (a `group` column first with `--groupby`) as
 tab-separated text, and with `--plot` a heatmap of the strongest regulators and their targets. See
-`scgene.gene_regulation` for what the weights are.
+`scgene.gene_regulation` for what the weights are. `--method prior-probe` writes instead the network the frozen prior
+predicts from a curated reference (`scgene.regulation_probe`; `in_reference` in place of `cells`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .embed import add_reading_arguments, genes_option, reading_options
 
-FLAGS = {"top_k": "--top-k", "min_cells": "--min-cells", "groupby=": "--groupby ", "regulators=": "--regulators ",
+FLAGS = {"reference": "--reference ", "top_k": "--top-k", "min_cells": "--min-cells", "groupby=": "--groupby ", "regulators=": "--regulators ",
          "max_memory_gb": "--max-memory-gb", "gene_column=": "--gene-column", "tokenizer=": "--tokenizer",
          "layer=": "--layer ", "use_raw=True": "--use-raw", "max_length": "--max-length",
          "max_tokens_per_batch": "--max-tokens-per-batch"}
@@ -39,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the edges as a tab-separated table (.tsv), written atomically")
     parser.add_argument("--model", help="a dual-branch ScGene checkpoint folder or Hub id (default: the one shipped "
                                         "with scgene)")
+    parser.add_argument("--method", choices=["attention", "prior-probe"], default="attention",
+                        help="attention: the gene branch's signed map over these cells (default); prior-probe: the "
+                             "edges the frozen prior predicts, learned from --reference (the same for any cells "
+                             "measuring the same genes)")
+    parser.add_argument("--reference", help="with --method prior-probe: a signed network (source, target, weight) to "
+                                            "learn from (default: CollecTRI, shipped with scgene)")
     parser.add_argument("--regulators", help=REGULATORS_HELP)
     parser.add_argument("--groupby", help="obs column: one network per group (e.g. per cluster or cell type)")
     parser.add_argument("--top-k", type=int, default=100, help="targets kept per regulator (default %(default)s)")
@@ -62,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     from ..fileio import atomic_path, claimed_output
     from ..gene_regulation import DEFAULT_REGULATION_CHECKPOINT, regulation
     from ..plotting import image_format, regulation_heatmap
+    from ..regulation_probe import prior_regulation
     from .annotated_copy import read_input
 
     try:
@@ -69,7 +77,12 @@ def _run(args: argparse.Namespace) -> int:
             image_format(args.plot)
             if args.groupby and args.plot_group is None:
                 raise ValueError("--plot with --groupby shows one group's network: name it with --plot-group.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer)
+        if args.method == "prior-probe" and args.groupby:
+            raise ValueError("--method prior-probe reads no expression, so every group would get the same network: "
+                             "leave --groupby out, or use --method attention.")
+        if args.reference and args.method != "prior-probe":
+            raise ValueError("--reference is what --method prior-probe learns from: add --method prior-probe.")
+        inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)
                                  if p and os.path.exists(p)]
         regulators = regulators_option(args.regulators)
         with contextlib.ExitStack() as claims:  # every output is checked before the work starts
@@ -78,10 +91,15 @@ def _run(args: argparse.Namespace) -> int:
                     claims.enter_context(claimed_output(path, inputs, command="regulation", folder=False,
                                                         overwrite=args.overwrite))
             with read_input(args.input) as adata:
-                options = reading_options(args, adata)
-                network = regulation(adata, args.model, regulators=regulators, groupby=args.groupby, top_k=args.top_k,
-                                     min_cells=args.min_cells, tokenizer=args.tokenizer, device=args.device,
-                                     max_memory_gb=args.max_memory_gb, key_added=None, **options)
+                if args.method == "prior-probe":
+                    network = prior_regulation(adata, args.model, regulators=regulators, reference=args.reference,
+                                               top_k=args.top_k, key_added=None, tokenizer=args.tokenizer,
+                                               gene_column=args.gene_column)
+                else:
+                    options = reading_options(args, adata)
+                    network = regulation(adata, args.model, regulators=regulators, groupby=args.groupby,
+                                         top_k=args.top_k, min_cells=args.min_cells, tokenizer=args.tokenizer,
+                                         device=args.device, max_memory_gb=args.max_memory_gb, key_added=None, **options)
             with atomic_path(args.out) as staged:
                 network.to_csv(staged, sep="\t", index=False)
             print(f"Wrote {args.out}: {len(network)} edges of {network['source'].nunique()} regulators")
