@@ -357,11 +357,13 @@ def test_evaluate_regulation_command_prints_and_saves_the_report(checkpoint, tmp
     ad.read_h5ad(PBMC)[:120].copy().write_h5ad(source)
     report = tmp_path / "report.json"
     assert main(["evaluate-regulation", str(source), "--model", str(checkpoint), "--baselines", "pearson",
-                 "--json", str(report)]) == 0
+                 "prior_probe", "--json", str(report)]) == 0
     printed = capsys.readouterr().out
     assert "| ScGene |" in printed and "Pearson correlation" in printed and "majority sign (floor)" in printed
+    assert "Targets, ScGene:" in printed and "Targets, prior probe (training TFs):" in printed
     saved = json.loads(report.read_text())
     assert saved["info"]["positive_edges"] > 0 and "ScGene" in saved["scores"]
+    assert [check["target"] for check in saved["prior_probe_targets"]] == [check["target"] for check in saved["targets"]]
     assert main(["evaluate-regulation", str(source), "--model", str(checkpoint), "--max-cells", "0"]) == 1
     assert "--max-cells" in capsys.readouterr().err
 

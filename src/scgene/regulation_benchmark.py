@@ -41,6 +41,7 @@ from .regulation_probe import EdgeSet, RegulationProbe, checked_reference, refer
 BASELINES = ("untrained", "pearson", "spearman", "trees", "prior", "prior_probe")
 TREE_MIN_LEAF = 10  # cells per leaf of the tree baseline: faster than GENIE3's 1, and less noise-fitting
 MIN_SIGNED_EDGES = 20  # sign metrics of fewer scored edges are left out (NaN): too few to tell anything
+PROBE_ROW = "prior probe (training TFs)"
 METRICS = ["edge_auroc", "auprc_ratio", "epr", "sign_accuracy", "majority_sign_accuracy", "sign_balanced_accuracy",
            "sign_auroc", "signed_edges_scored"]
 
@@ -183,9 +184,10 @@ class RegulationReport:
     table: pd.DataFrame
     info: dict = field(default_factory=dict)
 
-    def target_checks(self) -> list[tuple[str, float, float, bool]]:
-        """Issue 24's targets on the held-out TFs: (target, value, threshold, met)."""
-        model, table = self.info["name"], self.table
+    def target_checks(self, network: str | None = None) -> list[tuple[str, float, float, bool]]:
+        """Issue 24's targets on the held-out TFs for `network` (default: the model's row): (target, value,
+        threshold, met)."""
+        model, table = network or self.info["name"], self.table
         checks = [("edge EPR >= 1.5 (shuffled-target null)", table.at[model, "epr"], 1.5)]
         if "Pearson correlation" in table.index:
             pearson = table.loc["Pearson correlation"]
@@ -204,14 +206,22 @@ class RegulationReport:
         facts = (f"{info['cells']} cells; {info['held_out_regulators']} held-out TFs of {info['regulators']} measured; "
                  f"{info['positive_edges']} reference edges ({info['repressing_edges']} repressing) against "
                  f"{info['negative_edges']} shuffled-target pairs")
-        checks = [f"- [{'x' if met else ' '}] {target}: {value:.3f} (needs {threshold:.3f})"
-                  for target, value, threshold, met in self.target_checks()]
-        return facts + "\n\n" + "\n".join(lines) + "\n\nTargets:\n" + "\n".join(checks) + "\n"
+        text = facts + "\n\n" + "\n".join(lines) + "\n"
+        for network in [info["name"]] + ([PROBE_ROW] if PROBE_ROW in self.table.index else []):
+            text += f"\nTargets, {network}:\n" + "".join(
+                f"- [{'x' if met else ' '}] {target}: {value:.3f} (needs {threshold:.3f})\n"
+                for target, value, threshold, met in self.target_checks(network))
+        return text
 
     def to_json(self) -> str:
         rows = {name: {k: (None if pd.isna(v) else float(v)) for k, v in row.items()} for name, row in self.table.iterrows()}
-        checks = [{"target": t, "value": v, "threshold": h, "met": m} for t, v, h, m in self.target_checks()]
-        return json.dumps({"info": self.info, "scores": rows, "targets": checks}, indent=2)
+        def checks(network=None):
+            return [{"target": t, "value": v, "threshold": h, "met": m} for t, v, h, m in self.target_checks(network)]
+
+        report = {"info": self.info, "scores": rows, "targets": checks()}
+        if PROBE_ROW in self.table.index:
+            report["prior_probe_targets"] = checks(PROBE_ROW)
+        return json.dumps(report, indent=2)
 
     def save(self, markdown: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None) -> None:
         for path, text in ((markdown, self.to_markdown()), (json_path, self.to_json())):
@@ -288,7 +298,7 @@ def evaluate_regulation(
     if "prior" in baselines:
         weights["prior cosine"] = prior_weights(encoder, genes, pairs)
     if "prior_probe" in baselines and training:  # nothing to learn from when every TF is held out
-        weights["prior probe (training TFs)"] = prior_probe_weights(encoder, tokenizer, reference, training, genes,
+        weights[PROBE_ROW] = prior_probe_weights(encoder, tokenizer, reference, training, genes,
                                                                     pairs, seed)
     table = pd.DataFrame({method: score_pairs(values, pairs) for method, values in weights.items()}).T
     floor = pd.Series(np.nan, index=METRICS, name="majority sign (floor)")

@@ -1,8 +1,8 @@
 """`scgene evaluate-regulation IN.h5ad`: does the checkpoint's signed network agree with a curated one?
 
 Scores `scgene.regulation` against CollecTRI (or `--reference`) on a held-out half of its transcription factors, next
-to correlation, tree and prior baselines on the same cells, and prints a markdown table with the targets met; `--json`
-and `--markdown` save it. See `scgene.regulation_benchmark` for the metrics and the shuffled-target null.
+to correlation, tree, prior and prior-probe baselines on the same cells, and prints a markdown table with the targets
+met (the model's, and the prior probe's); `--json` and `--markdown` save it. See `scgene.regulation_benchmark` for the metrics and the shuffled-target null.
 """
 
 from __future__ import annotations
