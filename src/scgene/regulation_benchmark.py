@@ -298,8 +298,7 @@ def evaluate_regulation(
     if "prior" in baselines:
         weights["prior cosine"] = prior_weights(encoder, genes, pairs)
     if "prior_probe" in baselines and training:  # nothing to learn from when every TF is held out
-        weights[PROBE_ROW] = prior_probe_weights(encoder, tokenizer, reference, training, genes,
-                                                                    pairs, seed)
+        weights[PROBE_ROW] = prior_probe_weights(encoder, tokenizer, reference, training, genes, pairs, seed)
     table = pd.DataFrame({method: score_pairs(values, pairs) for method, values in weights.items()}).T
     floor = pd.Series(np.nan, index=METRICS, name="majority sign (floor)")
     majority = max((pairs.signs > 0).mean(), (pairs.signs < 0).mean())

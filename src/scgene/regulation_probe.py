@@ -146,29 +146,31 @@ class RegulationProbe:
                                   training.positive_sources, scoring="balanced_accuracy", class_weight="balanced")
         return cls(unit, parts(edge), parts(sign))
 
-    def _logits(self, read_out, sources: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """(len(sources), len(targets)) logits of every regulator-target pair; linear, so no pair's features are built."""
+    def _logits(self, read_out, sources: np.ndarray, targets: np.ndarray, every_pair: bool) -> np.ndarray:
+        """Logits of the pairs (`sources[k]`, `targets[k]`), or with `every_pair` of every regulator-target pair
+        (len(sources), len(targets)): the read-out is linear, so no pair's features are built."""
         regulator_weights, target_weights, product_weights, intercept = read_out
         regulators, genes = self.prior[sources], self.prior[targets]
-        return ((regulators @ regulator_weights)[:, None] + (genes @ target_weights)[None, :]
-                + (regulators * product_weights) @ genes.T + intercept)
+        if every_pair:
+            return ((regulators @ regulator_weights)[:, None] + (genes @ target_weights)[None, :]
+                    + (regulators * product_weights) @ genes.T + intercept)
+        return (regulators @ regulator_weights + genes @ target_weights
+                + (regulators * product_weights * genes).sum(axis=1) + intercept)
+
+    def _signed(self, sources, targets, every_pair: bool) -> np.ndarray:
+        sources, targets = np.asarray(sources), np.asarray(targets)
+        probability = 1 / (1 + np.exp(-self._logits(self.edge, sources, targets, every_pair)))
+        if self.sign is None:
+            return probability * self.constant_sign
+        return probability * np.where(self._logits(self.sign, sources, targets, every_pair) > 0, 1.0, -1.0)
 
     def matrix(self, sources, targets) -> np.ndarray:
         """Signed P(edge) of every regulator in `sources` (vocabulary ids) over every gene in `targets`."""
-        sources, targets = np.asarray(sources), np.asarray(targets)
-        probability = 1 / (1 + np.exp(-self._logits(self.edge, sources, targets)))
-        if self.sign is None:
-            return probability * self.constant_sign
-        return probability * np.where(self._logits(self.sign, sources, targets) > 0, 1.0, -1.0)
+        return self._signed(sources, targets, every_pair=True)
 
     def weights(self, sources, targets) -> np.ndarray:
-        """Signed P(edge) of each pair (`sources[k]`, `targets[k]`), read in blocks of regulators."""
-        sources, targets = np.asarray(sources), np.asarray(targets)
-        result = np.empty(len(sources))
-        for source in np.unique(sources):
-            at = np.flatnonzero(sources == source)
-            result[at] = self.matrix([source], targets[at])[0]
-        return result
+        """Signed P(edge) of each pair (`sources[k]`, `targets[k]`)."""
+        return self._signed(sources, targets, every_pair=False)
 
 
 def prior_regulation(

@@ -2,7 +2,8 @@
 
 Scores `scgene.regulation` against CollecTRI (or `--reference`) on a held-out half of its transcription factors, next
 to correlation, tree, prior and prior-probe baselines on the same cells, and prints a markdown table with the targets
-met (the model's, and the prior probe's); `--json` and `--markdown` save it. See `scgene.regulation_benchmark` for the metrics and the shuffled-target null.
+met (the model's, and the prior probe's); `--json` and `--markdown` save it. See `scgene.regulation_benchmark` for
+the metrics and the shuffled-target null.
 """
 
 from __future__ import annotations
