@@ -36,6 +36,7 @@ from scgene.transfer import (
     DEFAULT_STEPS,
     DEFAULT_VARIANT,
     RUNS_FILE,
+    corpus_share,
     mean_sd,
     metric_tables,
     read_runs,
@@ -126,11 +127,32 @@ def pretrain_on(corpus: list[Path], folder: Path, seed: int, steps: int, variant
     return checkpoint
 
 
+def corpus_subsample(path: Path, fraction: float, out: Path) -> Path:
+    """The first `fraction` of the file's cells in a fixed random order (seed 0), in file order, written once to
+    OUT/data/corpus_<pct>pct/: the shares of a learning curve are nested (12.5% of the cells are among the 25%)."""
+    from scgene.fileio import atomic_path
+
+    target = out / "data" / f"corpus_{100 * fraction:g}pct" / path.name
+    if not target.exists():
+        adata = anndata.read_h5ad(path)
+        order = np.random.default_rng(0).permutation(adata.n_obs)
+        keep = np.sort(order[: max(1, round(fraction * adata.n_obs))])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as staging:
+            adata[keep].copy().write_h5ad(staging)
+    return target
+
+
 def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[Path], out: Path, seed: int,
-               steps: int, variant: str) -> Path:
-    """The fold's checkpoint: pretrained on every set but the one left out."""
+               steps: int, variant: str, corpus_fraction: float | None = None) -> Path:
+    """The fold's checkpoint: pretrained on every set but the one left out (with `corpus_fraction`, on that share
+    of each file's cells, the prior built on the same share)."""
     corpus = [path for name, path in files.items() if name != held_out.name] + unlabelled
-    return pretrain_on(corpus, out / f"without_{held_out.name}", seed, steps, variant)
+    folder = out / f"without_{held_out.name}"
+    if corpus_fraction:
+        corpus = [corpus_subsample(path, corpus_fraction, out) for path in corpus]
+        folder = folder.with_name(f"{folder.name}_{100 * corpus_fraction:g}pct_of_corpus")
+    return pretrain_on(corpus, folder, seed, steps, variant)
 
 
 def thinned(adata: anndata.AnnData, quantile: float, seed: int) -> anndata.AnnData:
@@ -270,6 +292,9 @@ def main():
                         help="the model's cell embedding adds its prior, pooled the same way, with the weight that "
                              "scgene.fit_prior_readout_weight fits on the fold's corpus (the untrained model too); "
                              "rows of their own, on the same checkpoints")
+    parser.add_argument("--corpus-fraction", type=float, metavar="SHARE",
+                        help="a learning curve in cells: each fold pretrains (prior included) on this share of every "
+                             "corpus file's cells, e.g. 0.25 (nested shares); rows of their own")
     parser.add_argument("--rescore-annotation", action="store_true",
                         help="first re-score the annotation transfer of finished runs scored by an older rule")
     args = parser.parse_args()
@@ -289,9 +314,12 @@ def main():
     done = {(r["held_out"], r["seed"], run_recipe(r)) for r in runs}
     if args.common_depth is not None and not 0 < args.common_depth < 1:
         parser.error(f"--common-depth {args.common_depth}: pass a quantile between 0 and 1, e.g. 0.1")
+    if args.corpus_fraction is not None and not 0 < args.corpus_fraction < 1:
+        parser.error(f"--corpus-fraction {args.corpus_fraction}: pass a share between 0 and 1, e.g. 0.25")
+    corpus = {"corpus_fraction": args.corpus_fraction} if args.corpus_fraction else {}
     # baselines once per fold, seed and read-out (reading the HVGs leaves PCA and logistic regression as they are)
     scored_baselines = {(r["held_out"], r["seed"], r.get("genes", "all"), r.get("depth_quantile"),
-                         bool(r.get("prior_readout_weight"))) for r in runs}
+                         bool(r.get("prior_readout_weight")), r.get("corpus_fraction")) for r in runs}
     read = {"genes": "hvg"} if args.genes == "hvg" else {}
     readout = {"depth_quantile": args.common_depth} if args.common_depth else {}
     by_name = {labelled.name: labelled for labelled in sets}
@@ -319,36 +347,43 @@ def main():
         (args.out / "table.md").write_text(summary(log))
     for seed in args.seeds:
         for name in args.held_out or list(by_name):
-            recipe = {"variant": args.variant, "steps": args.steps, **read, **readout}
+            recipe = {"variant": args.variant, "steps": args.steps, **corpus, **read, **readout}
             if (name, seed, run_recipe(recipe | ({"prior_readout_weight": 1} if args.prior_readout else {}))) in done:
                 continue
             held_out = by_name[name]
             start = time.perf_counter()
-            checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps, args.variant)
+            checkpoint = build_fold(held_out, files, unlabelled, args.out, seed, args.steps, args.variant,
+                                    args.corpus_fraction)
             train_seconds = time.perf_counter() - start
             query = anndata.read_h5ad(files[name])
             read_query = query if not readout else thinned(query, args.common_depth, seed)
             model, weight = checkpoint, {}
             if args.prior_readout:  # the weight comes from the fold's corpus, never from the left-out set
                 model = load_model(checkpoint, device="cpu")
-                corpus = [path for other, path in files.items() if other != name] + unlabelled
-                model.config.prior_readout_weight = fit_prior_readout_weight(corpus, model, seed=seed, progress=False)
+                fold_files = [path for other, path in files.items() if other != name] + unlabelled
+                if args.corpus_fraction:
+                    fold_files = [corpus_subsample(path, args.corpus_fraction, args.out) for path in fold_files]
+                model.config.prior_readout_weight = fit_prior_readout_weight(fold_files, model, seed=seed,
+                                                                             progress=False)
                 weight = {"prior_readout_weight": model.config.prior_readout_weight}
-            baselines = (() if (name, seed, args.genes, args.common_depth, args.prior_readout) in scored_baselines else
+            baselines = (() if (name, seed, args.genes, args.common_depth, args.prior_readout,
+                                 args.corpus_fraction) in scored_baselines else
                          ("untrained",) if args.prior_readout else
+                         ("untrained", "prior") if args.corpus_fraction else
                          ("untrained", "prior") if args.genes == "hvg" and not readout else
                          ("untrained", "prior", "pca", "expression"))
             report = evaluate(read_query, model, label_key=held_out.label_key, batch_key=held_out.batch_key,
                               baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False,
                               depth_reference=query, **read)
-            suffix = "".join(f", {part}" for part in readouts(read | readout | weight))
-            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **read, **readout,
+            suffix = "".join(f", {part}" for part in corpus_share(corpus) + readouts(read | readout | weight))
+            entry = {"held_out": name, "seed": seed, "variant": args.variant, "steps": args.steps, **corpus, **read,
+                     **readout,
                      **weight,
                      "train_seconds": round(train_seconds, 1),
                      "scores": {row if row == "ScGene" else row + suffix: report.table.loc[row].to_dict()
                                 for row in report.table.index},
                      "info": report.info}
-            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and not read and not readout and not weight:
+            if held_out.pbmc and sum(s.pbmc for s in sets) > 1 and not (corpus or read or readout or weight):
                 entry["annotation"] = scored_annotation(held_out, query, checkpoint, seed)
             with log.open("a") as handle:
                 handle.write(json.dumps(entry, default=float) + "\n")

@@ -2,6 +2,7 @@
 PBMC 3k, the CellBench extract as unlabelled corpus): every fold pretrains on the other files only, the left-out set
 is scored next to the baselines, annotation transfers from the other PBMC set, and finished folds are not redone."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -106,3 +107,25 @@ def test_leave_one_dataset_out_on_two_pbmc_halves(tmp_path):
         read_out["scores"]["ScGene"]["silhouette"] != runs[0]["scores"]["ScGene"]["silhouette"])
     assert "| ScGene (demo recipe, 2 steps, + prior read-out) |" in (out / "table.md").read_text()
     assert sorted(path.stat().st_mtime for path in out.glob("without_*/model_seed0*/model.safetensors")) == models
+    # a learning curve in cells: the fold pretrains, prior included, on half of each corpus file's cells (rows of
+    # their own, with their own untrained and prior baselines); the shares are nested
+    subprocess.run(command + ["--corpus-fraction", "0.5", "--held-out", "pbmc_a"], check=True, capture_output=True)
+    half = json.loads((out / "runs.jsonl").read_text().splitlines()[-1])
+    share = "50% of the corpus"
+    assert half["corpus_fraction"] == 0.5 and "annotation" not in half
+    assert set(half["scores"]) == {"ScGene", f"ScGene untrained, {share}", f"prior only, {share}"}
+    record = json.loads((out / "without_pbmc_a_50pct_of_corpus" / "prior" / "prior_record.json").read_text())
+    subsampled = [ad.read_h5ad(path) for path in record["parameters"]["adata"]]
+    assert sorted(Path(p).name for p in record["parameters"]["adata"]) == ["b.h5ad", "cellbench.h5ad"]
+    for cells, original in zip(subsampled, [data / Path(p).name for p in record["parameters"]["adata"]]):
+        whole = ad.read_h5ad(original)
+        assert cells.n_obs == round(whole.n_obs / 2) and set(cells.obs_names) < set(whole.obs_names)
+    assert f"| ScGene (demo recipe, 2 steps, {share}) |" in (out / "table.md").read_text()
+    spec = importlib.util.spec_from_file_location("leave_one_dataset_out", REPO / "scripts" / "leave_one_dataset_out.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    quarter = ad.read_h5ad(script.corpus_subsample(data / "b.h5ad", 0.25, out))
+    assert set(quarter.obs_names) < set(next(c for c in subsampled if c.n_obs == 150).obs_names)
+    failed = subprocess.run(command + ["--corpus-fraction", "1.5"], capture_output=True, text=True)
+    assert failed.returncode == 2 and "--corpus-fraction 1.5: pass a share between 0 and 1" in failed.stderr

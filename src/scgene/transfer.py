@@ -5,7 +5,9 @@ model card's "Leave-one-dataset-out transfer" section (`scgene push --transfer`)
 A run is one JSON line: `held_out` (the set left out), `seed`, `variant` and `steps` (the recipe; older runs lack
 them: the demo recipe, 300 steps), `genes` ("hvg" where every model read only the set's HVGs), `depth_quantile` (where every embedding, baselines
 included, read the set with each cell thinned to that quantile of the set's count totals), `prior_readout_weight` (where
-the model's cell embedding added its prior, pooled, with this weight fitted on the fold's corpus), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
+the model's cell embedding added its prior, pooled, with this weight fitted on the fold's corpus), `corpus_fraction`
+(where the fold pretrained, prior included, on that share of each corpus file's cells: a point of the learning
+curve in cells), `scores` (the rows of `scgene.evaluate`'s table: embedding -> metric -> value; the
 baselines only in the first run of a fold and seed), and optionally `annotation`, `info` and `train_seconds`.
 """
 
@@ -48,9 +50,14 @@ def readouts(run: dict) -> list[str]:
         [PRIOR_READOUT] if run.get("prior_readout_weight") else [])
 
 
+def corpus_share(run: dict) -> list[str]:
+    """A learning-curve run, pretrained (prior included) on a share of each corpus file's cells: that share, named."""
+    return [f"{100 * run['corpus_fraction']:g}% of the corpus"] if run.get("corpus_fraction") else []
+
+
 def run_recipe(run: dict) -> str:
     name = recipe_name(run.get("variant", DEFAULT_VARIANT), run.get("steps", DEFAULT_STEPS))
-    return ", ".join([name, *readouts(run)])
+    return ", ".join([name, *corpus_share(run), *readouts(run)])
 
 
 def scgene_row(run: dict) -> str:
@@ -148,4 +155,4 @@ def metric_tables(runs: list[dict], metrics: dict[str, str]) -> list[str]:
     return lines
 
 
-__all__ = ["depth_readout", "readouts", "read_runs", "metric_tables", "scores_by_fold", "mean_sd", "recipe_name", "run_recipe", "scgene_row"]
+__all__ = ["corpus_share", "depth_readout", "readouts", "read_runs", "metric_tables", "scores_by_fold", "mean_sd", "recipe_name", "run_recipe", "scgene_row"]
