@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from ..inference import embed, load_model
+    from ..plotting import image_format
     from .annotated_copy import annotated_copy, element_group, read_input, write_elements
     from .processes import launched
 
@@ -153,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         if launched():
             return embed_distributed(args, options)
         if args.plot:
-            plot_format(args.plot)
+            image_format(args.plot)
         with claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite):
             with read_input(args.input) as adata:
                 missing = [column for column in args.color if column not in adata.obs.columns]
@@ -229,13 +230,14 @@ def embed_distributed(args: argparse.Namespace, options: dict) -> int:
 
     from ..fileio import claimed_output
     from ..inference import embed
+    from ..plotting import image_format
     from ..sharding import shard_range
     from .annotated_copy import read_input, write_annotated_copy
     from .processes import claimed_by_rank_zero, process_group
 
     def claim():
         if args.plot:
-            plot_format(args.plot)
+            image_format(args.plot)
         return claimed_output(args.out, command_inputs(args), command="embed", folder=False, overwrite=args.overwrite)
 
     with process_group(options, args.device) as (rank, world, device), contextlib.ExitStack() as claims:
@@ -266,18 +268,6 @@ def embed_distributed(args: argparse.Namespace, options: dict) -> int:
     return 0
 
 
-def plot_format(path: str) -> str:
-    """The image format of `path`, from its suffix (png, pdf, svg, ...), checked before any work is done."""
-    from matplotlib.figure import Figure
-
-    suffix = os.path.splitext(path)[1].lstrip(".").lower()
-    supported = Figure().canvas.get_supported_filetypes()
-    if suffix not in supported:
-        raise ValueError(f"--plot {path}: the suffix names no image format; end it with one of {sorted(supported)} "
-                         "(e.g. umap.png or umap.pdf).")
-    return suffix
-
-
 def plot_embedding(obs, embeddings, png: str, color: list[str]):
     """Neighbours, UMAP and Leiden on the embedding; an image (format from the suffix) coloured by `color` + clusters;
     ARI/NMI printed.
@@ -292,6 +282,7 @@ def plot_embedding(obs, embeddings, png: str, color: list[str]):
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     from ..fileio import atomic_path
+    from ..plotting import image_format
 
     view = anndata.AnnData(obs=obs[color].copy(), obsm={"X_scgene": embeddings})
     sc.pp.neighbors(view, use_rep="X_scgene", random_state=0)
@@ -307,7 +298,7 @@ def plot_embedding(obs, embeddings, png: str, color: list[str]):
             print(f"Leiden clusters ({clusters.nunique()}) vs {column} ({labels.nunique()}): ARI {ari:.3f}  NMI {nmi:.3f}")
     figure = sc.pl.umap(view, color=[*color, "scgene_leiden"], show=False, return_fig=True, wspace=0.5)
     with atomic_path(png) as staged:
-        figure.savefig(staged, dpi=120, bbox_inches="tight", format=plot_format(png))
+        figure.savefig(staged, dpi=120, bbox_inches="tight", format=image_format(png))
     plt.close(figure)
     print(f"Saved the UMAP to {png}")
     return pd.DataFrame({"scgene_leiden": clusters.values}, index=obs.index), view.obsm["X_umap"].astype("float32")
