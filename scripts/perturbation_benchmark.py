@@ -14,7 +14,8 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 
-from scgene.perturbation_benchmark import evaluate_perturbation, markdown_table
+from scgene.perturbation_benchmark import evaluate_perturbation
+from scgene.reports import markdown_table
 
 # file -> screen kind (sets the in-silico mode)
 SCREENS = {

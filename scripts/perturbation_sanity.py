@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 import scgene
-from scgene.perturbation_benchmark import markdown_table
+from scgene.reports import markdown_table
 
 PAIRS = [("CD14+ Mono", "B"), ("B", "CD14+ Mono"), ("Naive CD4 T", "NK"), ("NK", "CD14+ Mono"), ("CD8 T", "B")]
 

@@ -38,8 +38,8 @@ import scipy.sparse as sp
 import torch
 
 from .encoding_scgene import is_log_normalized
-from .fileio import atomic_path
 from .inference import embed, iter_batches, load_model, load_tokenizer
+from .reports import SavedReport, markdown_table, target_lines
 from .tokenization_scgene import expression_source
 
 logger = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def untrained_copy(encoder, seed: int):
 
 
 @dataclass
-class EvaluationReport:
+class EvaluationReport(SavedReport):
     """Rows: embeddings; columns: `METRICS` (NaN where a metric does not apply); `info`: cells, labels, settings and
     the seconds each embedding took to compute and score."""
 
@@ -278,16 +278,11 @@ class EvaluationReport:
 
     def to_markdown(self, digits: int = 3) -> str:
         columns = [c for c in self.table.columns if self.table[c].notna().any()]
-        lines = ["| embedding | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-        for name, row in self.table[columns].iterrows():
-            cells = ["–" if pd.isna(value) else f"{value:.{digits}f}" for value in row]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        table = markdown_table(self.table[columns].rename_axis("embedding").reset_index(), digits)
         facts = f"{self.info.get('n_cells')} cells, {self.info.get('n_labels')} labels in `{self.info.get('label_key')}`"
         if self.info.get("batch_key"):
             facts += f", {self.info.get('n_batches')} batches in `{self.info.get('batch_key')}`"
-        checks = [f"- [{'x' if met else ' '}] {target}: {value:.3f} (needs {threshold:.3f})"
-                  for target, value, threshold, met in self.target_checks()]
-        return facts + "\n\n" + "\n".join(lines) + "\n\nTargets:\n" + "\n".join(checks) + "\n"
+        return facts + "\n\n" + table + "\n\nTargets:\n" + target_lines(self.target_checks())
 
     def target_checks(self) -> list[tuple[str, float, float, bool]]:
         """The cell-identity targets (issue 9) that this report can check: (target, value, threshold, met)."""
@@ -313,12 +308,6 @@ class EvaluationReport:
         rows = {name: {k: (None if pd.isna(v) else v) for k, v in row.items()} for name, row in self.table.iterrows()}
         checks = [{"target": t, "value": v, "threshold": h, "met": m} for t, v, h, m in self.target_checks()]
         return json.dumps({"info": self.info, "scores": rows, "targets": checks}, indent=2)
-
-    def save(self, markdown: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None) -> None:
-        for path, text in ((markdown, self.to_markdown()), (json_path, self.to_json())):
-            if path:
-                with atomic_path(path) as staged:
-                    staged.write_text(text)
 
 
 def labelled_cells(adata, label_key: str, batch_key: str | None, n_folds: int):

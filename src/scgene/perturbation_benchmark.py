@@ -29,11 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .fileio import atomic_path
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
 from .perturbation import load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
+from .reports import SavedReport, markdown_table
 
 METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations", "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
@@ -53,7 +53,7 @@ def direction_accuracy(predicted: np.ndarray, observed: np.ndarray, top_genes: i
 
 
 @dataclass
-class PerturbationReport:
+class PerturbationReport(SavedReport):
     """One row per (target, method); `summary()` averages each method over the targets."""
 
     table: pd.DataFrame
@@ -77,25 +77,6 @@ class PerturbationReport:
     def to_json(self) -> str:
         table = self.table.astype(object).where(self.table.notna(), None)  # NaN -> null
         return json.dumps({"settings": self.settings, "table": table.to_dict(orient="records")}, default=str)
-
-    def save(self, markdown=None, json_path=None) -> None:
-        """Write the markdown tables and / or the JSON record, each atomically."""
-        for path, text in ((markdown, self.to_markdown), (json_path, self.to_json)):
-            if path:
-                with atomic_path(path) as staged:
-                    staged.write_text(text() + "\n", encoding="utf-8")
-
-
-def markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
-    """A DataFrame as a GitHub markdown table: floats to `digits`, NaN as a dash."""
-    def cell(value):
-        if isinstance(value, (float, np.floating)):
-            return "–" if np.isnan(value) else f"{value:.{digits}f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|---" * len(table.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control: str) -> np.ndarray:

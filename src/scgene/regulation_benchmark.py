@@ -33,10 +33,10 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from .encoding_scgene import is_log_normalized
 from .evaluation import untrained_copy
-from .fileio import atomic_path
 from .gene_regulation import DEFAULT_REGULATION_CHECKPOINT, GeneIndex, regulation
 from .inference import load_model, load_tokenizer
 from .regulation_probe import EdgeSet, RegulationProbe, checked_reference, reference_ids, shuffled_target_edges
+from .reports import SavedReport, markdown_table, target_lines
 
 BASELINES = ("untrained", "pearson", "spearman", "trees", "prior", "prior_probe")
 TREE_MIN_LEAF = 10  # cells per leaf of the tree baseline: faster than GENIE3's 1, and less noise-fitting
@@ -178,7 +178,7 @@ def per_regulator_sign_ceiling(pairs: EdgeSet) -> pd.Series:
 
 
 @dataclass
-class RegulationReport:
+class RegulationReport(SavedReport):
     """Rows: the model, the baselines and the majority-sign floor; columns: `METRICS`; `info`: what was scored."""
 
     table: pd.DataFrame
@@ -199,18 +199,13 @@ class RegulationReport:
         return results + [("sign balanced accuracy > 0.5", balanced, 0.5, bool(balanced > 0.5))]
 
     def to_markdown(self, digits: int = 3) -> str:
-        lines = ["| network | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-        for name, row in self.table[METRICS].iterrows():
-            lines.append(f"| {name} | " + " | ".join("–" if pd.isna(v) else f"{v:.{digits}f}" for v in row) + " |")
         info = self.info
         facts = (f"{info['cells']} cells; {info['held_out_regulators']} held-out TFs of {info['regulators']} measured; "
                  f"{info['positive_edges']} reference edges ({info['repressing_edges']} repressing) against "
                  f"{info['negative_edges']} shuffled-target pairs")
-        text = facts + "\n\n" + "\n".join(lines) + "\n"
+        text = facts + "\n\n" + markdown_table(self.table[METRICS].rename_axis("network").reset_index(), digits) + "\n"
         for network in [info["name"]] + ([PROBE_ROW] if PROBE_ROW in self.table.index else []):
-            text += f"\nTargets, {network}:\n" + "".join(
-                f"- [{'x' if met else ' '}] {target}: {value:.3f} (needs {threshold:.3f})\n"
-                for target, value, threshold, met in self.target_checks(network))
+            text += f"\nTargets, {network}:\n" + target_lines(self.target_checks(network))
         return text
 
     def to_json(self) -> str:
@@ -222,12 +217,6 @@ class RegulationReport:
         if PROBE_ROW in self.table.index:
             report["prior_probe_targets"] = checks(PROBE_ROW)
         return json.dumps(report, indent=2)
-
-    def save(self, markdown: str | os.PathLike | None = None, json_path: str | os.PathLike | None = None) -> None:
-        for path, text in ((markdown, self.to_markdown()), (json_path, self.to_json())):
-            if path:
-                with atomic_path(path) as staged:
-                    staged.write_text(text)
 
 
 def evaluate_regulation(
