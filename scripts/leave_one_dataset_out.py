@@ -143,16 +143,23 @@ def corpus_subsample(path: Path, fraction: float, out: Path) -> Path:
     return target
 
 
+def fold_corpus(held_out: str, files: dict[str, Path], unlabelled: list[Path], out: Path,
+                corpus_fraction: float | None = None) -> list[Path]:
+    """The files a fold pretrains on: every set but the one left out, and the unlabelled files (with
+    `corpus_fraction`, that share of each file's cells)."""
+    corpus = [path for name, path in files.items() if name != held_out] + unlabelled
+    return [corpus_subsample(path, corpus_fraction, out) for path in corpus] if corpus_fraction else corpus
+
+
 def build_fold(held_out: LabelledSet, files: dict[str, Path], unlabelled: list[Path], out: Path, seed: int,
                steps: int, variant: str, corpus_fraction: float | None = None) -> Path:
     """The fold's checkpoint: pretrained on every set but the one left out (with `corpus_fraction`, on that share
     of each file's cells, the prior built on the same share)."""
-    corpus = [path for name, path in files.items() if name != held_out.name] + unlabelled
     folder = out / f"without_{held_out.name}"
     if corpus_fraction:
-        corpus = [corpus_subsample(path, corpus_fraction, out) for path in corpus]
         folder = folder.with_name(f"{folder.name}_{100 * corpus_fraction:g}pct_of_corpus")
-    return pretrain_on(corpus, folder, seed, steps, variant)
+    return pretrain_on(fold_corpus(held_out.name, files, unlabelled, out, corpus_fraction), folder, seed, steps,
+                       variant)
 
 
 def thinned(adata: anndata.AnnData, quantile: float, seed: int) -> anndata.AnnData:
@@ -360,17 +367,14 @@ def main():
             model, weight = checkpoint, {}
             if args.prior_readout:  # the weight comes from the fold's corpus, never from the left-out set
                 model = load_model(checkpoint, device="cpu")
-                fold_files = [path for other, path in files.items() if other != name] + unlabelled
-                if args.corpus_fraction:
-                    fold_files = [corpus_subsample(path, args.corpus_fraction, args.out) for path in fold_files]
+                fold_files = fold_corpus(name, files, unlabelled, args.out, args.corpus_fraction)
                 model.config.prior_readout_weight = fit_prior_readout_weight(fold_files, model, seed=seed,
                                                                              progress=False)
                 weight = {"prior_readout_weight": model.config.prior_readout_weight}
             baselines = (() if (name, seed, args.genes, args.common_depth, args.prior_readout,
                                  args.corpus_fraction) in scored_baselines else
                          ("untrained",) if args.prior_readout else
-                         ("untrained", "prior") if args.corpus_fraction else
-                         ("untrained", "prior") if args.genes == "hvg" and not readout else
+                         ("untrained", "prior") if args.corpus_fraction or (args.genes == "hvg" and not readout) else
                          ("untrained", "prior", "pca", "expression"))
             report = evaluate(read_query, model, label_key=held_out.label_key, batch_key=held_out.batch_key,
                               baselines=baselines, settings=EvaluationSettings(seed=seed), progress=False,
