@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (issue 26): on a CUDA machine with PyTorch and no network, run the GPU tests and the embedding and
-# training benchmarks against BertModel at the Geneformer V2 shape, in about 8 minutes. It installs nothing from the
-# network: the few wheels such an image may lack (anndata and what it needs; scgene itself runs from src/) are fetched
-# beforehand into .whl/ and carried in.
+# The GPU check (issues 26 and 25): on a CUDA machine with PyTorch and no network, run the GPU tests, the embedding and
+# training benchmarks against BertModel at the Geneformer V2 shape, and `scgene.perturb(genes="all")` against its naive
+# one-forward-per-copy loop, in about 8 minutes. It installs nothing from the network: the few wheels such an image
+# may lack (anndata and what it needs; scgene itself runs from src/) are fetched beforehand into .whl/ and carried in.
 #
 #   bench/gpu_check.sh --fetch      # here, with the package index: the wheels into .whl/ (about 2.3 MB)
-#   bench/gpu_check.sh [LOG_DIR]    # there: logs and the two benchmark tables into LOG_DIR (default outputs/gpu_check)
+#   bench/gpu_check.sh [LOG_DIR]    # there: logs and the three benchmark tables into LOG_DIR (default outputs/gpu_check)
 #
 # Measured to run on the packages of the GPU image this project is lent (torch 2.11 + CUDA 13, transformers 5.17,
 # huggingface_hub 1.33): the CPU suite's GPU, inference and embedding tests pass with that transformers and hub.
@@ -48,10 +48,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to LOGS/NAM
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOGS/device.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__)" | tee -a "$LOGS/device.txt"
-step tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_embed_at_scale.py \
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_embed_at_scale.py \
     -k "not torchrun"
 step embed 180 python3 bench/embed.py --device cuda --dtype bfloat16 --shape v2 --n-cells 1024 --repeats 2 \
     --no-memory
 step train 120 python3 bench/train.py --device cuda --dtype bfloat16 --hidden 512 --layers 12 --heads 8 \
     --intermediate 1024 --length 4096 --batch 8 --steps 3 --repeats 3
+step perturb 60 python3 bench/perturb.py --device cuda --n-cells 200 --expression-cells 20 --naive-cells 3
 exit $status

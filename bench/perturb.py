@@ -11,8 +11,9 @@ Rows (perturbed cells per second; peak RSS beyond the loaded model, VmHWM reset 
 - `naive loop, with expression changes`: the same rounds one copy at a time.
 
 MFU: the model FLOPs per perturbed cell (counted by torch's FlopCounterMode) times the rate, over a 2,048 x 2,048
-fp32 matmul timed in the same run (`bench/forward.py`). Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression rows on
-`--expression-cells`. The issue's bound: >= 5x the naive loop's perturbed cells per second.
+fp32 matmul timed in the same run (`bench/forward.py`; 8,192 x 8,192 on a GPU, where the memory column is the CUDA
+allocator's peak). Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression
+rows on `--expression-cells`. The issue's bound: >= 5x the naive loop's perturbed cells per second.
 
     python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--device cuda] [--json FILE]
 """
@@ -58,10 +59,14 @@ def naive_loop(model, tokenizer, adata, expression: bool) -> int:
 
 
 def measure(row: str, adata, model, tokenizer) -> dict:
+    """One row; its memory is the resident peak beyond the loaded model on the CPU, the CUDA allocator's on a GPU."""
     import scgene
 
     expression = row.endswith("expression changes")
-    before = reset_peak()
+    on_gpu = model.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if on_gpu else reset_peak()
     start = time.perf_counter()
     if row.startswith("naive"):
         copies = naive_loop(model, tokenizer, adata, expression)
@@ -69,9 +74,10 @@ def measure(row: str, adata, model, tokenizer) -> dict:
         result = scgene.perturb(adata, model, "all", expression=expression, tokenizer=tokenizer, key_added=None,
                                 progress=False)
         copies = int(result.shifts["cells"].sum())
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # every row ends on the host (.item(), result tables): the GPU is done
+    peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else status_mb("VmHWM")
     return {"row": row, "cells": adata.n_obs, "perturbed_cells": copies, "seconds": seconds,
-            "perturbed_cells_per_second": copies / seconds, "peak_mb": status_mb("VmHWM") - before}
+            "perturbed_cells_per_second": copies / seconds, "peak_mb": peak - before}
 
 
 def main():
@@ -103,13 +109,16 @@ def main():
     keep[-1] = False
     copy = {name: tensor[:, keep].to(model.device) for name, tensor in cell.items()}
     forward_flops = count_flops(model.base_model, copy)
-    peak = matmul_flops_per_second()
+    on_gpu = args.device.startswith("cuda")
+    peak = matmul_flops_per_second(8192 if on_gpu else 2048, device=args.device)  # fp32, as the model runs
     for result in results:
         flops = forward_flops * ((1 + ROUNDS + 1) if result["row"].endswith("expression changes") else 1)
         result["mfu"] = result["perturbed_cells_per_second"] * flops / peak
-    print(f"model {model.name_or_path or scgene.DEFAULT_CHECKPOINT}, {args.device}, {torch.get_num_threads()} threads\n")
+    where = torch.cuda.get_device_name() if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"model {model.name_or_path or scgene.DEFAULT_CHECKPOINT}, {args.device} ({where})\n")
     print(f"matmul peak {peak / 1e9:.0f} GFLOP/s; one forward of a perturbed cell {forward_flops / 1e6:.0f} MFLOP\n")
-    print("| row | cells | perturbed cells | seconds | perturbed cells/s | x naive | MFU | peak RSS MB |\n"
+    print(f"| row | cells | perturbed cells | seconds | perturbed cells/s | x naive | MFU | "
+          f"{'peak GPU MB' if on_gpu else 'peak RSS MB'} |\n"
           "|---|---|---|---|---|---|---|---|")
     for index, result in enumerate(results):
         naive = results[index + 1 if index % 2 == 0 else index]["perturbed_cells_per_second"]
