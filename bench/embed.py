@@ -257,7 +257,7 @@ def run_geneformer(setup: Setup, n_cells: int, at_scale: bool = False, compiled:
             attention_mask = (torch.arange(width)[None, :] < batch_lengths[:, None]).long()
             input_ids, attention_mask = input_ids.to(setup.device), attention_mask.to(setup.device)
             hidden = bert(input_ids=input_ids, attention_mask=attention_mask,
-                                output_hidden_states=True).hidden_states[layer]
+                          output_hidden_states=True).hidden_states[layer]
             mean = (hidden.float() * attention_mask[..., None]).sum(1) / batch_lengths[:, None].to(setup.device)
             embeddings[rows] = mean.cpu().numpy()  # back to input order, as scgene.embed returns them
     return embeddings
