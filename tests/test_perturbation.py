@@ -150,12 +150,26 @@ def test_evaluate_perturbation_scores_every_method_on_every_target(checkpoint, c
     assert set(report.table["method"]) == set(METHODS)
     assert len(report.table) == len(METHODS) * 3 and report.table["target_measured"].all()
     assert report.table.loc[report.table["method"] == "no change", "direction_accuracy"].eq(0).all()
-    assert report.settings["control_cells_seen"] == 10
+    assert report.settings["control_cells_seen"] == 5  # half of the 10 control cells: the other half is the truth's
     assert "| scgene |" in report.to_markdown()
     with pytest.raises(ValueError, match="screen must be one of"):
         evaluate_perturbation(screen, checkpoint, screen="rnai")
     with pytest.raises(ValueError, match="No 'nontargeting' cells"):
         evaluate_perturbation(screen, checkpoint, screen="knockout", control="nontargeting")
+
+
+def test_the_truth_keeps_its_own_control_cells(checkpoint):
+    """Targets with no effect (cells labelled at random): scored against control cells it shares with the truth, the
+    mean of the other perturbations 'predicts' the noise of their mean; against the seen half, it cannot."""
+    screen = ad.read_h5ad(PBMC)[:660].copy()
+    targets = [expressed_gene(screen, rank) for rank in range(3)]
+    screen.obs["perturbation"] = np.random.default_rng(0).permutation(["control"] * 60 + targets * 200)
+    report = evaluate_perturbation(screen, checkpoint, screen="knockout", max_control_cells=10)
+    assert report.settings["control_cells_reference"] == 30 and report.settings["control_cells_seen"] == 10
+    mean_delta = report.table.groupby("method")["pearson_delta"].mean()
+    assert mean_delta["mean of other perturbations, truth's control"] > 0.5
+    assert abs(mean_delta["mean of other perturbations"]) < 0.3
+    assert report.table["replicate_pearson_delta"].abs().max() < 0.3  # a random label has no reproducible effect
 
 
 def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):

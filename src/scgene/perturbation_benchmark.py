@@ -1,8 +1,11 @@
 """Score in-silico perturbation against a real CRISPR screen, next to the baselines that beat most models.
 
-For each target of the screen, the observed change is the pseudobulk log1p(counts per 10,000) of its perturbed cells
-minus that of the control cells, over the measured genes. Predictions, all made without the perturbed cells of the
-scored target:
+The control cells are split in two (seeded halves). The *reference* half is the truth's: for each target of the
+screen, the observed change is the pseudobulk log1p(counts per 10,000) of its perturbed cells minus that of the
+reference control cells, over the measured genes. Every prediction is made from the other, *seen* half, and without
+the perturbed cells of the scored target. (Were the truth and a baseline to share control cells, the noise of their
+mean would be part of both, and the mean of other perturbations would score that shared noise: the row
+`mean of other perturbations, truth's control` shows how much.) Predictions:
 
 - `scgene`: `scgene.perturb` on control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
   predicted change is summed over the cells that express it and divided by the cells perturbed (a pseudobulk, like the
@@ -10,14 +13,19 @@ scored target:
 - `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb: what is
   left of the prediction once its generic response to any perturbation (e.g. "one expressed gene fewer") is removed;
 - `no change`: zero everywhere;
-- `mean of other perturbations`: the mean observed change of the screen's other targets (those sharing no gene with it);
+- `mean of other perturbations`: the mean change of the screen's other targets (those sharing no gene with it), each
+  against the seen control cells;
+- `mean of other perturbations, truth's control`: the same against the reference control cells (it leaks; see above);
 - `linear co-expression`: on control cells, each gene regressed on the target gene (ordinary least squares, one
   regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
   target the screen does not measure gets no prediction (zero).
 
 Metrics per target: `pearson_delta` (Pearson r of predicted and observed change over the measured genes, the targets
 excluded), `direction_accuracy` on the `top_genes` genes whose observed change is largest (a zero prediction has no
-direction and counts as wrong), and the target gene's own observed change, reported apart.
+direction and counts as wrong), and the target gene's own observed change, reported apart. The `replicate_` columns
+say how reproducible a target's effect is at all, a ceiling for any prediction: the same two metrics between two
+halves of its cells, one against the seen and one against the reference control cells (pearson_delta near 0: the
+target changed nothing measurable).
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from .perturbation import load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
-METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations", "linear co-expression")
+METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
+           "mean of other perturbations, truth's control", "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
 
 
@@ -64,7 +73,8 @@ class PerturbationReport(SavedReport):
         every method is scored on the same targets; `targets_scored`: those where its pearson_delta is defined."""
         common = self.table[self.table["model_cells_perturbed"] > 0]
         by_method = common.groupby("method", sort=False)
-        return (by_method[["pearson_delta", "direction_accuracy"]].mean()
+        return (by_method[["pearson_delta", "direction_accuracy", "replicate_pearson_delta",
+                               "replicate_direction_accuracy"]].mean()
                 .join(by_method["pearson_delta"].count().rename("targets_scored"))
                 .join(by_method["target"].count().rename("targets")))
 
@@ -79,10 +89,27 @@ class PerturbationReport(SavedReport):
         return json.dumps({"settings": self.settings, "table": table.to_dict(orient="records")}, default=str)
 
 
-def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control: str) -> np.ndarray:
-    """(targets, genes) mean log expression of each target's cells minus the control cells'."""
-    baseline = expression[labels == control].mean(0)
+def mean_or_zero(changes: np.ndarray, genes: int) -> np.ndarray:
+    """The mean of the rows of `changes`, or zeros when there are none."""
+    return changes.mean(0) if len(changes) else np.zeros(genes)
+
+
+def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control_rows: np.ndarray
+                     ) -> np.ndarray:
+    """(targets, genes) mean log expression of each target's cells minus that of the cells at `control_rows`."""
+    baseline = expression[control_rows].mean(0)
     return np.stack([expression[labels == target].mean(0) - baseline for target in targets])
+
+
+def replicate_scores(expression: np.ndarray, rows: np.ndarray, seen: np.ndarray, reference: np.ndarray,
+                     top_genes: int, rng: np.random.Generator) -> tuple[float, float]:
+    """pearson_delta and direction accuracy between two random halves of a target's cells (`rows`), the first half
+    against the `seen` control cells, the second against the `reference` ones: how reproducible its effect is."""
+    rows = rng.permutation(rows)
+    first, second = rows[: len(rows) // 2], rows[len(rows) // 2:]
+    predicted = expression[first].mean(0) - expression[seen].mean(0)
+    observed = expression[second].mean(0) - expression[reference].mean(0)
+    return pearson_delta(predicted, observed), direction_accuracy(predicted, observed, top_genes)
 
 
 def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: list[str], gene_names: np.ndarray,
@@ -151,8 +178,9 @@ def evaluate_perturbation(
     """Score `scgene.perturb` on the screen in `adata` (raw counts; `obs[perturbation_key]` names each cell's target,
     `A+B` for two, or `control`) against its observed changes, next to the baselines (module docstring).
     `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
-    The model sees `max_control_cells` control cells (a seeded sample) and never a perturbed cell; with
-    `adapt_steps`, it first trains that many masked-expression steps on those control cells (`adapted_to_cells`)."""
+    The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
+    perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
+    on the cells it sees (`adapted_to_cells`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen]
@@ -170,9 +198,15 @@ def evaluate_perturbation(
     tokenizer = load_tokenizer(tokenizer, masked_model)
     genes = GeneIndex(adata, tokenizer, None, masked_model.config.vocab_size)
     expression = log_expression(adata, genes, np.arange(len(genes)))  # (cells, genes)
-    observed = observed_changes(expression, labels, all_targets, control)
-    control_rows = np.flatnonzero(labels == control)
-    sample = np.sort(np.random.default_rng(seed).permutation(control_rows)[:max_control_cells])
+    rng = np.random.default_rng(seed)
+    control_rows = rng.permutation(np.flatnonzero(labels == control))
+    if len(control_rows) < 4:
+        raise ValueError(f"{len(control_rows)} {control!r} cells: scoring needs at least 4 control cells, half of them "
+                         "held out as the truth's reference.")
+    reference, seen = np.sort(control_rows[: len(control_rows) // 2]), np.sort(control_rows[len(control_rows) // 2:])
+    observed = observed_changes(expression, labels, all_targets, reference)
+    observed_from_seen = observed_changes(expression, labels, all_targets, seen)
+    sample = seen[np.sort(rng.permutation(len(seen))[:max_control_cells])]
     column = {name: index for index, name in enumerate(genes.names)}
     # deletion needs the gene among the cells' tokens: a target the file does not measure cannot be deleted
     perturbable = [t for t in targets if mode == "overexpress" or any(g in column for g in t.split("+"))]
@@ -190,7 +224,7 @@ def evaluate_perturbation(
             pseudobulk = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed_cells)
         model_changes[[targets.index(t) for t in perturbable]] = pseudobulk
         model_cells |= result.shifts["cells"].to_dict()
-    linear = linear_changes(expression, control_rows, targets, genes.names, mode)
+    linear = linear_changes(expression, seen, targets, genes.names, mode)
     rows = []
     for index, target in enumerate(targets):
         target_genes = target.split("+")
@@ -204,8 +238,11 @@ def evaluate_perturbation(
         generic = model_changes[other_model].mean(0) if other_model else np.zeros(len(genes))
         specific = model_changes[index] - generic if model_cells[target] else np.zeros(len(genes))
         predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
-                       "mean of other perturbations": observed[others].mean(0) if others else np.zeros(len(genes)),
+                       "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
+                       "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
                        "linear co-expression": linear[index]}
+        replicate = replicate_scores(expression[:, scored], np.flatnonzero(labels == target), seen, reference,
+                                     top_genes, rng)
         for method, predicted in predictions.items():
             rows.append({
                 "target": target, "method": method, "cells": int((labels == target).sum()),
@@ -214,8 +251,10 @@ def evaluate_perturbation(
                 "target_measured": len(measured) == len(target_genes),
                 "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
                 "model_cells_perturbed": int(model_cells[target]),
+                "replicate_pearson_delta": replicate[0], "replicate_direction_accuracy": replicate[1],
             })
-    settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample), "genes": len(genes),
+    settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample),
+                "control_cells_reference": len(reference), "genes": len(genes),
                 "top_genes": top_genes, "masking_rounds": masking_rounds, "adapt_steps": adapt_steps, "seed": seed,
                 "model": model_name}
     return PerturbationReport(pd.DataFrame(rows), settings)
