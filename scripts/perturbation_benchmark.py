@@ -52,7 +52,8 @@ def main():
                 with open(args.jsonl, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps({"file": name, **json.loads(report.to_json())}) + "\n")
     overall = pd.concat(summaries)
-    columns = ["screen", "method", "pearson_delta", "direction_accuracy", "targets_scored", "targets"]
+    columns = ["screen", "method", "pearson_delta", "direction_accuracy", "replicate_pearson_delta",
+               "replicate_direction_accuracy", "targets_scored", "targets"]
     table = overall.groupby(["screen", "method"], sort=False)[columns[2:]].mean().reset_index()
     table[["targets_scored", "targets"]] = table[["targets_scored", "targets"]].round().astype(int)
     text = markdown_table(table) + "\n\n" + "\n\n".join(sections) + "\n"
