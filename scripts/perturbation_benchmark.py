@@ -34,7 +34,8 @@ def main():
     parser.add_argument("--max-control-cells", type=int, default=500)
     parser.add_argument("--screens", nargs="*", default=list(SCREENS))
     parser.add_argument("--adapt-steps", type=int, default=0,
-                        help="masked-expression steps on the control cells before perturbing (default 0)")
+                        help="masked-expression steps on the seen control cells before perturbing (default 0)")
+    parser.add_argument("--adapt-learning-rate", type=float, default=1e-4)
     parser.add_argument("--jsonl", help="append one JSON line per (screen, seed)")
     parser.add_argument("--markdown", help="write the summary and per-target tables here")
     args = parser.parse_args()
@@ -43,7 +44,8 @@ def main():
         adata = ad.read_h5ad(Path(args.data) / name)
         for seed in args.seeds:
             report = evaluate_perturbation(adata, args.model, screen=SCREENS[name], seed=seed,
-                                           max_control_cells=args.max_control_cells, adapt_steps=args.adapt_steps)
+                                           max_control_cells=args.max_control_cells, adapt_steps=args.adapt_steps,
+                                           adapt_learning_rate=args.adapt_learning_rate)
             summary = report.summary().reset_index().assign(screen=name.split("_")[0], seed=seed)
             summaries.append(summary)
             sections.append(f"### {name} (seed {seed})\n\n{report.to_markdown()}")

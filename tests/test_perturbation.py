@@ -17,6 +17,7 @@ from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.cli import main
 from scgene.perturbation_benchmark import (
     METHODS,
+    adapted_to_cells,
     direction_accuracy,
     evaluate_perturbation,
     linear_changes,
@@ -191,9 +192,24 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     screen = tmp_path / "screen.h5ad"
     small_screen(cells).write_h5ad(screen)
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
-                 "--max-control-cells", "10", "--json", str(tmp_path / "report.json")]) == 0
+                 "--max-control-cells", "10", "--adapt-steps", "2", "--json", str(tmp_path / "report.json")]) == 0
     assert "| mean of other perturbations |" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "report.json").read_text())["table"]) == len(METHODS) * 3
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert len(saved["table"]) == len(METHODS) * 3 and saved["settings"]["adapt_steps"] == 2
+    assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--adapt-learning-rate", "0"]) == 1
+    assert "--adapt-learning-rate positive" in capsys.readouterr().err
+
+
+def test_adapting_to_cells_trains_a_copy(checkpoint, cells):
+    model = ScGeneForMaskedExpression.from_pretrained(checkpoint)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    adapted = adapted_to_cells(model, ScGeneTokenizer.from_pretrained(checkpoint), cells, steps=3,
+                               learning_rate=1e-3, batch_size=8)
+    assert not adapted.training and adapted is not model
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # the original stays
+    changed = [name for name, tensor in adapted.state_dict().items() if not torch.equal(before[name], tensor)]
+    assert changed and not any("gene_prior" in name for name in changed)  # trained, the frozen prior untouched
 
 
 def test_overexpressing_a_types_markers_moves_cells_toward_it_more_than_matched_random_genes():

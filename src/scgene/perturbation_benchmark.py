@@ -171,6 +171,7 @@ def evaluate_perturbation(
     top_genes: int = 20,
     masking_rounds: int = 7,
     adapt_steps: int = 0,
+    adapt_learning_rate: float = 1e-4,
     seed: int = 0,
     tokenizer=None,
     progress: bool = False,
@@ -180,7 +181,7 @@ def evaluate_perturbation(
     `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
-    on the cells it sees (`adapted_to_cells`)."""
+    (at `adapt_learning_rate`) on the cells it sees (`adapted_to_cells`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen]
@@ -214,7 +215,8 @@ def evaluate_perturbation(
     model_cells = dict.fromkeys(targets, 0)
     model_name = str(getattr(masked_model, "name_or_path", "") or "in-memory model")
     if adapt_steps:
-        masked_model = adapted_to_cells(masked_model, tokenizer, adata[sample], steps=adapt_steps, seed=seed)
+        masked_model = adapted_to_cells(masked_model, tokenizer, adata[sample], steps=adapt_steps,
+                                        learning_rate=adapt_learning_rate, seed=seed)
     if perturbable:
         result = perturb(adata[sample].copy(), masked_model, genes=perturbable, mode=mode,
                          masking_rounds=masking_rounds, seed=seed, tokenizer=tokenizer, key_added=None,
@@ -255,6 +257,7 @@ def evaluate_perturbation(
             })
     settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample),
                 "control_cells_reference": len(reference), "genes": len(genes),
-                "top_genes": top_genes, "masking_rounds": masking_rounds, "adapt_steps": adapt_steps, "seed": seed,
+                "top_genes": top_genes, "masking_rounds": masking_rounds, "adapt_steps": adapt_steps,
+                "adapt_learning_rate": adapt_learning_rate if adapt_steps else None, "seed": seed,
                 "model": model_name}
     return PerturbationReport(pd.DataFrame(rows), settings)

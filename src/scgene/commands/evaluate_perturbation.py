@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-control-cells", type=int, default=500,
                         help="control cells the model perturbs (default %(default)s)")
     parser.add_argument("--top-genes", type=int, default=20, help="genes of the direction accuracy (default %(default)s)")
+    parser.add_argument("--adapt-steps", type=int, default=0,
+                        help="first train the model this many masked-expression steps on the control cells it sees "
+                             "(self-supervised, no perturbed cell; default %(default)s)")
+    parser.add_argument("--adapt-learning-rate", type=float, default=1e-4, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     add_report_arguments(parser, "the table and settings")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
@@ -59,6 +63,9 @@ def _run(args: argparse.Namespace) -> int:
         for flag, value in (("--max-control-cells", args.max_control_cells), ("--top-genes", args.top_genes)):
             if value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value}.")
+        if args.adapt_steps < 0 or args.adapt_learning_rate <= 0:
+            raise ValueError("--adapt-steps must be 0 or more and --adapt-learning-rate positive, got "
+                             f"{args.adapt_steps} and {args.adapt_learning_rate}.")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
@@ -66,7 +73,9 @@ def _run(args: argparse.Namespace) -> int:
             report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen,
                                            perturbation_key=args.perturbation_key, control=args.control,
                                            targets=args.targets, max_control_cells=args.max_control_cells,
-                                           top_genes=args.top_genes, seed=args.seed, tokenizer=args.tokenizer)
+                                           top_genes=args.top_genes, adapt_steps=args.adapt_steps,
+                                           adapt_learning_rate=args.adapt_learning_rate, seed=args.seed,
+                                           tokenizer=args.tokenizer)
             report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
         print(user_error_message("evaluate-perturbation", error, FLAGS), file=sys.stderr)
