@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--screens", nargs="*", default=list(SCREENS))
     parser.add_argument("--adapt-steps", type=int, default=0,
                         help="masked-expression steps on the seen control cells before perturbing (default 0)")
-    parser.add_argument("--adapt-learning-rate", type=float, default=1e-4)
+    parser.add_argument("--adapt-learning-rate", type=float, default=3e-4)
     parser.add_argument("--jsonl", help="append one JSON line per (screen, seed)")
     parser.add_argument("--markdown", help="write the summary and per-target tables here")
     args = parser.parse_args()

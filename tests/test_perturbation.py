@@ -17,7 +17,6 @@ from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.cli import main
 from scgene.perturbation_benchmark import (
     METHODS,
-    adapted_to_cells,
     direction_accuracy,
     evaluate_perturbation,
     linear_changes,
@@ -204,12 +203,17 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
 def test_adapting_to_cells_trains_a_copy(checkpoint, cells):
     model = ScGeneForMaskedExpression.from_pretrained(checkpoint)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    adapted = adapted_to_cells(model, ScGeneTokenizer.from_pretrained(checkpoint), cells, steps=3,
-                               learning_rate=1e-3, batch_size=8)
+    adapted = scgene.adapt_to_cells(cells, model, steps=3, learning_rate=1e-3, batch_size=8,
+                                    tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), progress=False)
     assert not adapted.training and adapted is not model
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # the original stays
     changed = [name for name, tensor in adapted.state_dict().items() if not torch.equal(before[name], tensor)]
     assert changed and not any("gene_prior" in name for name in changed)  # trained, the frozen prior untouched
+    result = scgene.perturb(cells, adapted, expressed_gene(cells), key_added=None, progress=False,
+                            tokenizer=ScGeneTokenizer.from_pretrained(checkpoint))
+    assert np.isfinite(result.changes.to_numpy()).any()
+    with pytest.raises(ValueError, match="learning_rate positive"):
+        scgene.adapt_to_cells(cells, model, learning_rate=0)
 
 
 def test_overexpressing_a_types_markers_moves_cells_toward_it_more_than_matched_random_genes():

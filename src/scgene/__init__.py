@@ -35,7 +35,7 @@ from .modeling_scgene import (
     ScGeneModelOutput,
     ScGenePreTrainedModel,
 )
-from .perturbation import PerturbationResult, perturb
+from .perturbation import PerturbationResult, adapt_to_cells, perturb
 from .pipeline_scgene import TASK as PIPELINE_TASK
 from .pipeline_scgene import CellEmbeddingPipeline
 from .prior_readout import fit_prior_readout_weight, fit_prior_readout_weight_on_tokens
@@ -72,6 +72,7 @@ __all__ = [
     "collectri",
     "transcription_factors",
     "perturb",
+    "adapt_to_cells",
     "PerturbationResult",
     "embed_genes",
     "gene_prior",

@@ -399,6 +399,52 @@ def load_masked_expression_model(model, device) -> ScGeneForMaskedExpression:
     return model.to(device).eval()
 
 
+def adapt_to_cells(
+    adata,
+    model=None,
+    *,
+    steps: int = 1500,
+    learning_rate: float = 3e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+    tokenizer=None,
+    progress: bool = True,
+) -> ScGeneForMaskedExpression:
+    """A copy of `model` (default: the shipped checkpoint) trained `steps` more steps of masked-expression modelling
+    on the cells of `adata` (raw counts), to pass to `perturb`: the model learns these cells' co-expression, which
+    is what its predicted changes read. Self-supervised: no label and no perturbed cell is needed, so adapt on the
+    unperturbed (e.g. control) cells. Same collator as pretraining (15% of genes masked), without the contrastive term
+    (it needs count views; the expression head is what perturbation reads). On two real CRISPR screens this raised
+    pearson_delta with the observed changes, from below to just above the mean of the other perturbations
+    (`docs/perturbation.md`); the defaults are the settings measured there."""
+    import copy
+
+    from .data.collators import DataCollatorForMaskedExpression
+
+    if steps < 1 or batch_size < 1 or not learning_rate > 0:
+        raise ValueError(f"steps and batch_size must be positive integers and learning_rate positive, got {steps}, "
+                         f"{batch_size} and {learning_rate}.")
+    model = load_masked_expression_model(model, None)
+    tokenizer = load_tokenizer(tokenizer, model)
+    batch = tokenizer(adata, return_tensors="np")
+    lengths = batch["attention_mask"].sum(1)
+    features = [{name: batch[name][row, : lengths[row]] for name in ("input_ids", "expression_values",
+                                                                    "expression_bins")} for row in range(adata.n_obs)]
+    collator = DataCollatorForMaskedExpression(tokenizer, seed=seed)
+    adapted = copy.deepcopy(model).train()
+    adapted.config.contrastive_loss_weight, adapted.contrastive_projection = 0.0, None  # (docstring)
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=learning_rate)
+    rng = np.random.default_rng(seed)
+    for step in tqdm(range(steps), unit="steps", desc="Adapting", disable=not progress):
+        collator.epoch = step
+        inputs = collator([features[i] for i in rng.choice(len(features), batch_size)])
+        loss = adapted(**{name: tensor.to(adapted.device) for name, tensor in inputs.items()}).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return adapted.eval()
+
+
 def perturb(
     adata,
     model=None,

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
-from .perturbation import load_masked_expression_model, perturb
+from .perturbation import adapt_to_cells, load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
@@ -131,34 +130,6 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
     return changes
 
 
-def adapted_to_cells(model, tokenizer, adata, *, steps: int, learning_rate: float = 1e-4, batch_size: int = 32,
-                     seed: int = 0):
-    """A copy of `model` trained `steps` more steps of masked-expression modelling on the cells of `adata` (the
-    screen's control cells: self-supervised, no perturbed cell), with the pretraining collator (15% masked) and
-    without the contrastive term (it needs count views; the expression head is what perturbation reads)."""
-    import copy
-
-    from .data.collators import DataCollatorForMaskedExpression
-
-    batch = tokenizer(adata, return_tensors="np")
-    lengths = batch["attention_mask"].sum(1)
-    features = [{name: batch[name][row, : lengths[row]] for name in ("input_ids", "expression_values",
-                                                                    "expression_bins")} for row in range(adata.n_obs)]
-    collator = DataCollatorForMaskedExpression(tokenizer, seed=seed)
-    adapted = copy.deepcopy(model).train()
-    adapted.config.contrastive_loss_weight, adapted.contrastive_projection = 0.0, None  # (docstring)
-    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=learning_rate)
-    rng = np.random.default_rng(seed)
-    for step in range(steps):
-        collator.epoch = step
-        inputs = collator([features[i] for i in rng.choice(len(features), batch_size)])
-        loss = adapted(**{name: tensor.to(adapted.device) for name, tensor in inputs.items()}).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return adapted.eval()
-
-
 def evaluate_perturbation(
     adata,
     model=None,
@@ -171,7 +142,7 @@ def evaluate_perturbation(
     top_genes: int = 20,
     masking_rounds: int = 7,
     adapt_steps: int = 0,
-    adapt_learning_rate: float = 1e-4,
+    adapt_learning_rate: float = 3e-4,
     seed: int = 0,
     tokenizer=None,
     progress: bool = False,
@@ -181,7 +152,7 @@ def evaluate_perturbation(
     `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
-    (at `adapt_learning_rate`) on the cells it sees (`adapted_to_cells`)."""
+    (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen]
@@ -215,8 +186,9 @@ def evaluate_perturbation(
     model_cells = dict.fromkeys(targets, 0)
     model_name = str(getattr(masked_model, "name_or_path", "") or "in-memory model")
     if adapt_steps:
-        masked_model = adapted_to_cells(masked_model, tokenizer, adata[sample], steps=adapt_steps,
-                                        learning_rate=adapt_learning_rate, seed=seed)
+        masked_model = adapt_to_cells(adata[sample], masked_model, steps=adapt_steps,
+                                      learning_rate=adapt_learning_rate, seed=seed, tokenizer=tokenizer,
+                                      progress=progress)
     if perturbable:
         result = perturb(adata[sample].copy(), masked_model, genes=perturbable, mode=mode,
                          masking_rounds=masking_rounds, seed=seed, tokenizer=tokenizer, key_added=None,

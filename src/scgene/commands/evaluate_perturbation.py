@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapt-steps", type=int, default=0,
                         help="first train the model this many masked-expression steps on the control cells it sees "
                              "(self-supervised, no perturbed cell; default %(default)s)")
-    parser.add_argument("--adapt-learning-rate", type=float, default=1e-4, help="(default %(default)s)")
+    parser.add_argument("--adapt-learning-rate", type=float, default=3e-4, help="(default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     add_report_arguments(parser, "the table and settings")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
