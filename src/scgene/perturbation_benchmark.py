@@ -7,7 +7,7 @@ the perturbed cells of the scored target. (Were the truth and a baseline to shar
 mean would be part of both, and the mean of other perturbations would score that shared noise: the row
 `mean of other perturbations, truth's control` shows how much.) Predictions:
 
-- `scgene`: `scgene.perturb` on control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
+- `scgene`: `scgene.perturb` on the seen control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
   predicted change is summed over the cells that express it and divided by the cells perturbed (a pseudobulk, like the
   observed change);
 - `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb: what is
@@ -16,7 +16,7 @@ mean would be part of both, and the mean of other perturbations would score that
 - `mean of other perturbations`: the mean change of the screen's other targets (those sharing no gene with it), each
   against the seen control cells;
 - `mean of other perturbations, truth's control`: the same against the reference control cells (it leaks; see above);
-- `linear co-expression`: on control cells, each gene regressed on the target gene (ordinary least squares, one
+- `linear co-expression`: on the seen control cells, each gene regressed on the target gene (ordinary least squares, one
   regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
   target the screen does not measure gets no prediction (zero).
 

@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
                                            targets=args.targets, max_control_cells=args.max_control_cells,
                                            top_genes=args.top_genes, adapt_steps=args.adapt_steps,
                                            adapt_learning_rate=args.adapt_learning_rate, seed=args.seed,
-                                           tokenizer=args.tokenizer)
+                                           tokenizer=args.tokenizer, progress=True)
             report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
         print(user_error_message("evaluate-perturbation", error, FLAGS), file=sys.stderr)
