@@ -7,9 +7,9 @@ the perturbed cells of the scored target. (Were the truth and a baseline to shar
 mean would be part of both, and the mean of other perturbations would score that shared noise: the row
 `mean of other perturbations, truth's control` shows how much.) Predictions:
 
-- `scgene`: `scgene.perturb` on the seen control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa); a gene's
-  predicted change is summed over the cells that express it and divided by the cells perturbed (a pseudobulk, like the
-  observed change);
+- `scgene`: `scgene.perturb` on the seen control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa);
+  a gene's predicted change is summed over the cells that express it and divided by the cells perturbed (a
+  pseudobulk, like the observed change);
 - `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb: what is
   left of the prediction once its generic response to any perturbation (e.g. "one expressed gene fewer") is removed;
 - `no change`: zero everywhere;
