@@ -122,6 +122,22 @@ def test_perturb_refuses_what_it_cannot_do(checkpoint, cells):
         scgene.perturb(cells, encoder_only, gene, tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), progress=False)
 
 
+def test_pseudobulk_changes_and_their_specific_part(checkpoint, cells):
+    genes = [expressed_gene(cells, rank) for rank in (0, 5, 40)]
+    result = scgene.perturb(cells, checkpoint, genes, key_added=None, progress=False)
+    bulk = result.pseudobulk_changes()
+    perturbed = result.shifts["cells"].to_numpy()[:, None]
+    expected = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed)
+    np.testing.assert_allclose(bulk.to_numpy(), expected)
+    assert (perturbed > result.counts.to_numpy()).any()  # genes some perturbed cells do not express are diluted
+    specific = result.pseudobulk_changes(specific=True)
+    others = bulk.drop(index=genes[0]).mean()
+    np.testing.assert_allclose(specific.loc[genes[0]], bulk.loc[genes[0]] - others, atol=1e-12)
+    np.testing.assert_allclose(specific.sum(), 0, atol=1e-9)  # what all perturbations share is gone
+    with pytest.raises(ValueError, match="two or more"):
+        scgene.perturb(cells, checkpoint, genes[0], key_added=None, progress=False).pseudobulk_changes(specific=True)
+
+
 def test_metrics_and_the_linear_baseline():
     observed = np.array([3.0, -2.0, 1.0, 0.1])
     assert direction_accuracy(np.array([1.0, -1.0, -1.0, 0.0]), observed, 3) == pytest.approx(2 / 3)

@@ -98,6 +98,24 @@ class PerturbationResult:
         table = table[table["rank"] <= n_genes].astype({"rank": int, "cells": int})
         return table.sort_values(["perturbation", "rank"]).reset_index(drop=True)
 
+    def pseudobulk_changes(self, specific: bool = False) -> pd.DataFrame:
+        """perturbations x genes: each gene's predicted change summed over the perturbed cells that express it and
+        divided by all the perturbed cells, as a screen's pseudobulk change is (0 where not predicted).
+        `specific=True` subtracts the mean of the other perturbations' rows: the model's response to any perturbation
+        (e.g. "one expressed gene fewer") removed, what is particular to each left. On real screens that part tracks
+        the observed changes better than the whole (`docs/perturbation.md`)."""
+        if self.changes is None:
+            raise ValueError("This run predicted no expression changes (expression=False).")
+        cells = self.shifts["cells"].to_numpy()[:, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bulk = np.nan_to_num(self.changes.to_numpy() * self.counts.to_numpy() / cells)
+        if specific:
+            if len(bulk) < 2:
+                raise ValueError("specific=True compares each perturbation with the others: run two or more (a list "
+                                 "of genes, or genes='all').")
+            bulk = bulk - (bulk.sum(0) - bulk) / (len(bulk) - 1)
+        return pd.DataFrame(bulk, index=self.changes.index, columns=self.changes.columns)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What to perturb

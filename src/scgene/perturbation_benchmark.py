@@ -10,8 +10,9 @@ mean would be part of both, and the mean of other perturbations would score that
 - `scgene`: `scgene.perturb` on the seen control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa);
   a gene's predicted change is summed over the cells that express it and divided by the cells perturbed (a
   pseudobulk, like the observed change);
-- `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb: what is
-  left of the prediction once its generic response to any perturbation (e.g. "one expressed gene fewer") is removed;
+- `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb
+  (`PerturbationResult.pseudobulk_changes(specific=True)`): what is left of the prediction once its generic response
+  to any perturbation (e.g. "one expressed gene fewer") is removed;
 - `no change`: zero everywhere;
 - `mean of other perturbations`: the mean change of the screen's other targets (those sharing no gene with it), each
   against the seen control cells;
@@ -182,7 +183,7 @@ def evaluate_perturbation(
     column = {name: index for index, name in enumerate(genes.names)}
     # deletion needs the gene among the cells' tokens: a target the file does not measure cannot be deleted
     perturbable = [t for t in targets if mode == "overexpress" or any(g in column for g in t.split("+"))]
-    model_changes = np.zeros((len(targets), len(genes)))
+    model_changes, model_specific = np.zeros((len(targets), len(genes))), np.zeros((len(targets), len(genes)))
     model_cells = dict.fromkeys(targets, 0)
     model_name = str(getattr(masked_model, "name_or_path", "") or "in-memory model")
     if adapt_steps:
@@ -193,10 +194,9 @@ def evaluate_perturbation(
         result = perturb(adata[sample].copy(), masked_model, genes=perturbable, mode=mode,
                          masking_rounds=masking_rounds, seed=seed, tokenizer=tokenizer, key_added=None,
                          progress=progress)
-        perturbed_cells = result.shifts["cells"].to_numpy()[:, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            pseudobulk = np.nan_to_num(result.changes.to_numpy() * result.counts.to_numpy() / perturbed_cells)
-        model_changes[[targets.index(t) for t in perturbable]] = pseudobulk
+        rows = [targets.index(t) for t in perturbable]
+        model_changes[rows] = result.pseudobulk_changes().to_numpy()
+        model_specific[rows] = result.pseudobulk_changes(specific=len(perturbable) > 1).to_numpy()
         model_cells |= result.shifts["cells"].to_dict()
     linear = linear_changes(expression, seen, targets, genes.names, mode)
     rows = []
@@ -208,9 +208,7 @@ def evaluate_perturbation(
         scored = np.ones(len(genes), bool)
         measured = [column[g] for g in target_genes if g in column]
         scored[measured] = False
-        other_model = [targets.index(t) for t in perturbable if t != target]
-        generic = model_changes[other_model].mean(0) if other_model else np.zeros(len(genes))
-        specific = model_changes[index] - generic if model_cells[target] else np.zeros(len(genes))
+        specific = model_specific[index] if model_cells[target] else np.zeros(len(genes))
         predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
