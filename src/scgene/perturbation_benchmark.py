@@ -102,13 +102,14 @@ def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[s
 
 
 def replicate_scores(expression: np.ndarray, rows: np.ndarray, seen: np.ndarray, reference: np.ndarray,
-                     top_genes: int, rng: np.random.Generator) -> tuple[float, float]:
-    """pearson_delta and direction accuracy between two random halves of a target's cells (`rows`), the first half
-    against the `seen` control cells, the second against the `reference` ones: how reproducible its effect is."""
+                     scored: np.ndarray, top_genes: int, rng: np.random.Generator) -> tuple[float, float]:
+    """pearson_delta and direction accuracy over the `scored` genes between two random halves of a target's cells
+    (`rows`), the first half against the `seen` control cells, the second against the `reference` ones: how
+    reproducible its effect is."""
     rows = rng.permutation(rows)
     first, second = rows[: len(rows) // 2], rows[len(rows) // 2:]
-    predicted = expression[first].mean(0) - expression[seen].mean(0)
-    observed = expression[second].mean(0) - expression[reference].mean(0)
+    predicted = (expression[first].mean(0) - expression[seen].mean(0))[scored]
+    observed = (expression[second].mean(0) - expression[reference].mean(0))[scored]
     return pearson_delta(predicted, observed), direction_accuracy(predicted, observed, top_genes)
 
 
@@ -213,7 +214,7 @@ def evaluate_perturbation(
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
                        "linear co-expression": linear[index]}
-        replicate = replicate_scores(expression[:, scored], np.flatnonzero(labels == target), seen, reference,
+        replicate = replicate_scores(expression, np.flatnonzero(labels == target), seen, reference, scored,
                                      top_genes, rng)
         for method, predicted in predictions.items():
             rows.append({
