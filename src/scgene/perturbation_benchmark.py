@@ -26,7 +26,11 @@ excluded), `direction_accuracy` on the `top_genes` genes whose observed change i
 direction and counts as wrong), and the target gene's own observed change, reported apart. The `replicate_` columns
 say how reproducible a target's effect is at all, a ceiling for any prediction: the same two metrics between two
 halves of its cells, one against the seen and one against the reference control cells (pearson_delta near 0: the
-target changed nothing measurable).
+target changed nothing measurable). `effect_pvalue` tests whether the target changed the scored genes' mean expression
+at all: the squared distance between its cells' and the reference control cells' means, against the same distance
+with the two groups' labels shuffled; `effect_fdr` is its Benjamini-Hochberg adjustment over the screen's targets.
+`summary(measurable=True)` averages over the targets with an effect (`effect_fdr` < 0.05): on a target without one,
+the top observed changes are noise and no prediction can beat chance on their direction.
 """
 
 from __future__ import annotations
@@ -39,13 +43,14 @@ import pandas as pd
 
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
-from .perturbation import adapt_to_cells, load_masked_expression_model, perturb
+from .perturbation import adapt_to_cells, fdr, load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
 METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
            "mean of other perturbations, truth's control", "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
+EFFECT_FDR = 0.05  # a target whose effect_fdr is below this changed the screen's genes measurably
 
 
 def pearson_delta(predicted: np.ndarray, observed: np.ndarray) -> float:
@@ -68,10 +73,13 @@ class PerturbationReport(SavedReport):
     table: pd.DataFrame
     settings: dict = field(default_factory=dict)
 
-    def summary(self) -> pd.DataFrame:
+    def summary(self, measurable: bool = False) -> pd.DataFrame:
         """Each method's mean over the targets the model could perturb (those with `model_cells_perturbed` > 0), so
-        every method is scored on the same targets; `targets_scored`: those where its pearson_delta is defined."""
+        every method is scored on the same targets; `targets_scored`: those where its pearson_delta is defined.
+        `measurable=True`: only over those of them with a measurable effect (`effect_fdr` < `EFFECT_FDR`)."""
         common = self.table[self.table["model_cells_perturbed"] > 0]
+        if measurable:
+            common = common[common["effect_fdr"] < EFFECT_FDR]
         by_method = common.groupby("method", sort=False)
         return (by_method[["pearson_delta", "direction_accuracy", "replicate_pearson_delta",
                                "replicate_direction_accuracy"]].mean()
@@ -81,7 +89,9 @@ class PerturbationReport(SavedReport):
     def to_markdown(self) -> str:
         facts = (f"{self.settings.get('screen')} screen, in-silico {self.settings.get('mode')} on "
                  f"{self.settings.get('control_cells_seen')} control cells; {self.settings.get('genes')} genes")
-        return (facts + "\n\n" + markdown_table(self.summary().reset_index()) + "\n\nPer target:\n\n"
+        return (facts + "\n\n" + markdown_table(self.summary().reset_index())
+                + f"\n\nTargets with a measurable effect (effect_fdr < {EFFECT_FDR}) only:\n\n"
+                + markdown_table(self.summary(measurable=True).reset_index()) + "\n\nPer target:\n\n"
                 + markdown_table(self.table) + "\n")
 
     def to_json(self) -> str:
@@ -113,6 +123,26 @@ def replicate_scores(expression: np.ndarray, rows: np.ndarray, seen: np.ndarray,
     return pearson_delta(predicted, observed), direction_accuracy(predicted, observed, top_genes)
 
 
+def effect_pvalue(expression: np.ndarray, rows: np.ndarray, reference: np.ndarray, scored: np.ndarray,
+                  permutations: int, rng: np.random.Generator, chunk: int = 100) -> float:
+    """Permutation p-value that the cells at `rows` differ from the `reference` control cells in their mean
+    expression of the `scored` genes: the squared distance between the two means, against the same distance with the
+    cells' labels shuffled `permutations` times (in chunks, so memory stays at `chunk` x cells)."""
+    pooled = expression[np.concatenate([rows, reference])][:, scored]  # (cells, scored genes)
+    n_rows, n_cells = len(rows), len(pooled)
+
+    def distances(in_rows: np.ndarray) -> np.ndarray:  # (P, cells) 0/1 -> (P,)
+        difference = in_rows @ pooled / n_rows - (1 - in_rows) @ pooled / (n_cells - n_rows)
+        return (difference**2).sum(1)
+
+    observed = distances((np.arange(n_cells) < n_rows)[None].astype(pooled.dtype))[0]
+    exceeded = 0
+    for start in range(0, permutations, chunk):
+        shuffled = np.stack([rng.permutation(n_cells) < n_rows for _ in range(min(chunk, permutations - start))])
+        exceeded += int((distances(shuffled.astype(pooled.dtype)) >= observed).sum())
+    return (1 + exceeded) / (1 + permutations)
+
+
 def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: list[str], gene_names: np.ndarray,
                    mode: str) -> np.ndarray:
     """(targets, genes) the linear co-expression model's predicted change (see the module docstring)."""
@@ -142,6 +172,7 @@ def evaluate_perturbation(
     targets=None,
     max_control_cells: int = 500,
     top_genes: int = 20,
+    effect_permutations: int = 999,
     masking_rounds: int = 7,
     adapt_steps: int = 0,
     adapt_learning_rate: float = 3e-4,
@@ -154,7 +185,8 @@ def evaluate_perturbation(
     `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
-    (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`)."""
+    (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`). `effect_permutations`: of the test
+    that a target changed anything (`effect_pvalue`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen]
@@ -200,7 +232,8 @@ def evaluate_perturbation(
         model_specific[rows] = result.pseudobulk_changes(specific=len(perturbable) > 1).to_numpy()
         model_cells |= result.shifts["cells"].to_dict()
     linear = linear_changes(expression, seen, targets, genes.names, mode)
-    rows = []
+    permutation_rng = np.random.default_rng([seed, 1])  # its own stream: the other draws stay as they were
+    rows, effect_pvalues = [], []
     for index, target in enumerate(targets):
         target_genes = target.split("+")
         truth = observed[all_targets.index(target)]
@@ -216,6 +249,8 @@ def evaluate_perturbation(
                        "linear co-expression": linear[index]}
         replicate = replicate_scores(expression, np.flatnonzero(labels == target), seen, reference, scored,
                                      top_genes, rng)
+        effect_pvalues.append(effect_pvalue(expression, np.flatnonzero(labels == target), reference, scored,
+                                            effect_permutations, permutation_rng))
         for method, predicted in predictions.items():
             rows.append({
                 "target": target, "method": method, "cells": int((labels == target).sum()),
@@ -225,10 +260,13 @@ def evaluate_perturbation(
                 "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
                 "model_cells_perturbed": int(model_cells[target]),
                 "replicate_pearson_delta": replicate[0], "replicate_direction_accuracy": replicate[1],
+                "effect_pvalue": effect_pvalues[-1],
             })
+    table = pd.DataFrame(rows)
+    table["effect_fdr"] = table["target"].map(dict(zip(targets, fdr(np.array(effect_pvalues)), strict=True)))
     settings = {"screen": screen, "mode": mode, "control_cells_seen": len(sample),
-                "control_cells_reference": len(reference), "genes": len(genes),
-                "top_genes": top_genes, "masking_rounds": masking_rounds, "adapt_steps": adapt_steps,
-                "adapt_learning_rate": adapt_learning_rate if adapt_steps else None, "seed": seed,
-                "model": model_name}
-    return PerturbationReport(pd.DataFrame(rows), settings)
+                "control_cells_reference": len(reference), "genes": len(genes), "top_genes": top_genes,
+                "effect_permutations": effect_permutations, "masking_rounds": masking_rounds,
+                "adapt_steps": adapt_steps, "adapt_learning_rate": adapt_learning_rate if adapt_steps else None,
+                "seed": seed, "model": model_name}
+    return PerturbationReport(table, settings)
