@@ -18,6 +18,7 @@ from scgene.cli import main
 from scgene.perturbation_benchmark import (
     METHODS,
     direction_accuracy,
+    effect_pvalue,
     evaluate_perturbation,
     linear_changes,
     pearson_delta,
@@ -186,6 +187,28 @@ def test_the_truth_keeps_its_own_control_cells(checkpoint):
     assert mean_delta["mean of other perturbations, truth's control"] > 0.5
     assert abs(mean_delta["mean of other perturbations"]) < 0.3
     assert report.table["replicate_pearson_delta"].abs().max() < 0.3  # a random label has no reproducible effect
+    assert report.table["effect_fdr"].min() > 0.05 and report.summary(measurable=True).empty  # nor a measurable one
+
+
+def test_the_effect_test_finds_a_real_difference_and_no_invented_one():
+    """B cells against monocytes differ (the smallest p-value 999 permutations give); two random halves of the
+    monocytes do not; only the scored genes count."""
+    adata = ad.read_h5ad(PBMC)
+    expression = np.log1p(sp.csr_matrix(adata.X, dtype=np.float64).toarray())
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    b_cells, monocytes = np.flatnonzero(labels == "B")[:100], np.flatnonzero(labels == "CD14+ Mono")[:200]
+    every_gene = np.ones(adata.n_vars, bool)
+    rng = np.random.default_rng(0)
+    assert effect_pvalue(expression, b_cells, monocytes, every_gene, 999, rng) == pytest.approx(1 / 1000)
+    halves = [effect_pvalue(expression, half[:100], half[100:], every_gene, 999, rng)
+              for half in (rng.permutation(monocytes) for _ in range(5))]
+    assert min(halves) > 0.05
+    planted = expression.copy()
+    planted[monocytes[:100], 0] += 5  # a change in one gene only
+    assert effect_pvalue(planted, monocytes[:100], monocytes[100:], every_gene, 999, rng) == pytest.approx(1 / 1000)
+    not_the_planted_gene = every_gene.copy()
+    not_the_planted_gene[0] = False
+    assert effect_pvalue(planted, monocytes[:100], monocytes[100:], not_the_planted_gene, 999, rng) > 0.05
 
 
 def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
@@ -204,6 +227,15 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", gene, "--mode", "set",
                  "--out", str(tmp_path / "x.tsv")]) == 1
     assert "needs --value" in capsys.readouterr().err and not (tmp_path / "x.tsv").exists()
+    read = tmp_path / "genes.txt"  # --genes: read only these (the tokenizer's genes=), apart from the --targets
+    read.write_text("\n".join([gene, "CD74", *cells.var_names[:20]]))
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", "all", "--genes", str(read),
+                 "--no-expression", "--adapt-steps", "2", "--out", str(tmp_path / "read.tsv")]) == 0
+    perturbed = pd.read_csv(tmp_path / "read.tsv", sep="\t", index_col=0)
+    assert gene in perturbed.index and set(perturbed.index) <= {gene, "CD74", *cells.var_names[:20]}
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", gene, "--adapt-learning-rate", "0",
+                 "--out", str(tmp_path / "x.tsv")]) == 1
+    assert "--adapt-learning-rate positive" in capsys.readouterr().err and not (tmp_path / "x.tsv").exists()
     screen = tmp_path / "screen.h5ad"
     small_screen(cells).write_h5ad(screen)
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",

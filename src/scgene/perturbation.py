@@ -427,13 +427,16 @@ def adapt_to_cells(
     seed: int = 0,
     tokenizer=None,
     progress: bool = True,
+    **tokenize_kwargs,
 ) -> ScGeneForMaskedExpression:
     """A copy of `model` (default: the shipped checkpoint) trained `steps` more steps of masked-expression modelling
-    on the cells of `adata` (raw counts), to pass to `perturb`: the model learns these cells' co-expression, which
-    is what its predicted changes read. Self-supervised: no label and no perturbed cell is needed, so adapt on the
-    unperturbed (e.g. control) cells. Same collator as pretraining (15% of genes masked), without the contrastive term
-    (it needs count views; the expression head is what perturbation reads). On two real CRISPR screens this raised
-    pearson_delta with the observed changes, from below to just above the mean of the other perturbations
+    on the cells of `adata` (raw counts; in memory or backed), to pass to `perturb`: the model learns these cells'
+    co-expression, which is what its predicted changes read. Self-supervised: no label and no perturbed cell is
+    needed, so adapt on the unperturbed (e.g. control) cells. Same collator as pretraining (15% of genes masked),
+    without the contrastive term (it needs count views; the expression head is what perturbation reads). Only the
+    cells the seeded batches draw are read (at most `steps` x `batch_size`), so a large file need not fit in memory.
+    `tokenize_kwargs` (gene_column, layer, ...) go to the tokenizer, as in `perturb`. On two real CRISPR screens this
+    raised pearson_delta with the observed changes, from below to just above the mean of the other perturbations
     (`docs/perturbation.md`); the defaults are the settings measured there."""
     import copy
 
@@ -444,18 +447,19 @@ def adapt_to_cells(
                          f"{batch_size} and {learning_rate}.")
     model = load_masked_expression_model(model, None)
     tokenizer = load_tokenizer(tokenizer, model)
-    batch = tokenizer(adata, return_tensors="np")
+    drawn = np.random.default_rng(seed).choice(adata.n_obs, (steps, batch_size))  # each step's cells
+    rows, drawn = np.unique(drawn, return_inverse=True)
+    batch = tokenizer(adata[rows], return_tensors="np", **tokenize_kwargs)
     lengths = batch["attention_mask"].sum(1)
     features = [{name: batch[name][row, : lengths[row]] for name in ("input_ids", "expression_values",
-                                                                    "expression_bins")} for row in range(adata.n_obs)]
+                                                                    "expression_bins")} for row in range(len(rows))]
     collator = DataCollatorForMaskedExpression(tokenizer, seed=seed)
     adapted = copy.deepcopy(model).train()
     adapted.config.contrastive_loss_weight, adapted.contrastive_projection = 0.0, None  # (docstring)
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=learning_rate)
-    rng = np.random.default_rng(seed)
     for step in tqdm(range(steps), unit="steps", desc="Adapting", disable=not progress):
         collator.epoch = step
-        inputs = collator([features[i] for i in rng.choice(len(features), batch_size)])
+        inputs = collator([features[i] for i in drawn.reshape(steps, batch_size)[step]])
         loss = adapted(**{name: tensor.to(adapted.device) for name, tensor in inputs.items()}).loss
         optimizer.zero_grad()
         loss.backward()
@@ -484,6 +488,7 @@ def perturb(
     device=None,
     max_memory_gb: float = 4.0,
     progress: bool = True,
+    read_genes=None,
     **tokenize_kwargs,
 ) -> PerturbationResult:
     """Perturb `genes` in the cells of `adata` and predict what changes (see the module docstring for the method).
@@ -497,7 +502,8 @@ def perturb(
     `masking_rounds + 1`). `model`: a pretrained checkpoint with its masked-expression head (default: the one shipped
     with scgene). With an AnnData in memory and `key_added`, writes `adata.uns[key_added]` (the tables and the run's
     settings) and, for a single perturbation, `adata.layers[key_added]` (per-cell changes, NaN where not predicted) and
-    `adata.obs[key_added + "_shift"]`.
+    `adata.obs[key_added + "_shift"]`. `read_genes`: gene names to read from the file, normalised over them (the
+    tokenizer's `genes=`, named apart from the perturbed `genes`); `genes="all"` then perturbs each of them.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
@@ -514,8 +520,12 @@ def perturb(
     encoder = masked_model.base_model
     tokenizer = load_tokenizer(tokenizer, masked_model)
     max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH
+    if read_genes is not None:
+        tokenize_kwargs = tokenize_kwargs | {"genes": list(read_genes)}
     with opened(adata) as cells:
         measured = GeneIndex(cells, tokenizer, tokenize_kwargs.get("gene_column"), masked_model.config.vocab_size)
+        if read_genes is not None and isinstance(genes, str) and genes == "all":
+            genes = list(measured.names[measured.subset(read_genes, tokenizer)])
         perturbations = parse_perturbations(genes, tokenizer, measured)
         names = [name for name, _ in perturbations]
         if len(set(names)) < len(names):
@@ -525,7 +535,7 @@ def perturb(
         if needed_gb > max_memory_gb:
             raise ValueError(f"{len(perturbations)} perturbations x {len(measured)} genes need {needed_gb:.1f} GB of "
                              f"change tables (max_memory_gb={max_memory_gb}): perturb fewer genes, read fewer genes "
-                             "(genes= of the tokenizer), or pass expression=False for the embedding shifts alone.")
+                             "(read_genes=), or pass expression=False for the embedding shifts alone.")
         goal_embedding = None
         if goal is not None:
             goal_cells = np.flatnonzero(goal)

@@ -15,8 +15,8 @@ import sys
 from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .embed import add_reading_arguments, reading_options
 
-FLAGS = {"genes=": "--targets ", "value=": "--value ", "groupby=": "--groupby ", "groups=": "--groups ",
-         "state_key": "--state-key", "start_state": "--start-state", "goal_state": "--goal-state",
+FLAGS = {"read_genes=": "--genes ", "genes=": "--targets ", "value=": "--value ", "groupby=": "--groupby ",
+         "groups=": "--groups ", "state_key": "--state-key", "start_state": "--start-state", "goal_state": "--goal-state",
          "expression=False": "--no-expression", "masking_rounds": "--masking-rounds",
          "max_memory_gb": "--max-memory-gb", "gene_column=": "--gene-column", "tokenizer=": "--tokenizer",
          "max_tokens_per_batch": "--max-tokens-per-batch"}
@@ -55,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="IMAGE", help="save bars of the largest predicted changes here")
     parser.add_argument("--no-expression", action="store_true", help="embedding shifts only (about 8x faster)")
     parser.add_argument("--masking-rounds", type=int, default=7, help="default %(default)s (see scgene.perturbation)")
-    parser.add_argument("--seed", type=int, default=0, help="the masking groups (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="the masking groups and adaptation batches (default 0)")
+    parser.add_argument("--adapt-steps", type=int, default=0,
+                        help="first train a copy of the model this many masked-expression steps on the file's cells "
+                             "(self-supervised; recommended before reading expression changes, e.g. 1500; default "
+                             "%(default)s)")
+    parser.add_argument("--adapt-learning-rate", type=float, default=3e-4, help="(default %(default)s)")
     parser.add_argument("--max-memory-gb", type=float, default=4.0,
                         help="refuse change tables that need more (default %(default)s)")
     add_reading_arguments(parser)
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ..fileio import atomic_path, claimed_output
     from ..inference import DEFAULT_CHECKPOINT
-    from ..perturbation import perturb
+    from ..perturbation import adapt_to_cells, perturb
     from ..plotting import image_format, perturbation_changes
     from .annotated_copy import read_input
 
@@ -80,6 +85,9 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--changes and --plot show predicted expression changes, which --no-expression skips.")
         if args.top_genes < 1:
             raise ValueError(f"--top-genes must be a positive integer, got {args.top_genes}.")
+        if args.adapt_steps < 0 or args.adapt_learning_rate <= 0:
+            raise ValueError("--adapt-steps must be 0 or more and --adapt-learning-rate positive, got "
+                             f"{args.adapt_steps} and {args.adapt_learning_rate}.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
         with contextlib.ExitStack() as claims:  # every output is checked before the work starts
             for path in (args.out, args.changes, args.plot):
@@ -88,7 +96,15 @@ def _run(args: argparse.Namespace) -> int:
                                                         overwrite=args.overwrite))
             with read_input(args.input) as adata:
                 options = reading_options(args, adata)
-                result = perturb(adata, args.model, targets_option(args.targets), mode=args.mode, value=args.value,
+                model = args.model
+                if args.adapt_steps:
+                    model = adapt_to_cells(adata, model, steps=args.adapt_steps, learning_rate=args.adapt_learning_rate,
+                                           seed=args.seed, tokenizer=args.tokenizer,
+                                           **{key: value for key, value in options.items()
+                                              if key != "max_tokens_per_batch"})
+                if "genes" in options:  # perturb's genes= are the perturbed ones
+                    options["read_genes"] = options.pop("genes")
+                result = perturb(adata, model, targets_option(args.targets), mode=args.mode, value=args.value,
                                  groupby=args.groupby, groups=args.groups, state_key=args.state_key,
                                  start_state=args.start_state, goal_state=args.goal_state,
                                  expression=not args.no_expression, masking_rounds=args.masking_rounds, seed=args.seed,
