@@ -449,6 +449,7 @@ def adapt_to_cells(
     tokenizer = load_tokenizer(tokenizer, model)
     drawn = np.random.default_rng(seed).choice(adata.n_obs, (steps, batch_size))  # each step's cells
     rows, drawn = np.unique(drawn, return_inverse=True)
+    drawn = drawn.reshape(steps, batch_size)  # positions into rows
     batch = tokenizer(adata[rows], return_tensors="np", **tokenize_kwargs)
     lengths = batch["attention_mask"].sum(1)
     features = [{name: batch[name][row, : lengths[row]] for name in ("input_ids", "expression_values",
@@ -459,7 +460,7 @@ def adapt_to_cells(
     optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=learning_rate)
     for step in tqdm(range(steps), unit="steps", desc="Adapting", disable=not progress):
         collator.epoch = step
-        inputs = collator([features[i] for i in drawn.reshape(steps, batch_size)[step]])
+        inputs = collator([features[i] for i in drawn[step]])
         loss = adapted(**{name: tensor.to(adapted.device) for name, tensor in inputs.items()}).loss
         optimizer.zero_grad()
         loss.backward()

@@ -28,7 +28,7 @@ say how reproducible a target's effect is at all, a ceiling for any prediction: 
 halves of its cells, one against the seen and one against the reference control cells (pearson_delta near 0: the
 target changed nothing measurable). `effect_pvalue` tests whether the target changed the scored genes' mean expression
 at all: the squared distance between its cells' and the reference control cells' means, against the same distance
-with the two groups' labels shuffled; `effect_fdr` is its Benjamini-Hochberg adjustment over the screen's targets.
+with the two groups' labels shuffled; `effect_fdr` is its Benjamini-Hochberg adjustment over the scored targets.
 `summary(measurable=True)` averages over the targets with an effect (`effect_fdr` < 0.05): on a target without one,
 the top observed changes are noise and no prediction can beat chance on their direction.
 """
