@@ -1,8 +1,9 @@
 """`scgene evaluate-perturbation SCREEN.h5ad --screen knockout`: do in-silico perturbations match a real screen?
 
 For each target, `scgene.perturb` on the screen's control cells is scored against the observed change of the
-target's cells, next to no change, the mean of the other perturbations and a linear co-expression model; prints a
-markdown table (per target, then per method), `--json` and `--markdown` save it. See `scgene.perturbation_benchmark`.
+target's cells, next to no change, the mean of the other perturbations and a linear co-expression model; prints
+markdown tables (per method over all targets, per method over the targets with a measurable effect, then per
+target), `--json` and `--markdown` save them. See `scgene.perturbation_benchmark`.
 """
 
 from __future__ import annotations
