@@ -247,13 +247,13 @@ def evaluate_perturbation(
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
                        "linear co-expression": linear[index]}
-        replicate = replicate_scores(expression, np.flatnonzero(labels == target), seen, reference, scored,
-                                     top_genes, rng)
-        effect_pvalues.append(effect_pvalue(expression, np.flatnonzero(labels == target), reference, scored,
-                                            effect_permutations, permutation_rng))
+        target_rows = np.flatnonzero(labels == target)
+        replicate = replicate_scores(expression, target_rows, seen, reference, scored, top_genes, rng)
+        effect_pvalues.append(effect_pvalue(expression, target_rows, reference, scored, effect_permutations,
+                                            permutation_rng))
         for method, predicted in predictions.items():
             rows.append({
-                "target": target, "method": method, "cells": int((labels == target).sum()),
+                "target": target, "method": method, "cells": len(target_rows),
                 "pearson_delta": pearson_delta(predicted[scored], truth[scored]),
                 "direction_accuracy": direction_accuracy(predicted[scored], truth[scored], top_genes),
                 "target_measured": len(measured) == len(target_genes),
