@@ -4,6 +4,7 @@ for the method and baselines), one table per screen plus a summary; rows appende
     python scripts/perturbation_benchmark.py [--data ../shared/data/perturbation] [--model DIR] [--seeds 0 1 2]
         [--max-control-cells 500] [--jsonl docs/perturbation_runs.jsonl] [--markdown OUT.md]
     python scripts/perturbation_benchmark.py --runs docs/perturbation_runs.jsonl --seeds 0 1 2 [--adapt-steps 1500]
+        [--knockout-mode delete]
         (tabulates saved runs: the summaries and, per screen, each target's mean over the seeds)
 """
 
@@ -62,18 +63,25 @@ def per_target(tables: list[pd.DataFrame]) -> pd.DataFrame:
     return facts.join(wide[methods]).reset_index()
 
 
-def saved_reports(path: str, screens: list[str], seeds: list[int], adapt_steps: int) -> list:
-    """(file, seed, report) of the runs saved in the JSONL file at `path` that match the screens, seeds and
-    adaptation steps asked for."""
+def in_silico_mode(screen: str, knockout_mode: str) -> str:
+    """The in-silico mode a screen kind is scored with: `knockout_mode` for knockout and CRISPRi screens."""
+    return "overexpress" if screen == "crispra" else knockout_mode
+
+
+def saved_reports(path: str, screens: list[str], seeds: list[int], adapt_steps: int, knockout_mode: str) -> list:
+    """(file, seed, report) of the runs saved in the JSONL file at `path` that match the screens, seeds, adaptation
+    steps and in-silico mode asked for."""
     reports = []
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             run = json.loads(line)
             settings = run["settings"]
-            if run["file"] in screens and settings["seed"] in seeds and (settings["adapt_steps"] or 0) == adapt_steps:
+            if (run["file"] in screens and settings["seed"] in seeds and (settings["adapt_steps"] or 0) == adapt_steps
+                    and settings["mode"] == in_silico_mode(SCREENS[run["file"]], knockout_mode)):
                 reports.append((run["file"], settings["seed"], PerturbationReport(pd.DataFrame(run["table"]), settings)))
     if not reports:
-        raise SystemExit(f"{path} holds no run of {screens} with seeds {seeds} and --adapt-steps {adapt_steps}.")
+        raise SystemExit(f"{path} holds no run of {screens} with seeds {seeds}, --adapt-steps {adapt_steps} and "
+                         f"--knockout-mode {knockout_mode}.")
     return reports
 
 
@@ -87,18 +95,21 @@ def main():
     parser.add_argument("--adapt-steps", type=int, default=0,
                         help="masked-expression steps on the seen control cells before perturbing (default 0)")
     parser.add_argument("--adapt-learning-rate", type=float, default=3e-4)
+    parser.add_argument("--knockout-mode", choices=["knockout", "delete"], default="knockout",
+                        help="in-silico mode of the knockout and CRISPRi screens (default %(default)s)")
     parser.add_argument("--jsonl", help="append one JSON line per (screen, seed)")
     parser.add_argument("--runs", metavar="JSONL", help="run nothing: tabulate the matching runs saved in this file")
     parser.add_argument("--markdown", help="write the summary and per-target tables here")
     args = parser.parse_args()
     if args.runs:
-        reports = saved_reports(args.runs, args.screens, args.seeds, args.adapt_steps)
+        reports = saved_reports(args.runs, args.screens, args.seeds, args.adapt_steps, args.knockout_mode)
     else:
         reports = []
         for name in args.screens:
             adata = ad.read_h5ad(Path(args.data) / name)
             for seed in args.seeds:
                 report = evaluate_perturbation(adata, args.model, screen=SCREENS[name], seed=seed,
+                                               mode=in_silico_mode(SCREENS[name], args.knockout_mode),
                                                max_control_cells=args.max_control_cells, adapt_steps=args.adapt_steps,
                                                adapt_learning_rate=args.adapt_learning_rate)
                 reports.append((name, seed, report))

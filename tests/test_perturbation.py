@@ -88,6 +88,51 @@ def test_perturbed_cells_are_those_expressing_the_gene_and_results_do_not_depend
     assert overexpressed.shifts.loc[gene, "cells"] == cells.n_obs  # a gene a cell lacks is added
 
 
+def test_knockout_deletes_where_the_gene_is_expressed_and_elsewhere_reverses_adding_it(checkpoint, cells):
+    """Where a cell expresses the gene, knockout is delete. Elsewhere, and for a gene the file does not measure, it is
+    the cell with the gene (at value=, or at the level the model predicts for it there) against the cell without it:
+    set, with the sign turned."""
+    tokenizer = ScGeneTokenizer.from_pretrained(checkpoint)
+    gene = expressed_gene(cells, 20)
+    holding = (tokenizer(cells, return_tensors="pt")["input_ids"] == tokenizer._lookup(gene)).any(1).numpy()
+    knocked = scgene.perturb(cells, checkpoint, gene, mode="knockout", key_added=None, progress=False)
+    deleted = scgene.perturb(cells, checkpoint, gene, key_added=None, progress=False)
+    assert knocked.shifts.loc[gene, "cells"] == cells.n_obs > holding.sum() > 0
+    size = np.nanmax(np.abs(deleted.cell_changes))
+    np.testing.assert_allclose(knocked.cell_changes[holding], deleted.cell_changes[holding], atol=1e-3 * size)
+    np.testing.assert_allclose(knocked.cell_shifts[holding], deleted.cell_shifts[holding], atol=1e-3 * size)
+    assert np.nanmax(np.abs(knocked.cell_changes[~holding])) > 1e-3 * size  # where it was added, it still moves
+
+    absent = "TCF7"
+    assert absent not in cells.var_names and tokenizer._lookup(absent) is not None
+    knocked = scgene.perturb(cells, checkpoint, absent, mode="knockout", value=1.5, key_added=None, progress=False)
+    added = scgene.perturb(cells, checkpoint, absent, mode="set", value=1.5, key_added=None, progress=False)
+    size = np.nanmax(np.abs(added.cell_changes))
+    assert size > 1e-6
+    np.testing.assert_allclose(knocked.cell_changes, -added.cell_changes, atol=1e-3 * size)
+
+    # by default the gene is added at the value head's prediction for it in the cell
+    model = ScGeneForMaskedExpression.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        model.value_head.bias += 2.0  # a clearly positive prediction, which `set` accepts as a value
+    cell = cells[:1]
+    inputs = tokenizer(cell, return_tensors="pt")
+    appended = {"input_ids": tokenizer._lookup(absent), "expression_values": model.config.mask_value,
+                "expression_bins": model.config.n_bins, "attention_mask": 1}
+    inputs = {name: torch.cat([tensor, torch.full((1, 1), appended[name], dtype=tensor.dtype)], 1)
+              for name, tensor in inputs.items()}
+    with torch.no_grad():
+        predicted = float(model(**inputs).predicted_values[0, -1])
+    knocked = scgene.perturb(cell, model, absent, mode="knockout", tokenizer=tokenizer, key_added=None, progress=False)
+    added = scgene.perturb(cell, model, absent, mode="set", value=predicted, tokenizer=tokenizer, key_added=None,
+                           progress=False)
+    size = np.nanmax(np.abs(added.cell_changes))
+    np.testing.assert_allclose(knocked.cell_changes, -added.cell_changes, atol=1e-3 * size)
+    other = scgene.perturb(cell, model, absent, mode="set", value=predicted + 1, tokenizer=tokenizer, key_added=None,
+                           progress=False)
+    assert np.nanmax(np.abs(other.cell_changes - added.cell_changes)) > 1e-2 * size  # the value matters
+
+
 def test_one_perturbation_writes_layers_obs_and_uns_and_a_goal_gets_tested(checkpoint, cells, tmp_path):
     adata = cells.copy()
     gene = expressed_gene(adata)
@@ -110,6 +155,7 @@ def test_perturb_refuses_what_it_cannot_do(checkpoint, cells):
     gene = expressed_gene(cells)
     for kwargs, message in (
         ({"genes": gene, "mode": "set"}, "needs value"),
+        ({"genes": gene, "mode": "knockout", "value": 0}, "needs value= > 0"),
         ({"genes": gene, "mode": "knockdown"}, "mode must be one of"),
         ({"genes": "NOT_A_GENE_XYZ"}, "not in the model's vocabulary"),
         ({"genes": gene, "groupby": "cell_type", "groups": ["no such type"]}, "are not in obs"),
@@ -169,6 +215,13 @@ def test_evaluate_perturbation_scores_every_method_on_every_target(checkpoint, c
     assert report.table.loc[report.table["method"] == "no change", "direction_accuracy"].eq(0).all()
     assert report.settings["control_cells_seen"] == 5  # half of the 10 control cells: the other half is the truth's
     assert "| scgene |" in report.to_markdown()
+    unmeasured = screen.copy()  # a knockout of a gene the file does not measure: the model can still score it
+    unmeasured.obs["perturbation"] = unmeasured.obs["perturbation"].replace({expressed_gene(cells, 3): "TCF7"})
+    report = evaluate_perturbation(unmeasured, checkpoint, screen="knockout", max_control_cells=10)
+    rows = report.table[report.table["target"] == "TCF7"].set_index("method")
+    assert not rows["target_measured"].any() and (rows["model_cells_perturbed"] == 5).all()
+    assert np.isfinite(rows.loc["scgene", "pearson_delta"]) and np.isnan(rows.loc["linear co-expression",
+                                                                                  "pearson_delta"])
     with pytest.raises(ValueError, match="screen must be one of"):
         evaluate_perturbation(screen, checkpoint, screen="rnai")
     with pytest.raises(ValueError, match="No 'nontargeting' cells"):
@@ -236,6 +289,9 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", gene, "--adapt-learning-rate", "0",
                  "--out", str(tmp_path / "x.tsv")]) == 1
     assert "--adapt-learning-rate positive" in capsys.readouterr().err and not (tmp_path / "x.tsv").exists()
+    assert main(["perturb", str(source), "--model", str(checkpoint), "--targets", "TCF7", "--mode", "knockout",
+                 "--no-expression", "--out", str(tmp_path / "unmeasured.tsv")]) == 0  # not in the file: still knocked out
+    assert pd.read_csv(tmp_path / "unmeasured.tsv", sep="\t", index_col=0).loc["TCF7", "cells"] == cells.n_obs
     screen = tmp_path / "screen.h5ad"
     small_screen(cells).write_h5ad(screen)
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",

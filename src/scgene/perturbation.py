@@ -5,7 +5,11 @@ quantiles. `delete` removes a gene's token (its attention mask is set to 0: no t
 does not pool it); `overexpress` gives it the cell's highest value and the top bin (appending the token when the cell
 did not express the gene), as Geneformer moves an overexpressed gene to the front of the rank; `set` gives it a value
 (log1p of counts per 10,000, the tokenizer's units) and the bin of the nearest value in that cell; `scale` multiplies
-its normalised count. Every other token stays exactly as it was: no rank shifts, no re-binning.
+its normalised count. Every other token stays exactly as it was: no rank shifts, no re-binning. `knockout` is `delete`
+where a cell expresses the gene. Where it does not (too few counts to be detected, or a gene the file does not measure),
+there is no token to remove, so the cell is compared the other way round: a copy with the gene added, at `value` or at
+the level the value head predicts for it in that cell (the gene masked), is the reference, and the cell without it the
+knocked-out side.
 
 How the change of every gene is predicted. Pretraining taught the value head to predict masked genes from the rest of
 the cell. Each cell's gene tokens are split once, at random with `seed`, into `masking_rounds` groups (7: about the 15%
@@ -58,7 +62,7 @@ from .tokenization_scgene import opened
 
 logger = logging.get_logger(__name__)
 
-MODES = ("delete", "overexpress", "set", "scale")
+MODES = ("delete", "knockout", "overexpress", "set", "scale")
 PERTURBATION_KEY = "scgene_perturbation"
 SHIFT_COLUMNS = ["cells", "cosine_shift", "cosine_shift_std", "shift_pval", "shift_fdr"]
 GOAL_COLUMNS = ["shift_to_goal", "shift_to_goal_std", "goal_pval", "goal_fdr"]
@@ -221,9 +225,23 @@ def nearest_bins(values: torch.Tensor, bins: torch.Tensor, genes: torch.Tensor, 
     return torch.where(new_values > highest, torch.full_like(nearest, top_bin), nearest)
 
 
+def set_tokens(inputs: dict, r: torch.Tensor, c: torch.Tensor, genes: torch.Tensor, new_values: torch.Tensor,
+               cell_genes: torch.Tensor, tokenizer) -> None:
+    """Give the tokens at rows `r`, columns `c` the `genes` and `new_values`, with their bins (the nearest value's bin
+    among the `cell_genes` tokens, or the global bins), and unmask them."""
+    values, bins = inputs["expression_values"], inputs["expression_bins"]
+    if tokenizer.binning == "global":
+        new_bins = torch.from_numpy(tokenizer.bin_rows(new_values.numpy(), np.ones(len(r), np.int64)).astype(np.int64))
+    else:
+        new_bins = nearest_bins(values[r], bins[r], cell_genes[r], new_values, tokenizer.n_bins - 1)
+    inputs["input_ids"][r, c], values[r, c], bins[r, c], inputs["attention_mask"][r, c] = genes, new_values, new_bins, 1
+
+
 def perturbed_copies(base, gene_tokens, slots, genes, mode, value, tokenizer) -> Copies | None:
     """Copies of the batch's cells with each applicable perturbation made (see the module docstring); None if none
-    applies. `slots`, `genes`: `gene_slots` of the batch; `gene_tokens` (B, W): the cells' real gene tokens."""
+    applies. `slots`, `genes`: `gene_slots` of the batch; `gene_tokens` (B, W): the cells' real gene tokens.
+    For `knockout` a copy is the cell *with* the genes: those it expresses as they are, the others added at `value`
+    (None: left for `impute_added` to fill); `without_genes` then makes the knocked-out copy."""
     present = slots >= 0  # (B, P, E)
     wanted = genes >= 0
     applies = (present & wanted).any(2) if mode in ("delete", "scale") else wanted.any(2)  # (B, P)
@@ -243,24 +261,27 @@ def perturbed_copies(base, gene_tokens, slots, genes, mode, value, tokenizer) ->
         slot = torch.from_numpy(slots[cell_rows, perturbation, k])
         gene = torch.from_numpy(genes[cell_rows, perturbation, k].copy())
         column = torch.where(slot >= 0, slot, width - extra + k)
-        active = (gene >= 0) & ((slot >= 0) | torch.tensor(mode in ("overexpress", "set")))
+        active = (gene >= 0) & ((slot >= 0) | torch.tensor(mode in ("overexpress", "set", "knockout")))
         r, c = rows[active], column[active]
         perturbed[r, c] = True
         if mode == "delete":
             mask[r, c] = 0
             continue
+        if mode == "knockout":  # expressed genes stay as they are; the others are added
+            active &= slot < 0
+            r, c = rows[active], column[active]
+            if value is None:
+                ids[r, c], mask[r, c] = gene[active], 1
+                continue
         if mode == "overexpress":
             new = top_value[r]
-        elif mode == "set":
+        elif mode in ("set", "knockout"):
             new = torch.full((len(r),), float(value))
         else:  # scale the normalised count, in log1p units
             new = torch.log1p(torch.expm1(values[r, c]) * float(value))
-        if tokenizer.binning == "global":
-            new_bins = torch.from_numpy(tokenizer.bin_rows(new.numpy(), np.ones(len(new), np.int64)).astype(np.int64))
-        else:
-            new_bins = nearest_bins(values[r], bins[r], cell_genes[r] & ~perturbed[r], new, tokenizer.n_bins - 1)
-        ids[r, c], values[r, c], bins[r, c], mask[r, c] = gene[active], new, new_bins, 1
+        set_tokens(inputs, r, c, gene[active], new, cell_genes & ~perturbed, tokenizer)
     return Copies(cell_rows_t, torch.from_numpy(perturbation), inputs, perturbed)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,6 +361,37 @@ def reference_predictions(predictor: Predictor, base: dict, gene_tokens: torch.T
         if masked.any():
             reference = torch.where(masked, predictor.masked_values(base, masked), reference)
     return reference
+
+def impute_added(predictor: Predictor, copies: Copies, added: torch.Tensor, cell_genes: torch.Tensor,
+                 tokenizer) -> None:
+    """Give the `added` tokens (N, W) of `knockout` copies the level the model predicts for each in its cell (all of a
+    copy's added genes masked together, one forward) and that level's bin."""
+    predicted = predictor.masked_values(copies.inputs, added).clamp(min=0)  # (N, W)
+    r, c = added.nonzero(as_tuple=True)
+    set_tokens(copies.inputs, r, c, copies.inputs["input_ids"][r, c], predicted[r, c], cell_genes & ~copies.perturbed,
+               tokenizer)
+
+
+def without_genes(copies: Copies) -> Copies:
+    """The knocked-out side of `knockout` copies: each copy with its perturbed tokens removed (attention mask 0), its
+    cell being the copy itself (row i of the copies)."""
+    inputs = {name: tensor.clone() for name, tensor in copies.inputs.items()}
+    inputs["attention_mask"][copies.perturbed] = 0
+    return Copies(torch.arange(len(copies.cell_rows)), copies.perturbation, inputs, copies.perturbed)
+
+
+def knockout_changes(predictor: Predictor, context: dict, copies: Copies, added: torch.Tensor, groups: torch.Tensor,
+                     rounds: int, reference: torch.Tensor) -> torch.Tensor:
+    """(N, W) `predicted_changes` of knocked-out copies against their `context` (N, W), the cell with the genes, each
+    copy being its own cell. Its reference predictions are the cell's (`reference`) where nothing was added, and are
+    made afresh where genes were (`added`)."""
+    tokens = context["attention_mask"].bool() & (context["input_ids"] >= NUM_SPECIAL_TOKENS)
+    reference = reference.clone()
+    fresh = added.any(1)
+    if fresh.any():
+        reference[fresh] = reference_predictions(predictor, {name: tensor[fresh] for name, tensor in context.items()},
+                                                 tokens[fresh], groups[fresh], rounds)
+    return predicted_changes(predictor, context, tokens, copies, groups, rounds, reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -495,9 +547,11 @@ def perturb(
     """Perturb `genes` in the cells of `adata` and predict what changes (see the module docstring for the method).
 
     `genes`: a gene, `"A+B"` (perturbed together), a list of those, or `"all"` (each measured gene alone).
-    `mode`: `"delete"`, `"overexpress"` (the cell's highest value), `"set"` (`value`, log1p of counts per 10,000) or
-    `"scale"` (the normalised count times `value`). A cell is perturbed when the perturbation applies to it (delete and
-    scale: it expresses at least one of the genes). `groupby`/`groups` restrict the cells; `state_key`, `start_state`,
+    `mode`: `"delete"`, `"knockout"` (delete where the cell expresses the genes; elsewhere, e.g. for a gene the file
+    does not measure, the cell with them added at `value` or, by default, at the level the model predicts for them in
+    it, against the cell without them), `"overexpress"` (the cell's highest value), `"set"` (`value`, log1p of counts
+    per 10,000) or `"scale"` (the normalised count times `value`). A cell is perturbed when the perturbation applies to
+    it (delete and scale: it expresses at least one of the genes). `groupby`/`groups` restrict the cells; `state_key`, `start_state`,
     `goal_state` perturb the start cells and measure their move toward the goal cells' mean embedding.
     `expression=False` skips the predicted expression changes (1 forward per perturbed cell instead of about
     `masking_rounds + 1`). `model`: a pretrained checkpoint with its masked-expression head (default: the one shipped
@@ -508,15 +562,17 @@ def perturb(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if mode in ("set", "scale") and (value is None or not value > 0):
-        raise ValueError(f"mode={mode!r} needs value= > 0 ({'log1p of counts per 10,000' if mode == 'set' else 'a factor'}"
-                         "); to remove a gene use mode='delete'.")
+    if mode in ("set", "scale", "knockout") and value is not None and not value > 0 or (
+            mode in ("set", "scale") and value is None):
+        raise ValueError(f"mode={mode!r} needs value= > 0 ({'a factor' if mode == 'scale' else 'log1p of counts per 10,000'}"
+                         f", got {value}); to remove a gene use mode='delete' or 'knockout'.")
     if mode in ("delete", "overexpress") and value is not None:
         raise ValueError(f"mode={mode!r} takes no value= (it is for 'set' and 'scale').")
     if not isinstance(masking_rounds, int) or masking_rounds < 2:
         raise ValueError(f"masking_rounds must be an integer >= 2 (each round masks 1/rounds of a cell's genes), got "
                          f"{masking_rounds!r}.")
-    masked_model = (load_masked_expression_model(model, device) if expression
+    needs_head = expression or (mode == "knockout" and value is None)  # the head also imputes knocked-out genes
+    masked_model = (load_masked_expression_model(model, device) if needs_head
                     else load_model(DEFAULT_CHECKPOINT if model is None else model, device=device))
     encoder = masked_model.base_model
     tokenizer = load_tokenizer(tokenizer, masked_model)
@@ -565,8 +621,17 @@ def perturb(
                 bar.update(len(batch.cells))
                 if copies is None:
                     continue
-                rows = batch.cells[copies.cell_rows.numpy()]
-                before = predictor.embeddings(base)[copies.cell_rows]  # (N, d)
+                cell_rows = copies.cell_rows  # (N,) each copy's cell in the batch
+                cell_genes = gene_tokens[cell_rows]  # (N, W) that cell's own gene tokens
+                rows = batch.cells[cell_rows.numpy()]
+                if mode == "knockout":  # the copies hold the genes; the knocked-out side is compared with them
+                    added = copies.perturbed & ~cell_genes
+                    if value is None:
+                        impute_added(predictor, copies, added, cell_genes, tokenizer)
+                    context, copies = copies.inputs, without_genes(copies)
+                    before = predictor.embeddings(context)  # (N, d)
+                else:
+                    before = predictor.embeddings(base)[cell_rows]  # (N, d)
                 after = predictor.embeddings(copies.inputs)
                 copy_perturbation.append(copies.perturbation.numpy())
                 copy_cell.append(cell_index[rows])
@@ -579,8 +644,13 @@ def perturb(
                     continue
                 groups_of = masking_groups(cell_index[batch.cells], base["input_ids"].shape[1], masking_rounds, seed)
                 reference = reference_predictions(predictor, base, gene_tokens, groups_of, masking_rounds)
-                change = predicted_changes(predictor, base, gene_tokens, copies, groups_of, masking_rounds, reference)
-                position = torch.where(gene_tokens[copies.cell_rows], gene_position[copies.inputs["input_ids"]], -1)
+                if mode == "knockout":
+                    change = knockout_changes(predictor, context, copies, added, groups_of[cell_rows], masking_rounds,
+                                              reference[cell_rows])
+                else:
+                    change = predicted_changes(predictor, base, gene_tokens, copies, groups_of, masking_rounds,
+                                               reference)
+                position = torch.where(cell_genes, gene_position[copies.inputs["input_ids"]], -1)
                 known = ~torch.isnan(change) & (position >= 0)
                 target = copies.perturbation[:, None].expand_as(position)[known] * len(measured) + position[known]
                 sums.view(-1).index_add_(0, target, change[known])

@@ -7,7 +7,8 @@ the perturbed cells of the scored target. (Were the truth and a baseline to shar
 mean would be part of both, and the mean of other perturbations would score that shared noise: the row
 `mean of other perturbations, truth's control` shows how much.) Predictions:
 
-- `scgene`: `scgene.perturb` on the seen control cells (delete for knockouts and CRISPRi, overexpress for CRISPRa);
+- `scgene`: `scgene.perturb` on the seen control cells (knockout for knockouts and CRISPRi, so that a target the
+  file does not measure is scored too; overexpress for CRISPRa);
   a gene's predicted change is summed over the cells that express it and divided by the cells perturbed (a
   pseudobulk, like the observed change);
 - `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb
@@ -43,13 +44,13 @@ import pandas as pd
 
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
-from .perturbation import adapt_to_cells, fdr, load_masked_expression_model, perturb
+from .perturbation import MODES, adapt_to_cells, fdr, load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
 METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
            "mean of other perturbations, truth's control", "linear co-expression")
-MODE_OF_SCREEN = {"knockout": "delete", "crispri": "delete", "crispra": "overexpress"}
+MODE_OF_SCREEN = {"knockout": "knockout", "crispri": "knockout", "crispra": "overexpress"}
 EFFECT_FDR = 0.05  # a target whose effect_fdr is below this changed the screen's genes measurably
 
 
@@ -157,7 +158,7 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
             if g is None or variance[g] == 0:
                 continue
             slope = (centred * centred[:, [g]]).mean(0) / variance[g]
-            shift = -control[:, g].mean() if mode == "delete" else (control.max(1) - control[:, g]).mean()
+            shift = -control[:, g].mean() if mode in ("delete", "knockout") else (control.max(1) - control[:, g]).mean()
             changes[row] += slope * shift
     return changes
 
@@ -167,6 +168,7 @@ def evaluate_perturbation(
     model=None,
     *,
     screen: str,
+    mode: str | None = None,
     perturbation_key: str = "perturbation",
     control: str = "control",
     targets=None,
@@ -182,14 +184,20 @@ def evaluate_perturbation(
 ) -> PerturbationReport:
     """Score `scgene.perturb` on the screen in `adata` (raw counts; `obs[perturbation_key]` names each cell's target,
     `A+B` for two, or `control`) against its observed changes, next to the baselines (module docstring).
-    `screen`: "knockout", "crispri" or "crispra" (sets the in-silico mode). `targets`: which to score (default all).
+    `screen`: "knockout", "crispri" or "crispra". `mode`: the in-silico perturbation (default: knockout for knockout
+    and CRISPRi screens, overexpress for CRISPRa; delete scores only the targets the file measures). `targets`: which
+    to score (default all).
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
     (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`). `effect_permutations`: of the test
     that a target changed anything (`effect_pvalue`)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
-    mode = MODE_OF_SCREEN[screen]
+    mode = MODE_OF_SCREEN[screen] if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+    if mode in ("set", "scale"):
+        raise ValueError(f"mode={mode!r} needs a value per target: score a screen with delete, knockout or overexpress.")
     if perturbation_key not in adata.obs.columns:
         raise KeyError(f"{perturbation_key!r} is not an obs column: {list(adata.obs.columns)[:20]}")
     labels = adata.obs[perturbation_key].astype(str).to_numpy()
@@ -214,8 +222,8 @@ def evaluate_perturbation(
     observed_from_seen = observed_changes(expression, labels, all_targets, seen)
     sample = seen[np.sort(rng.permutation(len(seen))[:max_control_cells])]
     column = {name: index for index, name in enumerate(genes.names)}
-    # deletion needs the gene among the cells' tokens: a target the file does not measure cannot be deleted
-    perturbable = [t for t in targets if mode == "overexpress" or any(g in column for g in t.split("+"))]
+    # deletion needs the gene among the cells' tokens; knockout and overexpress add it where a cell (or the file) lacks it
+    perturbable = [t for t in targets if mode != "delete" or any(g in column for g in t.split("+"))]
     model_changes, model_specific = np.zeros((len(targets), len(genes))), np.zeros((len(targets), len(genes)))
     model_cells = dict.fromkeys(targets, 0)
     model_name = str(getattr(masked_model, "name_or_path", "") or "in-memory model")

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help=".h5ad screen with raw counts in X and each cell's target in obs (read, never "
                                       "modified)")
     parser.add_argument("--screen", required=True, choices=list(MODE_OF_SCREEN),
-                        help="knockout and crispri are scored with in-silico deletion, crispra with overexpression")
+                        help="knockout and crispri are scored with in-silico knockout, crispra with overexpression")
+    parser.add_argument("--mode", choices=["delete", "knockout", "overexpress"],
+                        help="the in-silico perturbation instead (delete scores only the targets the file measures)")
     parser.add_argument("--model", help="a pretrained ScGene checkpoint (default: the one shipped with scgene)")
     parser.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's target "
                                                                            "(A+B for two; default %(default)s)")
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
         inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
         with claimed_reports(args, inputs, "evaluate-perturbation"):
-            report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen,
+            report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen, mode=args.mode,
                                            perturbation_key=args.perturbation_key, control=args.control,
                                            targets=args.targets, max_control_cells=args.max_control_cells,
                                            top_genes=args.top_genes, adapt_steps=args.adapt_steps,

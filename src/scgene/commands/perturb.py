@@ -39,9 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", required=True, help="genes to perturb: 'all' (each measured gene alone), "
                                                          "'KLF1,SET+KLF1' (A+B: together), or a text file, one per line")
     parser.add_argument("--out", required=True, help="the per-perturbation shifts as a .tsv, written atomically")
-    parser.add_argument("--mode", choices=MODES, default="delete", help="default %(default)s")
+    parser.add_argument("--mode", choices=MODES, default="delete",
+                        help="delete: remove the gene where a cell expresses it; knockout: that, and where a cell "
+                             "lacks it (or the file does not measure it), the cell with it against the cell without "
+                             "(default %(default)s)")
     parser.add_argument("--value", type=float, help="--mode set: the value (log1p counts per 10,000); --mode scale: "
-                                                    "the factor")
+                                                    "the factor; --mode knockout: the level a lacking cell is given "
+                                                    "(default: the model's prediction)")
     parser.add_argument("--model", help="a pretrained ScGene checkpoint with its masked-expression head (default: the "
                                         "one shipped with scgene)")
     parser.add_argument("--groupby", help="obs column whose --groups cells are perturbed (default: every cell)")
