@@ -40,7 +40,8 @@ def seed_means(summaries: pd.DataFrame) -> pd.DataFrame:
 
 def scores(delta: pd.Series, direction: pd.Series) -> list[str]:
     """'pearson_delta / direction accuracy' cells, '–' for an undefined pearson_delta."""
-    return [f"{'–' if pd.isna(r) else f'{r:.2f}'} / {d:.2f}" for r, d in zip(delta, direction, strict=True)]
+    return [f"{'–' if pd.isna(r) else f'{r:.2f}'} / {'–' if pd.isna(d) else f'{d:.2f}'}"
+            for r, d in zip(delta, direction, strict=True)]
 
 
 def per_target(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -70,19 +71,19 @@ def in_silico_mode(screen: str, knockout_mode: str) -> str:
 
 def saved_reports(path: str, screens: list[str], seeds: list[int], adapt_steps: int, knockout_mode: str) -> list:
     """(file, seed, report) of the runs saved in the JSONL file at `path` that match the screens, seeds, adaptation
-    steps and in-silico mode asked for."""
-    reports = []
+    steps and in-silico mode asked for; of a run saved more than once, the last."""
+    reports = {}
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             run = json.loads(line)
             settings = run["settings"]
             if (run["file"] in screens and settings["seed"] in seeds and (settings["adapt_steps"] or 0) == adapt_steps
                     and settings["mode"] == in_silico_mode(SCREENS[run["file"]], knockout_mode)):
-                reports.append((run["file"], settings["seed"], PerturbationReport(pd.DataFrame(run["table"]), settings)))
+                reports[run["file"], settings["seed"]] = PerturbationReport(pd.DataFrame(run["table"]), settings)
     if not reports:
         raise SystemExit(f"{path} holds no run of {screens} with seeds {seeds}, --adapt-steps {adapt_steps} and "
                          f"--knockout-mode {knockout_mode}.")
-    return reports
+    return [(file, seed, report) for (file, seed), report in reports.items()]
 
 
 def main():

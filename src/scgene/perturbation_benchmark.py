@@ -20,7 +20,8 @@ mean would be part of both, and the mean of other perturbations would score that
 - `mean of other perturbations, truth's control`: the same against the reference control cells (it leaks; see above);
 - `linear co-expression`: on the seen control cells, each gene regressed on the target gene (ordinary least squares, one
   regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
-  target the screen does not measure gets no prediction (zero).
+  target the screen does not measure gets no prediction, and no score (NaN), so that the summary averages this
+  baseline over the targets it can predict (`targets_scored`).
 
 Metrics per target: `pearson_delta` (Pearson r of predicted and observed change over the measured genes, the targets
 excluded), `direction_accuracy` on the `top_genes` genes whose observed change is largest (a zero prediction has no
@@ -254,7 +255,7 @@ def evaluate_perturbation(
         predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
-                       "linear co-expression": linear[index]}
+                       "linear co-expression": linear[index] if measured else None}  # None: cannot predict it
         target_rows = np.flatnonzero(labels == target)
         replicate = replicate_scores(expression, target_rows, seen, reference, scored, top_genes, rng)
         effect_pvalues.append(effect_pvalue(expression, target_rows, reference, scored, effect_permutations,
@@ -262,8 +263,10 @@ def evaluate_perturbation(
         for method, predicted in predictions.items():
             rows.append({
                 "target": target, "method": method, "cells": len(target_rows),
-                "pearson_delta": pearson_delta(predicted[scored], truth[scored]),
-                "direction_accuracy": direction_accuracy(predicted[scored], truth[scored], top_genes),
+                "pearson_delta": (float("nan") if predicted is None
+                                  else pearson_delta(predicted[scored], truth[scored])),
+                "direction_accuracy": (float("nan") if predicted is None
+                                       else direction_accuracy(predicted[scored], truth[scored], top_genes)),
                 "target_measured": len(measured) == len(target_genes),
                 "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
                 "model_cells_perturbed": int(model_cells[target]),
