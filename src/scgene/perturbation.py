@@ -283,7 +283,6 @@ def perturbed_copies(base, gene_tokens, slots, genes, mode, value, tokenizer) ->
     return Copies(cell_rows_t, torch.from_numpy(perturbation), inputs, perturbed)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Masked predictions and embeddings
 # ----------------------------------------------------------------------------------------------------------------------
@@ -361,6 +360,7 @@ def reference_predictions(predictor: Predictor, base: dict, gene_tokens: torch.T
         if masked.any():
             reference = torch.where(masked, predictor.masked_values(base, masked), reference)
     return reference
+
 
 def impute_added(predictor: Predictor, copies: Copies, added: torch.Tensor, cell_genes: torch.Tensor,
                  tokenizer) -> None:
@@ -551,8 +551,9 @@ def perturb(
     does not measure, the cell with them added at `value` or, by default, at the level the model predicts for them in
     it, against the cell without them), `"overexpress"` (the cell's highest value), `"set"` (`value`, log1p of counts
     per 10,000) or `"scale"` (the normalised count times `value`). A cell is perturbed when the perturbation applies to
-    it (delete and scale: it expresses at least one of the genes). `groupby`/`groups` restrict the cells; `state_key`, `start_state`,
-    `goal_state` perturb the start cells and measure their move toward the goal cells' mean embedding.
+    it (delete and scale: it expresses at least one of the genes). `groupby`/`groups` restrict the cells;
+    `state_key`, `start_state`, `goal_state` perturb the start cells and measure their move toward the goal cells'
+    mean embedding.
     `expression=False` skips the predicted expression changes (1 forward per perturbed cell instead of about
     `masking_rounds + 1`). `model`: a pretrained checkpoint with its masked-expression head (default: the one shipped
     with scgene). With an AnnData in memory and `key_added`, writes `adata.uns[key_added]` (the tables and the run's
@@ -562,12 +563,12 @@ def perturb(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if mode in ("set", "scale", "knockout") and value is not None and not value > 0 or (
-            mode in ("set", "scale") and value is None):
+    value_checked = mode in ("set", "scale") or (mode == "knockout" and value is not None)
+    if value_checked and (value is None or not value > 0):
         raise ValueError(f"mode={mode!r} needs value= > 0 ({'a factor' if mode == 'scale' else 'log1p of counts per 10,000'}"
                          f", got {value}); to remove a gene use mode='delete' or 'knockout'.")
     if mode in ("delete", "overexpress") and value is not None:
-        raise ValueError(f"mode={mode!r} takes no value= (it is for 'set' and 'scale').")
+        raise ValueError(f"mode={mode!r} takes no value= (it is for 'set', 'scale' and 'knockout').")
     if not isinstance(masking_rounds, int) or masking_rounds < 2:
         raise ValueError(f"masking_rounds must be an integer >= 2 (each round masks 1/rounds of a cell's genes), got "
                          f"{masking_rounds!r}.")
