@@ -83,7 +83,8 @@ def saved_reports(path: str, screens: list[str], seeds: list[int], adapt_steps: 
     if not reports:
         raise SystemExit(f"{path} holds no run of {screens} with seeds {seeds}, --adapt-steps {adapt_steps} and "
                          f"--knockout-mode {knockout_mode}.")
-    return [(file, seed, report) for (file, seed), report in reports.items()]
+    order = sorted(reports, key=lambda run: (list(SCREENS).index(run[0]), run[1]))  # as the script runs them
+    return [(file, seed, reports[file, seed]) for file, seed in order]
 
 
 def main():
