@@ -301,6 +301,10 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert "| mean of other perturbations |" in capsys.readouterr().out
     saved = json.loads((tmp_path / "report.json").read_text())
     assert len(saved["table"]) == len(METHODS) * 3 and saved["settings"]["adapt_steps"] == 2
+    assert saved["settings"]["mode"] == "knockout"
+    assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--mode", "delete", "--max-control-cells", "10", "--json", str(tmp_path / "deleted.json")]) == 0
+    assert json.loads((tmp_path / "deleted.json").read_text())["settings"]["mode"] == "delete"
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
                  "--adapt-learning-rate", "0"]) == 1
     assert "--adapt-learning-rate positive" in capsys.readouterr().err
