@@ -226,6 +226,8 @@ def test_evaluate_perturbation_scores_every_method_on_every_target(checkpoint, c
     assert summary.loc["linear co-expression", "targets_scored"] == 2 < summary.loc["scgene", "targets_scored"] == 3
     with pytest.raises(ValueError, match="screen must be one of"):
         evaluate_perturbation(screen, checkpoint, screen="rnai")
+    with pytest.raises(ValueError, match="to score a screen"):
+        evaluate_perturbation(screen, checkpoint, screen="knockout", mode="set")
     with pytest.raises(ValueError, match="No 'nontargeting' cells"):
         evaluate_perturbation(screen, checkpoint, screen="knockout", control="nontargeting")
 

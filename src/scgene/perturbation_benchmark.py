@@ -45,13 +45,14 @@ import pandas as pd
 
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
-from .perturbation import MODES, adapt_to_cells, fdr, load_masked_expression_model, perturb
+from .perturbation import adapt_to_cells, fdr, load_masked_expression_model, perturb
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
 METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
            "mean of other perturbations, truth's control", "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "knockout", "crispri": "knockout", "crispra": "overexpress"}
+SCREEN_MODES = ("delete", "knockout", "overexpress")  # the in-silico modes that need no value per target
 EFFECT_FDR = 0.05  # a target whose effect_fdr is below this changed the screen's genes measurably
 
 
@@ -195,10 +196,8 @@ def evaluate_perturbation(
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen] if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    if mode in ("set", "scale"):
-        raise ValueError(f"mode={mode!r} needs a value per target: score a screen with delete, knockout or overexpress.")
+    if mode not in SCREEN_MODES:
+        raise ValueError(f"mode must be one of {SCREEN_MODES} to score a screen, got {mode!r}.")
     if perturbation_key not in adata.obs.columns:
         raise KeyError(f"{perturbation_key!r} is not an obs column: {list(adata.obs.columns)[:20]}")
     labels = adata.obs[perturbation_key].astype(str).to_numpy()

@@ -26,13 +26,13 @@ FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-c
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..perturbation_benchmark import MODE_OF_SCREEN
+    from ..perturbation_benchmark import MODE_OF_SCREEN, SCREEN_MODES
 
     parser.add_argument("input", help=".h5ad screen with raw counts in X and each cell's target in obs (read, never "
                                       "modified)")
     parser.add_argument("--screen", required=True, choices=list(MODE_OF_SCREEN),
                         help="knockout and crispri are scored with in-silico knockout, crispra with overexpression")
-    parser.add_argument("--mode", choices=["delete", "knockout", "overexpress"],
+    parser.add_argument("--mode", choices=SCREEN_MODES,
                         help="the in-silico perturbation instead (delete scores only the targets the file measures)")
     parser.add_argument("--model", help="a pretrained ScGene checkpoint (default: the one shipped with scgene)")
     parser.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's target "
