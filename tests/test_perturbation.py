@@ -167,6 +167,12 @@ def test_perturb_refuses_what_it_cannot_do(checkpoint, cells):
     encoder_only = scgene.ScGeneModel.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match="masked-expression head"):
         scgene.perturb(cells, encoder_only, gene, tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), progress=False)
+    with pytest.raises(ValueError, match="or value= "):  # knockout needs the head to predict the level it adds
+        scgene.perturb(cells, encoder_only, gene, mode="knockout", expression=False,
+                       tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), progress=False)
+    shifts_only = scgene.perturb(cells, encoder_only, gene, mode="knockout", value=1.0, expression=False,
+                                 tokenizer=ScGeneTokenizer.from_pretrained(checkpoint), key_added=None, progress=False)
+    assert shifts_only.shifts.loc[gene, "cells"] == cells.n_obs
 
 
 def test_pseudobulk_changes_and_their_specific_part(checkpoint, cells):

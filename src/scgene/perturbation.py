@@ -453,16 +453,17 @@ def shift_table(names, perturbation, shifts, goal_shifts) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def load_masked_expression_model(model, device) -> ScGeneForMaskedExpression:
-    """A checkpoint (None: the shipped default) or a loaded model -> `ScGeneForMaskedExpression` in eval mode."""
+def load_masked_expression_model(model, device, instead: str = "pass a pretrained checkpoint, or expression=False for "
+                                                                "the embedding shifts alone") -> ScGeneForMaskedExpression:
+    """A checkpoint (None: the shipped default) or a loaded model -> `ScGeneForMaskedExpression` in eval mode; a model
+    without the head raises an error that suggests `instead`."""
     if model is None or isinstance(model, (str, os.PathLike)):
         source = local_or_hub(DEFAULT_CHECKPOINT if model is None else model,
                               "a checkpoint is a folder with config.json and model.safetensors")
         model = load_weights(AutoModelForMaskedLM, source)
     if not is_scgene(model, ScGeneForMaskedExpression):
         raise ValueError(f"Predicting expression changes needs the masked-expression head (ScGeneForMaskedExpression), "
-                         f"got {type(model).__name__}: pass a pretrained checkpoint, or expression=False for the "
-                         "embedding shifts alone.")
+                         f"got {type(model).__name__}: {instead}.")
     model.training_genes = training_genes(model)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -572,9 +573,13 @@ def perturb(
     if not isinstance(masking_rounds, int) or masking_rounds < 2:
         raise ValueError(f"masking_rounds must be an integer >= 2 (each round masks 1/rounds of a cell's genes), got "
                          f"{masking_rounds!r}.")
-    needs_head = expression or (mode == "knockout" and value is None)  # the head also imputes knocked-out genes
-    masked_model = (load_masked_expression_model(model, device) if needs_head
-                    else load_model(DEFAULT_CHECKPOINT if model is None else model, device=device))
+    if expression:
+        masked_model = load_masked_expression_model(model, device)
+    elif mode == "knockout" and value is None:  # the head predicts the level at which a lacking cell gets the gene
+        masked_model = load_masked_expression_model(model, device, "pass a pretrained checkpoint, or value= (the level "
+                                                                   "at which knockout adds the gene where it is lacking)")
+    else:
+        masked_model = load_model(DEFAULT_CHECKPOINT if model is None else model, device=device)
     encoder = masked_model.base_model
     tokenizer = load_tokenizer(tokenizer, masked_model)
     max_tokens = max_tokens_per_batch or DEFAULT_MAX_TOKENS_PER_BATCH
