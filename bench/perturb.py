@@ -8,14 +8,18 @@ Rows (perturbed cells per second; peak RSS beyond the loaded model, VmHWM reset 
 - `perturb, embedding shifts`: `expression=False`, 1 forward per copy, copies of 8 cells batched under the token budget;
 - `naive loop, embedding shifts`: the same copies one at a time (batch of 1), the loop a user would write;
 - `perturb, with expression changes`: 7 masked rounds per copy plus the re-run reference round;
-- `naive loop, with expression changes`: the same rounds one copy at a time.
+- `naive loop, with expression changes`: the same rounds one copy at a time;
+- then, in a table of their own, `delete` and `knockout` of the same `--knockout-genes` genes (each detected in about
+  half the cells), with expression changes: delete perturbs the cells that express a gene, knockout every cell, and
+  where it adds the gene it also predicts the gene's level and the copy's own reference.
 
 MFU: the model FLOPs per perturbed cell (counted by torch's FlopCounterMode) times the rate, over a 2,048 x 2,048
 fp32 matmul timed in the same run (`bench/forward.py`; 8,192 x 8,192 on a GPU, where the memory column is the CUDA
 allocator's peak). Naive rows run on `--naive-cells` cells (their rate does not depend on the count); the expression
 rows on `--expression-cells`. The issue's bound: >= 5x the naive loop's perturbed cells per second.
 
-    python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--device cuda] [--json FILE]
+    python bench/perturb.py [--n-cells 1000] [--expression-cells 50] [--naive-cells 5] [--knockout-genes 30]
+        [--device cuda] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -58,7 +63,7 @@ def naive_loop(model, tokenizer, adata, expression: bool) -> int:
     return copies
 
 
-def measure(row: str, adata, model, tokenizer) -> dict:
+def measure(row: str, adata, model, tokenizer, genes="all", mode: str = "delete") -> dict:
     """One row; its memory is the resident peak beyond the loaded model on the CPU, the CUDA allocator's on a GPU."""
     import scgene
 
@@ -71,8 +76,8 @@ def measure(row: str, adata, model, tokenizer) -> dict:
     if row.startswith("naive"):
         copies = naive_loop(model, tokenizer, adata, expression)
     else:
-        result = scgene.perturb(adata, model, "all", expression=expression, tokenizer=tokenizer, key_added=None,
-                                progress=False)
+        result = scgene.perturb(adata, model, genes, mode=mode, expression=expression, tokenizer=tokenizer,
+                                key_added=None, progress=False)
         copies = int(result.shifts["cells"].sum())
     seconds = time.perf_counter() - start  # every row ends on the host (.item(), result tables): the GPU is done
     peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else status_mb("VmHWM")
@@ -86,6 +91,8 @@ def main():
     parser.add_argument("--expression-cells", type=int, default=50)
     parser.add_argument("--naive-cells", type=int, default=5)
     parser.add_argument("--n-genes", type=int, default=5000)
+    parser.add_argument("--knockout-genes", type=int, default=30,
+                        help="genes of the knockout-against-delete rows, on --expression-cells cells")
     parser.add_argument("--model", help="a pretrained checkpoint (default: the shipped one)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--json", help="save the rows here")
@@ -125,9 +132,22 @@ def main():
         print(f"| {result['row']} | {result['cells']} | {result['perturbed_cells']} | {result['seconds']:.1f} | "
               f"{result['perturbed_cells_per_second']:.0f} | {result['perturbed_cells_per_second'] / naive:.1f} | "
               f"{result['mfu']:.0%} | {result['peak_mb']:.0f} |")
+    # knockout against delete of the same genes, each detected in about half the cells: delete perturbs those, and
+    # knockout also the others, where it adds the gene (at the level the model predicts, with its own reference)
+    cells = adata[: args.expression_cells]
+    detected = np.asarray((cells.X > 0).sum(0)).ravel()
+    genes = list(cells.var_names[np.argsort(np.abs(detected - cells.n_obs / 2), kind="stable")[: args.knockout_genes]])
+    modes = [measure(f"{mode}, {len(genes)} genes detected in half the cells, with expression changes", cells.copy(),
+                     model, tokenizer, genes, mode) for mode in ("delete", "knockout")]
+    print(f"\n| row | cells | perturbed cells | seconds | perturbed cells/s | x delete | "
+          f"{'peak GPU MB' if on_gpu else 'peak RSS MB'} |\n|---|---|---|---|---|---|---|")
+    for result in modes:
+        rate = result["perturbed_cells_per_second"]
+        print(f"| {result['row']} | {result['cells']} | {result['perturbed_cells']} | {result['seconds']:.1f} | "
+              f"{rate:.0f} | {rate / modes[0]['perturbed_cells_per_second']:.2f} | {result['peak_mb']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"matmul_flops_per_second": peak, "forward_flops": forward_flops,
-                                               "rows": results}, indent=2) + "\n")
+                                               "rows": results + modes}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
