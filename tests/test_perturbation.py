@@ -200,10 +200,12 @@ def test_metrics_and_the_linear_baseline():
     rng = np.random.default_rng(0)
     target = rng.uniform(0, 4, 500)
     expression = np.stack([target, 2 * target + rng.normal(0, 0.01, 500), rng.normal(0, 1, 500)], axis=1)
-    predicted = linear_changes(expression, np.arange(500), ["T", "T+missing"], np.array(["T", "A", "B"]), "delete")
+    predicted = linear_changes(expression, np.arange(500), ["T", "T+missing", "missing"], np.array(["T", "A", "B"]),
+                               "delete")
     assert predicted[0, 1] == pytest.approx(-2 * target.mean(), rel=0.01)
     assert abs(predicted[0, 2]) < 0.1
     np.testing.assert_allclose(predicted[1], predicted[0])  # an unmeasured gene adds nothing
+    assert np.isnan(predicted[2]).all()  # and alone it gives no prediction
 
 
 def small_screen(cells) -> ad.AnnData:

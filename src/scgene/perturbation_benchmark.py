@@ -20,8 +20,8 @@ mean would be part of both, and the mean of other perturbations would score that
 - `mean of other perturbations, truth's control`: the same against the reference control cells (it leaks; see above);
 - `linear co-expression`: on the seen control cells, each gene regressed on the target gene (ordinary least squares, one
   regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
-  target the screen does not measure gets no prediction, and no score (NaN), so that the summary averages this
-  baseline over the targets it can predict (`targets_scored`).
+  target the screen does not measure, or that no seen control cell expresses, gets no prediction and no score (NaN),
+  so that the summary averages this baseline over the targets it can predict (`targets_scored`).
 
 Metrics per target: `pearson_delta` (Pearson r of predicted and observed change over the measured genes, the targets
 excluded), `direction_accuracy` on the `top_genes` genes whose observed change is largest (a zero prediction has no
@@ -148,12 +148,13 @@ def effect_pvalue(expression: np.ndarray, rows: np.ndarray, reference: np.ndarra
 
 def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: list[str], gene_names: np.ndarray,
                    mode: str) -> np.ndarray:
-    """(targets, genes) the linear co-expression model's predicted change (see the module docstring)."""
+    """(targets, genes) the linear co-expression model's predicted change (see the module docstring); NaN for a
+    target none of whose genes it can regress on (not measured, or constant in the control cells)."""
     control = expression[control_rows]
     centred = control - control.mean(0)
     variance = (centred**2).mean(0)
     column = {name: index for index, name in enumerate(gene_names)}
-    changes = np.zeros((len(targets), expression.shape[1]))
+    changes = np.full((len(targets), expression.shape[1]), np.nan)
     for row, target in enumerate(targets):
         for gene in target.split("+"):
             g = column.get(gene)
@@ -161,7 +162,7 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
                 continue
             slope = (centred * centred[:, [g]]).mean(0) / variance[g]
             shift = -control[:, g].mean() if mode in ("delete", "knockout") else (control.max(1) - control[:, g]).mean()
-            changes[row] += slope * shift
+            changes[row] = np.nan_to_num(changes[row]) + slope * shift
     return changes
 
 
@@ -254,7 +255,7 @@ def evaluate_perturbation(
         predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
-                       "linear co-expression": linear[index] if measured else None}  # None: cannot predict it
+                       "linear co-expression": None if np.isnan(linear[index]).any() else linear[index]}
         target_rows = np.flatnonzero(labels == target)
         replicate = replicate_scores(expression, target_rows, seen, reference, scored, top_genes, rng)
         effect_pvalues.append(effect_pvalue(expression, target_rows, reference, scored, effect_permutations,
