@@ -154,7 +154,8 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
     centred = control - control.mean(0)
     variance = (centred**2).mean(0)
     column = {name: index for index, name in enumerate(gene_names)}
-    changes = np.full((len(targets), expression.shape[1]), np.nan)
+    changes = np.zeros((len(targets), expression.shape[1]))
+    fitted = np.zeros(len(targets), bool)
     for row, target in enumerate(targets):
         for gene in target.split("+"):
             g = column.get(gene)
@@ -162,7 +163,9 @@ def linear_changes(expression: np.ndarray, control_rows: np.ndarray, targets: li
                 continue
             slope = (centred * centred[:, [g]]).mean(0) / variance[g]
             shift = -control[:, g].mean() if mode in ("delete", "knockout") else (control.max(1) - control[:, g]).mean()
-            changes[row] = np.nan_to_num(changes[row]) + slope * shift
+            changes[row] += slope * shift
+            fitted[row] = True
+    changes[~fitted] = np.nan
     return changes
 
 
@@ -261,12 +264,12 @@ def evaluate_perturbation(
         effect_pvalues.append(effect_pvalue(expression, target_rows, reference, scored, effect_permutations,
                                             permutation_rng))
         for method, predicted in predictions.items():
+            delta, direction = ((float("nan"), float("nan")) if predicted is None else
+                                (pearson_delta(predicted[scored], truth[scored]),
+                                 direction_accuracy(predicted[scored], truth[scored], top_genes)))
             rows.append({
                 "target": target, "method": method, "cells": len(target_rows),
-                "pearson_delta": (float("nan") if predicted is None
-                                  else pearson_delta(predicted[scored], truth[scored])),
-                "direction_accuracy": (float("nan") if predicted is None
-                                       else direction_accuracy(predicted[scored], truth[scored], top_genes)),
+                "pearson_delta": delta, "direction_accuracy": direction,
                 "target_measured": len(measured) == len(target_genes),
                 "target_observed_change": float(truth[measured].mean()) if measured else float("nan"),
                 "model_cells_perturbed": int(model_cells[target]),
