@@ -17,12 +17,16 @@ from scgene import ScGeneForMaskedExpression, ScGeneTokenizer
 from scgene.cli import main
 from scgene.perturbation_benchmark import (
     METHODS,
+    additive_changes,
+    annotation_similarity,
     direction_accuracy,
     effect_pvalue,
     evaluate_perturbation,
     linear_changes,
     pearson_delta,
+    weighted_mean,
 )
+from scgene.prior.knowledge import knowledge_from_frame
 
 PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
 MAX_LENGTH = 48
@@ -208,6 +212,45 @@ def test_metrics_and_the_linear_baseline():
     assert np.isnan(predicted[2]).all()  # and alone it gives no prediction
 
 
+def test_the_go_weighted_and_additive_baselines():
+    changes = np.array([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [3.0, 3.0]])
+    summed = additive_changes(changes, ["A", "B", "A+B", "A+C"])
+    np.testing.assert_allclose(summed[2], [1.0, 2.0])  # A's change plus B's
+    assert np.isnan(summed[[0, 1, 3]]).all()  # singles, and a pair whose single C the screen lacks
+    knowledge = knowledge_from_frame(pd.DataFrame({
+        "gene": ["JAK2", "IFNGR1", "TCF7", "CD74"], "type:protein_coding": [1, 1, 1, 1],
+        "GO:0060333 interferon-gamma signaling": [1, 1, 0, 0], "HALLMARK_X": [1, 0, 0, 1]}))
+    similarity = annotation_similarity(["JAK2", "IFNGR1", "TCF7", "CD74", "IFNGR1+TCF7", "NOT_A_GENE"],
+                                       ScGeneTokenizer(), knowledge)
+    assert similarity[0, 1] == pytest.approx(1 / np.sqrt(2)) and similarity[0, 3] == pytest.approx(1 / np.sqrt(2))
+    assert similarity[1, 3] == 0  # only the gene type in common, which does not count
+    assert (similarity[2] == 0).all() and (similarity[5] == 0).all()  # no GO or hallmark annotation
+    assert similarity[4, 1] == pytest.approx(1.0)  # a pair's annotations are its genes' together
+    assert weighted_mean(changes[:2], np.array([0.0, 1.0]), 2).tolist() == [0.0, 2.0]
+    assert weighted_mean(changes[:2], np.zeros(2), 2).tolist() == [0.5, 1.0]  # no similar target: the plain mean
+
+
+def test_the_go_weighted_mean_follows_the_target_annotated_alike(checkpoint):
+    """Two targets annotated alike raise the same genes, two others other genes: for each target, the GO-weighted mean
+    of the other perturbations is its look-alike's change, which the plain mean dilutes."""
+    screen = ad.read_h5ad(PBMC)[:400].copy()
+    targets = ["JAK2", "IFNGR1", "TCF7", "LEF1"]
+    labels = np.random.default_rng(0).permutation(["control"] * 80 + targets * 80)
+    screen.obs["perturbation"] = labels
+    counts = sp.csr_matrix(screen.X, dtype=np.float32).toarray()
+    for pair, genes in ((targets[:2], slice(0, 10)), (targets[2:], slice(10, 20))):
+        counts[np.isin(labels, pair), genes] += 20
+    screen.X = sp.csr_matrix(counts)
+    knowledge = knowledge_from_frame(pd.DataFrame({"gene": targets, "GO:1 interferon": [1, 1, 0, 0],
+                                                   "GO:2 T cell": [0, 0, 1, 1]}))
+    report = evaluate_perturbation(screen, checkpoint, screen="knockout", max_control_cells=10,
+                                   effect_permutations=9, knowledge=knowledge)
+    delta = report.table.pivot(index="target", columns="method", values="pearson_delta")
+    assert (delta["mean of other perturbations, GO-weighted"] > 0.7).all()  # the rest is the noise of 80 cells
+    assert (delta["mean of other perturbations, GO-weighted"] > delta["mean of other perturbations"] + 0.3).all()
+    assert report.summary().loc["additive", "targets_scored"] == 0  # no combination to add up
+
+
 def small_screen(cells) -> ad.AnnData:
     screen = cells.copy()
     first, second = expressed_gene(cells), expressed_gene(cells, 3)
@@ -222,6 +265,8 @@ def test_evaluate_perturbation_scores_every_method_on_every_target(checkpoint, c
     assert len(report.table) == len(METHODS) * 3 and report.table["target_measured"].all()
     assert report.table.loc[report.table["method"] == "no change", "direction_accuracy"].eq(0).all()
     assert report.settings["control_cells_seen"] == 5  # half of the 10 control cells: the other half is the truth's
+    additive = report.table[report.table["method"] == "additive"].set_index("target")["pearson_delta"]
+    assert additive.notna().sum() == 1 and np.isfinite(additive[screen.obs["perturbation"].iloc[3]])  # the pair
     assert "| scgene |" in report.to_markdown()
     unmeasured = screen.copy()  # a knockout of a gene the file does not measure: the model can still score it
     unmeasured.obs["perturbation"] = unmeasured.obs["perturbation"].replace({expressed_gene(cells, 3): "TCF7"})

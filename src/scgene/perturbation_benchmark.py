@@ -18,6 +18,12 @@ mean would be part of both, and the mean of other perturbations would score that
 - `mean of other perturbations`: the mean change of the screen's other targets (those sharing no gene with it), each
   against the seen control cells;
 - `mean of other perturbations, truth's control`: the same against the reference control cells (it leaks; see above);
+- `mean of other perturbations, GO-weighted`: the same mean, each other target weighted by the cosine similarity of
+  its GO and hallmark memberships with the scored target's (in the gene knowledge table that ScGene's prior is built
+  from; clipped at 0), the "kNN on GO features" baseline of perturbation benchmarks; the plain mean where no other
+  target shares an annotation with it;
+- `additive`: for a combination `A+B` whose single perturbations are in the screen, the sum of their changes against
+  the seen control cells (no score for the other targets);
 - `linear co-expression`: on the seen control cells, each gene regressed on the target gene (ordinary least squares, one
   regressor), times the target's change (to 0 when deleted, to each cell's highest value when overexpressed); a
   target the screen does not measure, or that no seen control cell expresses, gets no prediction and no score (NaN),
@@ -37,6 +43,7 @@ the top observed changes are noise and no prediction can beat chance on their di
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -46,11 +53,13 @@ import pandas as pd
 from .gene_regulation import GeneIndex
 from .inference import load_tokenizer
 from .perturbation import adapt_to_cells, fdr, load_masked_expression_model, perturb
+from .prior.knowledge import DEFAULT_TABLE, KnowledgeTable, read_knowledge_table
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
 METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
-           "mean of other perturbations, truth's control", "linear co-expression")
+           "mean of other perturbations, truth's control", "mean of other perturbations, GO-weighted", "additive",
+           "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "knockout", "crispri": "knockout", "crispra": "overexpress"}
 SCREEN_MODES = ("delete", "knockout", "overexpress")  # the in-silico modes that need no value per target
 EFFECT_FDR = 0.05  # a target whose effect_fdr is below this changed the screen's genes measurably
@@ -105,6 +114,48 @@ class PerturbationReport(SavedReport):
 def mean_or_zero(changes: np.ndarray, genes: int) -> np.ndarray:
     """The mean of the rows of `changes`, or zeros when there are none."""
     return changes.mean(0) if len(changes) else np.zeros(genes)
+
+
+@functools.cache
+def shipped_knowledge() -> KnowledgeTable:
+    """The human gene knowledge table that ships with scgene, read once per process."""
+    return read_knowledge_table(DEFAULT_TABLE)
+
+
+def weighted_mean(changes: np.ndarray, weights: np.ndarray, genes: int) -> np.ndarray:
+    """The mean of the rows of `changes` weighted by `weights`; the plain mean (or zeros) when the weights are all 0."""
+    return (weights @ changes / weights.sum()) if weights.sum() > 0 else mean_or_zero(changes, genes)
+
+
+def annotation_similarity(targets: list[str], tokenizer, knowledge: KnowledgeTable) -> np.ndarray:
+    """(targets, targets) cosine similarity of the targets' GO and hallmark memberships in `knowledge` (a combination's
+    genes summed), clipped at 0; a target none of whose genes the table annotates is similar to none."""
+    annotations = [k for k, column in enumerate(knowledge.binary_columns) if column.startswith(("GO:", "HALLMARK_"))]
+    keys = knowledge.ensembl_ids or knowledge.genes
+    row_of = {key: row for row, key in enumerate(keys)}
+    key_type = "ensembl" if knowledge.ensembl_ids else "symbol"
+    vectors = np.zeros((len(targets), len(annotations)))
+    for index, target in enumerate(targets):
+        for gene in target.split("+"):
+            token_id = tokenizer._lookup(gene)
+            row = None if token_id is None else row_of.get(tokenizer.convert_ids_to_genes([token_id], key_type)[0])
+            if row is not None:
+                vectors[index] += knowledge.binary[row, annotations]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+    return np.clip(unit @ unit.T, 0, None)
+
+
+def additive_changes(changes: np.ndarray, targets: list[str]) -> np.ndarray:
+    """(targets, genes) for each combination `A+B` whose single perturbations are among `targets`, the sum of their
+    rows of `changes`; NaN for the other targets."""
+    row_of = {target: row for row, target in enumerate(targets)}
+    summed = np.full(changes.shape, np.nan)
+    for index, target in enumerate(targets):
+        singles = target.split("+")
+        if len(singles) > 1 and all(single in row_of for single in singles):
+            summed[index] = changes[[row_of[single] for single in singles]].sum(0)
+    return summed
 
 
 def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control_rows: np.ndarray
@@ -186,6 +237,7 @@ def evaluate_perturbation(
     adapt_learning_rate: float = 3e-4,
     seed: int = 0,
     tokenizer=None,
+    knowledge: KnowledgeTable | str | None = None,
     progress: bool = False,
 ) -> PerturbationReport:
     """Score `scgene.perturb` on the screen in `adata` (raw counts; `obs[perturbation_key]` names each cell's target,
@@ -196,7 +248,8 @@ def evaluate_perturbation(
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
     (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`). `effect_permutations`: of the test
-    that a target changed anything (`effect_pvalue`)."""
+    that a target changed anything (`effect_pvalue`). `knowledge`: the gene table whose GO and hallmark columns weight
+    the GO-weighted baseline (default: the human table ScGene's prior is built from)."""
     if screen not in MODE_OF_SCREEN:
         raise ValueError(f"screen must be one of {list(MODE_OF_SCREEN)}, got {screen!r}.")
     mode = MODE_OF_SCREEN[screen] if mode is None else mode
@@ -225,6 +278,10 @@ def evaluate_perturbation(
     observed = observed_changes(expression, labels, all_targets, reference)
     observed_from_seen = observed_changes(expression, labels, all_targets, seen)
     sample = seen[np.sort(rng.permutation(len(seen))[:max_control_cells])]
+    if not isinstance(knowledge, KnowledgeTable):
+        knowledge = shipped_knowledge() if knowledge is None else read_knowledge_table(knowledge)
+    similarity = annotation_similarity(all_targets, tokenizer, knowledge)
+    additive = additive_changes(observed_from_seen, all_targets)
     column = {name: index for index, name in enumerate(genes.names)}
     # deletion needs the gene among the cells' tokens; knockout and overexpress add it where a cell (or the file) lacks it
     perturbable = [t for t in targets if mode != "delete" or any(g in column for g in t.split("+"))]
@@ -248,7 +305,8 @@ def evaluate_perturbation(
     rows, effect_pvalues = [], []
     for index, target in enumerate(targets):
         target_genes = target.split("+")
-        truth = observed[all_targets.index(target)]
+        position = all_targets.index(target)  # its row among all the screen's targets
+        truth = observed[position]
         others = [all_targets.index(t) for t in all_targets
                   if t != target and not set(t.split("+")) & set(target_genes)]
         scored = np.ones(len(genes), bool)
@@ -258,6 +316,9 @@ def evaluate_perturbation(
         predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
+                       "mean of other perturbations, GO-weighted": weighted_mean(
+                           observed_from_seen[others], similarity[position, others], len(genes)),
+                       "additive": None if np.isnan(additive[position]).any() else additive[position],
                        "linear co-expression": None if np.isnan(linear[index]).any() else linear[index]}
         target_rows = np.flatnonzero(labels == target)
         replicate = replicate_scores(expression, target_rows, seen, reference, scored, top_genes, rng)

@@ -1,7 +1,8 @@
 """`scgene evaluate-perturbation SCREEN.h5ad --screen knockout`: do in-silico perturbations match a real screen?
 
 For each target, `scgene.perturb` on the screen's control cells is scored against the observed change of the
-target's cells, next to no change, the mean of the other perturbations and a linear co-expression model; prints
+target's cells, next to no change, the mean of the other perturbations (plain and GO-weighted), the sum of the
+single perturbations for a combination and a linear co-expression model; prints
 markdown tables (per method over all targets, per method over the targets with a measurable effect, then per
 target), `--json` and `--markdown` save them. See `scgene.perturbation_benchmark`.
 """
@@ -22,7 +23,7 @@ from . import (
 )
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells",
-         "screen must": "--screen must", "tokenizer=": "--tokenizer"}
+         "screen must": "--screen must", "tokenizer=": "--tokenizer", "knowledge": "--knowledge"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_report_arguments(parser, "the table and settings")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
+    parser.add_argument("--knowledge", help="gene knowledge table (.csv/.tsv/.xlsx, 0/1 'GO:' and 'HALLMARK_' columns) "
+                                            "that weights the GO-weighted baseline (default: the one shipped with "
+                                            "scgene)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,14 +75,15 @@ def _run(args: argparse.Namespace) -> int:
                              f"{args.adapt_steps} and {args.adapt_learning_rate}.")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
+        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)
+                                 if p and os.path.exists(p)]
         with claimed_reports(args, inputs, "evaluate-perturbation"):
             report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen, mode=args.mode,
                                            perturbation_key=args.perturbation_key, control=args.control,
                                            targets=args.targets, max_control_cells=args.max_control_cells,
                                            top_genes=args.top_genes, adapt_steps=args.adapt_steps,
                                            adapt_learning_rate=args.adapt_learning_rate, seed=args.seed,
-                                           tokenizer=args.tokenizer, progress=True)
+                                           tokenizer=args.tokenizer, knowledge=args.knowledge, progress=True)
             report.save(markdown=args.markdown, json_path=args.json)
     except USER_ERRORS as error:
         print(user_error_message("evaluate-perturbation", error, FLAGS), file=sys.stderr)
