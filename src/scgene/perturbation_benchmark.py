@@ -14,6 +14,9 @@ mean would be part of both, and the mean of other perturbations would score that
 - `scgene, specific`: the same minus the mean of the model's changes for the other targets it could perturb
   (`PerturbationResult.pseudobulk_changes(specific=True)`): what is left of the prediction once its generic response
   to any perturbation (e.g. "one expressed gene fewer") is removed;
+- `scgene, nearest perturbations`: the mean change of the screen's other targets (as below), each weighted by the
+  cosine similarity of ScGene's specific predictions for it and for the scored target (clipped at 0; targets the model
+  did not perturb weigh 0): ScGene as a perturbation embedding that says which observed perturbations to borrow from;
 - `no change`: zero everywhere;
 - `mean of other perturbations`: the mean change of the screen's other targets (those sharing no gene with it), each
   against the seen control cells;
@@ -57,7 +60,7 @@ from .prior.knowledge import DEFAULT_TABLE, KnowledgeTable, read_knowledge_table
 from .regulation_benchmark import log_expression
 from .reports import SavedReport, markdown_table
 
-METHODS = ("scgene", "scgene, specific", "no change", "mean of other perturbations",
+METHODS = ("scgene", "scgene, specific", "scgene, nearest perturbations", "no change", "mean of other perturbations",
            "mean of other perturbations, truth's control", "mean of other perturbations, GO-weighted", "additive",
            "linear co-expression")
 MODE_OF_SCREEN = {"knockout": "knockout", "crispri": "knockout", "crispra": "overexpress"}
@@ -141,6 +144,11 @@ def annotation_similarity(targets: list[str], tokenizer, knowledge: KnowledgeTab
             row = None if token_id is None else row_of.get(tokenizer.convert_ids_to_genes([token_id], key_type)[0])
             if row is not None:
                 vectors[index] += knowledge.binary[row, annotations]
+    return clipped_cosine(vectors)
+
+
+def clipped_cosine(vectors: np.ndarray) -> np.ndarray:
+    """(rows, rows) cosine similarity of the rows of `vectors`, clipped at 0; 0 for a row of zeros."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
     return np.clip(unit @ unit.T, 0, None)
@@ -300,6 +308,10 @@ def evaluate_perturbation(
         model_changes[rows] = result.pseudobulk_changes().to_numpy()
         model_specific[rows] = result.pseudobulk_changes(specific=len(perturbable) > 1).to_numpy()
         model_cells |= result.shifts["cells"].to_dict()
+    specific_of_all = np.zeros((len(all_targets), len(genes)))  # 0 for a target the model did not perturb
+    perturbed = [t for t in targets if model_cells[t]]
+    specific_of_all[[all_targets.index(t) for t in perturbed]] = model_specific[[targets.index(t) for t in perturbed]]
+    predicted_similarity = clipped_cosine(specific_of_all)
     linear = linear_changes(expression, seen, targets, genes.names, mode)
     permutation_rng = np.random.default_rng([seed, 1])  # its own stream: the other draws stay as they were
     rows, effect_pvalues = [], []
@@ -313,7 +325,10 @@ def evaluate_perturbation(
         measured = [column[g] for g in target_genes if g in column]
         scored[measured] = False
         specific = model_specific[index] if model_cells[target] else np.zeros(len(genes))
-        predictions = {"scgene": model_changes[index], "scgene, specific": specific, "no change": np.zeros(len(genes)),
+        predictions = {"scgene": model_changes[index], "scgene, specific": specific,
+                       "scgene, nearest perturbations": weighted_mean(
+                           observed_from_seen[others], predicted_similarity[position, others], len(genes)),
+                       "no change": np.zeros(len(genes)),
                        "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
                        "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
                        "mean of other perturbations, GO-weighted": weighted_mean(
