@@ -19,6 +19,7 @@ from scgene.perturbation_benchmark import (
     METHODS,
     additive_changes,
     annotation_similarity,
+    clipped_cosine,
     direction_accuracy,
     effect_pvalue,
     evaluate_perturbation,
@@ -226,6 +227,8 @@ def test_the_go_weighted_and_additive_baselines():
     assert similarity[1, 3] == 0  # only the gene type in common, which does not count
     assert (similarity[2] == 0).all() and (similarity[5] == 0).all()  # no GO or hallmark annotation
     assert similarity[4, 1] == pytest.approx(1.0)  # a pair's annotations are its genes' together
+    predicted = np.array([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0], [0.0, 0.0]])  # e.g. ScGene's specific predictions
+    np.testing.assert_allclose(clipped_cosine(predicted), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
     assert weighted_mean(changes[:2], np.array([0.0, 1.0]), 2).tolist() == [0.0, 2.0]
     assert weighted_mean(changes[:2], np.zeros(2), 2).tolist() == [0.5, 1.0]  # no similar target: the plain mean
 
@@ -249,6 +252,7 @@ def test_the_go_weighted_mean_follows_the_target_annotated_alike(checkpoint):
     assert (delta["mean of other perturbations, GO-weighted"] > 0.7).all()  # the rest is the noise of 80 cells
     assert (delta["mean of other perturbations, GO-weighted"] > delta["mean of other perturbations"] + 0.3).all()
     assert report.summary().loc["additive", "targets_scored"] == 0  # no combination to add up
+    assert delta["scgene, nearest perturbations"].notna().all()
 
 
 def small_screen(cells) -> ad.AnnData:
@@ -360,6 +364,14 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
                  "--mode", "delete", "--max-control-cells", "10", "--json", str(tmp_path / "deleted.json")]) == 0
     assert json.loads((tmp_path / "deleted.json").read_text())["settings"]["mode"] == "delete"
+    knowledge = tmp_path / "knowledge.csv"
+    pd.DataFrame({"gene": [gene, "CD74"], "GO:1 shared": [1, 1]}).to_csv(knowledge, index=False)
+    assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--max-control-cells", "10", "--knowledge", str(knowledge)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--knowledge", str(tmp_path / "missing.csv")]) == 1
+    assert "missing.csv" in capsys.readouterr().err
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
                  "--adapt-learning-rate", "0"]) == 1
     assert "--adapt-learning-rate positive" in capsys.readouterr().err
