@@ -219,7 +219,8 @@ def test_the_go_weighted_and_additive_baselines():
     np.testing.assert_allclose(summed[2], [1.0, 2.0])  # A's change plus B's
     assert np.isnan(summed[[0, 1, 3]]).all()  # singles, and a pair whose single C the screen lacks
     knowledge = knowledge_from_frame(pd.DataFrame({
-        "gene": ["JAK2", "IFNGR1", "TCF7", "CD74"], "type:protein_coding": [1, 1, 1, 1],
+        "gene": ["JAK2", "IFNGR1", "TCF7", "CD74"], "ensembl_id": ["ENSG00000096968", "", "", ""],
+        "type:protein_coding": [1, 1, 1, 1],
         "GO:0060333 interferon-gamma signaling": [1, 1, 0, 0], "HALLMARK_X": [1, 0, 0, 1]}))
     similarity = annotation_similarity(["JAK2", "IFNGR1", "TCF7", "CD74", "IFNGR1+TCF7", "NOT_A_GENE"],
                                        ScGeneTokenizer(), knowledge)

@@ -134,14 +134,15 @@ def annotation_similarity(targets: list[str], tokenizer, knowledge: KnowledgeTab
     """(targets, targets) cosine similarity of the targets' GO and hallmark memberships in `knowledge` (a combination's
     genes summed), clipped at 0; a target none of whose genes the table annotates is similar to none."""
     annotations = [k for k, column in enumerate(knowledge.binary_columns) if column.startswith(("GO:", "HALLMARK_"))]
-    keys = knowledge.ensembl_ids or knowledge.genes
-    row_of = {key: row for row, key in enumerate(keys)}
-    key_type = "ensembl" if knowledge.ensembl_ids else "symbol"
+    row_of = {gene: row for row, gene in enumerate(knowledge.genes)}
+    row_of |= {ensembl_id: row for row, ensembl_id in enumerate(knowledge.ensembl_ids or []) if ensembl_id}
     vectors = np.zeros((len(targets), len(annotations)))
     for index, target in enumerate(targets):
         for gene in target.split("+"):
-            token_id = tokenizer._lookup(gene)
-            row = None if token_id is None else row_of.get(tokenizer.convert_ids_to_genes([token_id], key_type)[0])
+            token_id = tokenizer._lookup(gene)  # aliases and Ensembl ids too; then its Ensembl id first, else symbol
+            names = [] if token_id is None else [tokenizer.convert_ids_to_genes([token_id], key)[0]
+                                                 for key in ("ensembl", "symbol")]
+            row = next((row_of[name] for name in names if name in row_of), None)
             if row is not None:
                 vectors[index] += knowledge.binary[row, annotations]
     return clipped_cosine(vectors)
@@ -252,7 +253,7 @@ def evaluate_perturbation(
     `A+B` for two, or `control`) against its observed changes, next to the baselines (module docstring).
     `screen`: "knockout", "crispri" or "crispra". `mode`: the in-silico perturbation (default: knockout for knockout
     and CRISPRi screens, overexpress for CRISPRa; delete scores only the targets the file measures). `targets`: which
-    to score (default all).
+    to score (default all; the model perturbs only these, so the nearest-perturbation row borrows only from them).
     The model sees up to `max_control_cells` of the seen half of the control cells (a seeded sample) and never a
     perturbed cell or a reference control cell; with `adapt_steps`, it first trains that many masked-expression steps
     (at `adapt_learning_rate`) on the cells it sees (`scgene.adapt_to_cells`). `effect_permutations`: of the test
