@@ -23,7 +23,7 @@ from . import (
 )
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells",
-         "screen must": "--screen must", "tokenizer=": "--tokenizer", "knowledge": "--knowledge"}
+         "screen must": "--screen must", "tokenizer=": "--tokenizer"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
