@@ -19,15 +19,16 @@ from scgene.perturbation_benchmark import (
     METHODS,
     additive_changes,
     annotation_similarity,
+    borrowing_weights,
     clipped_cosine,
     direction_accuracy,
     effect_pvalue,
     evaluate_perturbation,
     linear_changes,
     pearson_delta,
-    weighted_mean,
 )
 from scgene.prior.knowledge import knowledge_from_frame
+from scgene.screen_prediction import predict_from_screen
 
 PBMC = Path(__file__).parent / "data" / "pbmc3k_seurat_2638cells_2000hvg_counts.h5ad"
 MAX_LENGTH = 48
@@ -230,21 +231,20 @@ def test_the_go_weighted_and_additive_baselines():
     assert similarity[4, 1] == pytest.approx(1.0)  # a pair's annotations are its genes' together
     predicted = np.array([[1.0, 1.0], [2.0, 2.0], [-1.0, -1.0], [0.0, 0.0]])  # e.g. ScGene's specific predictions
     np.testing.assert_allclose(clipped_cosine(predicted), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
-    assert weighted_mean(changes[:2], np.array([0.0, 1.0]), 2).tolist() == [0.0, 2.0]
-    assert weighted_mean(changes[:2], np.zeros(2), 2).tolist() == [0.5, 1.0]  # no similar target: the plain mean
+    screened = ["A", "B", "C", "A+B"]
+    weights = borrowing_weights(np.array([[0.0, 3.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]]),
+                                ["A", "D", "A+C"], screened)
+    np.testing.assert_allclose(weights[0], [0, 0.75, 0.25, 0])  # A itself and A+B share a gene with A: not borrowed
+    np.testing.assert_allclose(weights[1], [0.25, 0.25, 0.25, 0.25])  # nothing alike: the plain mean
+    np.testing.assert_allclose(weights[2], [0, 1, 0, 0])
+    assert (borrowing_weights(np.ones((1, 1)), ["A"], ["A"]) == 0).all()  # no other target: no prediction
 
 
 def test_the_go_weighted_mean_follows_the_target_annotated_alike(checkpoint):
     """Two targets annotated alike raise the same genes, two others other genes: for each target, the GO-weighted mean
     of the other perturbations is its look-alike's change, which the plain mean dilutes."""
-    screen = ad.read_h5ad(PBMC)[:400].copy()
+    screen = planted_screen()
     targets = ["JAK2", "IFNGR1", "TCF7", "LEF1"]
-    labels = np.random.default_rng(0).permutation(["control"] * 80 + targets * 80)
-    screen.obs["perturbation"] = labels
-    counts = sp.csr_matrix(screen.X, dtype=np.float32).toarray()
-    for pair, genes in ((targets[:2], slice(0, 10)), (targets[2:], slice(10, 20))):
-        counts[np.isin(labels, pair), genes] += 20
-    screen.X = sp.csr_matrix(counts)
     knowledge = knowledge_from_frame(pd.DataFrame({"gene": targets, "GO:1 interferon": [1, 1, 0, 0],
                                                    "GO:2 T cell": [0, 0, 1, 1]}))
     report = evaluate_perturbation(screen, checkpoint, screen="knockout", max_control_cells=10,
@@ -254,6 +254,70 @@ def test_the_go_weighted_mean_follows_the_target_annotated_alike(checkpoint):
     assert (delta["mean of other perturbations, GO-weighted"] > delta["mean of other perturbations"] + 0.3).all()
     assert report.summary().loc["additive", "targets_scored"] == 0  # no combination to add up
     assert delta["scgene, nearest perturbations"].notna().all()
+
+
+def planted_screen() -> ad.AnnData:
+    """400 PBMC cells labelled control or one of four targets: JAK2 and IFNGR1 raise genes 0-9, TCF7 and LEF1 genes
+    10-19 (20 counts each)."""
+    screen = ad.read_h5ad(PBMC)[:400].copy()
+    targets = ["JAK2", "IFNGR1", "TCF7", "LEF1"]
+    labels = np.random.default_rng(0).permutation(["control"] * 80 + targets * 80)
+    screen.obs["perturbation"] = labels
+    counts = sp.csr_matrix(screen.X, dtype=np.float32).toarray()
+    for pair, genes in ((targets[:2], slice(0, 10)), (targets[2:], slice(10, 20))):
+        counts[np.isin(labels, pair), genes] += 20
+    screen.X = sp.csr_matrix(counts)
+    return screen
+
+
+def test_predicting_from_a_screen_borrows_from_the_targets_annotated_alike(checkpoint):
+    screen = planted_screen()
+    before = screen.copy()
+    knowledge = knowledge_from_frame(pd.DataFrame({"gene": ["JAK2", "IFNGR1", "TCF7", "LEF1", "STAT1"],
+                                                   "GO:1 interferon": [1, 1, 0, 0, 1], "GO:2 T cell": [0, 0, 1, 1, 0]}))
+    prediction = predict_from_screen(screen, ["STAT1", "JAK2", "CD3E"], checkpoint, screen="knockout",
+                                     similarity="annotations", knowledge=knowledge, progress=False)
+    weights = prediction.weights[["JAK2", "IFNGR1", "TCF7", "LEF1"]]
+    np.testing.assert_allclose(weights.loc["STAT1"], [0.5, 0.5, 0, 0])
+    np.testing.assert_allclose(weights.loc["JAK2"], [0, 1, 0, 0])  # itself left out: checkable against what it did
+    np.testing.assert_allclose(weights.loc["CD3E"], [0.25] * 4)  # annotated like none of them: the plain mean
+    assert prediction.settings["plain_mean"] == ["CD3E"]
+    planted = prediction.changes.columns.isin(screen.var_names[:10])  # the changes' columns: the measured genes
+    other_pair = prediction.changes.columns.isin(screen.var_names[10:20])
+    assert np.corrcoef(prediction.changes.loc["STAT1"], planted)[0, 1] > 0.8  # the rest: normalisation and noise
+    assert np.corrcoef(prediction.changes.loc["STAT1"], other_pair)[0, 1] < 0
+    observed = prediction.observed
+    assert (observed.loc[["JAK2", "IFNGR1"], planted] > 1).all().all()  # log1p change of 20 added counts
+    np.testing.assert_allclose(prediction.changes.loc["JAK2"], observed.loc["IFNGR1"])
+    assert pearson_delta(prediction.changes.loc["JAK2"].to_numpy(), observed.loc["JAK2"].to_numpy()) > 0.9
+    nearest = prediction.nearest(1)
+    assert nearest.set_index("perturbation").loc["JAK2", "screened_target"] == "IFNGR1" and len(nearest) == 3
+    assert (screen.X != before.X).nnz == 0 and screen.obs.equals(before.obs)  # the screen is read, not changed
+
+
+def test_predicting_from_a_screen_with_scgene_weighs_by_its_specific_predictions(checkpoint):
+    screen = planted_screen()[:100].copy()
+    control = screen[screen.obs["perturbation"] == "control"].copy()
+    prediction = predict_from_screen(screen, ["STAT1", "JAK2+IRF1"], checkpoint, screen="knockout",
+                                     max_control_cells=len(control), progress=False)
+    weights = prediction.weights
+    np.testing.assert_allclose(weights.sum(1), 1)
+    assert weights.loc["JAK2+IRF1", "JAK2"] == 0  # shares a gene
+    np.testing.assert_allclose(prediction.changes.to_numpy(), weights.to_numpy() @ prediction.observed.to_numpy())
+    together = ["STAT1", "JAK2+IRF1", "IFNGR1", "JAK2", "LEF1", "TCF7"]  # the same run, made with the public API
+    specific = scgene.perturb(control, checkpoint, together, mode="knockout", key_added=None,
+                              progress=False).pseudobulk_changes(specific=True)
+    alike = clipped_cosine(specific.to_numpy())[0, 2:]
+    np.testing.assert_allclose(weights.loc["STAT1", together[2:]], alike / alike.sum(), atol=1e-6)
+    assert prediction.settings["similarity"] == "scgene" and prediction.settings["control_cells"] == len(control)
+    with pytest.raises(ValueError, match="screen must be one of"):
+        predict_from_screen(screen, "STAT1", checkpoint, screen="rnai")
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        predict_from_screen(screen, "STAT1", checkpoint, screen="knockout", similarity="go")
+    with pytest.raises(ValueError, match="not in the model's vocabulary"):
+        predict_from_screen(screen, "NOT_A_GENE", checkpoint, screen="knockout")
+    with pytest.raises(ValueError, match="only 'control' cells"):
+        predict_from_screen(control, "STAT1", checkpoint, screen="knockout")
 
 
 def small_screen(cells) -> ad.AnnData:

@@ -40,6 +40,7 @@ from .pipeline_scgene import TASK as PIPELINE_TASK
 from .pipeline_scgene import CellEmbeddingPipeline
 from .prior_readout import fit_prior_readout_weight, fit_prior_readout_weight_on_tokens
 from .regulation_probe import prior_regulation
+from .screen_prediction import ScreenPrediction, predict_from_screen
 from .tokenization_scgene import ScGeneTokenizer
 
 __version__ = "0.1.0"
@@ -74,6 +75,8 @@ __all__ = [
     "perturb",
     "adapt_to_cells",
     "PerturbationResult",
+    "predict_from_screen",
+    "ScreenPrediction",
     "embed_genes",
     "gene_prior",
     "evaluate",

@@ -114,20 +114,22 @@ class PerturbationReport(SavedReport):
         return json.dumps({"settings": self.settings, "table": table.to_dict(orient="records")}, default=str)
 
 
-def mean_or_zero(changes: np.ndarray, genes: int) -> np.ndarray:
-    """The mean of the rows of `changes`, or zeros when there are none."""
-    return changes.mean(0) if len(changes) else np.zeros(genes)
-
-
 @functools.cache
 def shipped_knowledge() -> KnowledgeTable:
     """The human gene knowledge table that ships with scgene, read once per process."""
     return read_knowledge_table(DEFAULT_TABLE)
 
 
-def weighted_mean(changes: np.ndarray, weights: np.ndarray, genes: int) -> np.ndarray:
-    """The mean of the rows of `changes` weighted by `weights`; the plain mean (or zeros) when the weights are all 0."""
-    return (weights @ changes / weights.sum()) if weights.sum() > 0 else mean_or_zero(changes, genes)
+def borrowing_weights(similarity: np.ndarray, asked: list[str], targets: list[str]) -> np.ndarray:
+    """(asked, targets) the weight of each screened target's observed change in the prediction for each asked
+    perturbation: `similarity` (asked x targets, >= 0) over the targets that share no gene with it, normalised to sum
+    to 1; where all of those are 0, equal weights (the plain mean of the other perturbations); none without any."""
+    others = np.array([[not set(a.split("+")) & set(t.split("+")) for t in targets] for a in asked], bool)
+    others = others.reshape(len(asked), len(targets))
+    weights = np.where(others, similarity, 0.0)
+    weights = np.where(weights.sum(1, keepdims=True) > 0, weights, others.astype(float))
+    totals = weights.sum(1, keepdims=True)
+    return np.divide(weights, totals, out=np.zeros_like(weights), where=totals > 0)
 
 
 def annotation_similarity(targets: list[str], tokenizer, knowledge: KnowledgeTable) -> np.ndarray:
@@ -165,6 +167,16 @@ def additive_changes(changes: np.ndarray, targets: list[str]) -> np.ndarray:
         if len(singles) > 1 and all(single in row_of for single in singles):
             summed[index] = changes[[row_of[single] for single in singles]].sum(0)
     return summed
+
+
+def screen_labels(adata, perturbation_key: str, control: str) -> tuple[np.ndarray, list[str]]:
+    """Each cell's label in `obs[perturbation_key]`, and the screen's targets (every label but `control`, sorted)."""
+    if perturbation_key not in adata.obs.columns:
+        raise KeyError(f"{perturbation_key!r} is not an obs column: {list(adata.obs.columns)[:20]}")
+    labels = adata.obs[perturbation_key].astype(str).to_numpy()
+    if control not in set(labels):
+        raise ValueError(f"No {control!r} cells in obs[{perturbation_key!r}]: the observed change needs control cells.")
+    return labels, sorted(set(labels) - {control})
 
 
 def observed_changes(expression: np.ndarray, labels: np.ndarray, targets: list[str], control_rows: np.ndarray
@@ -264,12 +276,7 @@ def evaluate_perturbation(
     mode = MODE_OF_SCREEN[screen] if mode is None else mode
     if mode not in SCREEN_MODES:
         raise ValueError(f"mode must be one of {SCREEN_MODES} to score a screen, got {mode!r}.")
-    if perturbation_key not in adata.obs.columns:
-        raise KeyError(f"{perturbation_key!r} is not an obs column: {list(adata.obs.columns)[:20]}")
-    labels = adata.obs[perturbation_key].astype(str).to_numpy()
-    if control not in set(labels):
-        raise ValueError(f"No {control!r} cells in obs[{perturbation_key!r}]: the observed change needs control cells.")
-    all_targets = sorted(set(labels) - {control})
+    labels, all_targets = screen_labels(adata, perturbation_key, control)
     targets = all_targets if targets is None else [str(t) for t in targets]
     unknown = sorted(set(targets) - set(all_targets))
     if unknown:
@@ -312,7 +319,10 @@ def evaluate_perturbation(
     specific_of_all = np.zeros((len(all_targets), len(genes)))  # 0 for a target the model did not perturb
     perturbed = [t for t in targets if model_cells[t]]
     specific_of_all[[all_targets.index(t) for t in perturbed]] = model_specific[[targets.index(t) for t in perturbed]]
-    predicted_similarity = clipped_cosine(specific_of_all)
+    scored_rows = [all_targets.index(t) for t in targets]
+    plain = borrowing_weights(np.zeros((len(targets), len(all_targets))), targets, all_targets)  # (targets, all)
+    nearest = borrowing_weights(clipped_cosine(specific_of_all)[scored_rows], targets, all_targets)
+    go_weighted = borrowing_weights(similarity[scored_rows], targets, all_targets)
     linear = linear_changes(expression, seen, targets, genes.names, mode)
     permutation_rng = np.random.default_rng([seed, 1])  # its own stream: the other draws stay as they were
     rows, effect_pvalues = [], []
@@ -320,20 +330,16 @@ def evaluate_perturbation(
         target_genes = target.split("+")
         position = all_targets.index(target)  # its row among all the screen's targets
         truth = observed[position]
-        others = [all_targets.index(t) for t in all_targets
-                  if t != target and not set(t.split("+")) & set(target_genes)]
         scored = np.ones(len(genes), bool)
         measured = [column[g] for g in target_genes if g in column]
         scored[measured] = False
         specific = model_specific[index] if model_cells[target] else np.zeros(len(genes))
         predictions = {"scgene": model_changes[index], "scgene, specific": specific,
-                       "scgene, nearest perturbations": weighted_mean(
-                           observed_from_seen[others], predicted_similarity[position, others], len(genes)),
+                       "scgene, nearest perturbations": nearest[index] @ observed_from_seen,
                        "no change": np.zeros(len(genes)),
-                       "mean of other perturbations": mean_or_zero(observed_from_seen[others], len(genes)),
-                       "mean of other perturbations, truth's control": mean_or_zero(observed[others], len(genes)),
-                       "mean of other perturbations, GO-weighted": weighted_mean(
-                           observed_from_seen[others], similarity[position, others], len(genes)),
+                       "mean of other perturbations": plain[index] @ observed_from_seen,
+                       "mean of other perturbations, truth's control": plain[index] @ observed,
+                       "mean of other perturbations, GO-weighted": go_weighted[index] @ observed_from_seen,
                        "additive": None if np.isnan(additive[position]).any() else additive[position],
                        "linear co-expression": None if np.isnan(linear[index]).any() else linear[index]}
         target_rows = np.flatnonzero(labels == target)
