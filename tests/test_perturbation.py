@@ -440,6 +440,25 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert main(["evaluate-perturbation", str(screen), "--model", str(checkpoint), "--screen", "knockout",
                  "--adapt-learning-rate", "0"]) == 1
     assert "--adapt-learning-rate positive" in capsys.readouterr().err
+    changes, weights, plot = tmp_path / "predicted.tsv", tmp_path / "weights.tsv", tmp_path / "predicted.png"
+    before = screen.read_bytes()
+    assert main(["predict-from-screen", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--targets", "STAT1,JAK2+IRF1", "--max-control-cells", "10", "--out", str(changes),
+                 "--weights", str(weights), "--plot", str(plot)]) == 0
+    predicted = pd.read_csv(changes, sep="\t")
+    assert list(predicted.columns) == ["perturbation", "gene", "change", "rank"] and plot.stat().st_size > 0
+    rows = predicted.groupby("perturbation").size()
+    assert set(rows.index) == {"STAT1", "JAK2+IRF1"} and rows.nunique() == 1 and predicted["change"].notna().all()
+    assert (predicted.groupby("perturbation")["rank"].min() == 1).all()
+    borrowed = pd.read_csv(weights, sep="\t").groupby("perturbation")["weight"].sum()
+    np.testing.assert_allclose(borrowed, 1)
+    assert screen.read_bytes() == before
+    assert main(["predict-from-screen", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--targets", "STAT1", "--out", str(changes)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["predict-from-screen", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--targets", "STAT1", "--perturbation-key", "guide", "--out", str(tmp_path / "y.tsv")]) == 1
+    assert "'guide' is not an obs column" in capsys.readouterr().err and not (tmp_path / "y.tsv").exists()
 
 
 def test_adapting_to_cells_trains_a_copy(checkpoint, cells):

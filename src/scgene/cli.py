@@ -26,6 +26,8 @@ COMMANDS = {
     "perturb": ("scgene.commands.perturb", "Knock genes out or up in silico: predicted expression changes and embedding shifts."),
     "evaluate-perturbation": ("scgene.commands.evaluate_perturbation",
                               "Score in-silico perturbation against a real CRISPR screen, next to baselines."),
+    "predict-from-screen": ("scgene.commands.predict_from_screen",
+                            "Predict unscreened perturbations from the screened ones that act alike."),
     "push": ("scgene.commands.push", "Publish a checkpoint to the Hugging Face Hub in one commit, with a measured model card."),
 }
 

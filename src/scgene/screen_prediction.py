@@ -65,13 +65,25 @@ class ScreenPrediction:
     observed: pd.DataFrame
     settings: dict = field(default_factory=dict)
 
-    def nearest(self, n_targets: int = 5) -> pd.DataFrame:
+    def top_changes(self, n_genes: int | None = 20) -> pd.DataFrame:
+        """The long table `perturbation, gene, change, rank`: each asked perturbation's `n_genes` largest predicted
+        |changes| (all genes with None)."""
+        table = self.changes.rename_axis(index="perturbation", columns="gene").stack().rename("change").reset_index()
+        table["rank"] = table["change"].abs().groupby(table["perturbation"]).rank(method="first", ascending=False)
+        table = table.astype({"rank": int})
+        if n_genes is not None:
+            table = table[table["rank"] <= n_genes]
+        return table.sort_values(["perturbation", "rank"]).reset_index(drop=True)
+
+    def nearest(self, n_targets: int | None = 5) -> pd.DataFrame:
         """The long table `perturbation, screened_target, weight, rank`: the `n_targets` screened targets each asked
-        perturbation borrows most from (those with weight > 0)."""
+        perturbation borrows most from (all with None; only those with weight > 0)."""
         table = self.weights.rename_axis(index="perturbation", columns="screened_target").stack().rename("weight")
         table = table[table > 0].reset_index()
         table["rank"] = table["weight"].groupby(table["perturbation"]).rank(method="first", ascending=False).astype(int)
-        return table[table["rank"] <= n_targets].sort_values(["perturbation", "rank"]).reset_index(drop=True)
+        if n_targets is not None:
+            table = table[table["rank"] <= n_targets]
+        return table.sort_values(["perturbation", "rank"]).reset_index(drop=True)
 
 
 def gene_key(label: str, tokenizer) -> str:

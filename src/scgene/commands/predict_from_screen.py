@@ -1,0 +1,100 @@
+"""`scgene predict-from-screen SCREEN.h5ad --screen knockout --targets STAT1,IRF1 --out changes.tsv`: predict
+perturbations nobody screened from the screened perturbations that act alike.
+
+Writes each asked perturbation's predicted change of every gene of the screen (long table `perturbation, gene, change,
+rank`, rank by |change|) as tab-separated text; `--weights` which screened targets each prediction borrows from
+(`perturbation, screened_target, weight, rank`), `--plot` bars of the largest changes. See
+`scgene.screen_prediction` for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+from . import USER_ERRORS, coverage_report_shown, user_error_message
+from .perturb import targets_option
+
+FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells", "genes=": "--targets ",
+         "similarity must": "--similarity must", "screen must": "--screen must", "tokenizer=": "--tokenizer"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..perturbation_benchmark import MODE_OF_SCREEN
+    from ..screen_prediction import SIMILARITIES
+
+    parser.add_argument("input", help=".h5ad screen with raw counts in X and each cell's target in obs (read, never "
+                                      "modified)")
+    parser.add_argument("--screen", required=True, choices=list(MODE_OF_SCREEN),
+                        help="what the screen did; the predicted perturbations are of the same kind")
+    parser.add_argument("--targets", required=True, help="perturbations to predict: 'STAT1,JAK2+IRF1' (A+B: "
+                                                         "together) or a text file, one per line")
+    parser.add_argument("--out", required=True, help="the predicted changes as a .tsv, written atomically")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default="scgene",
+                        help="how alike two perturbations are: ScGene's predicted changes, or shared GO and hallmark "
+                             "annotations (default %(default)s)")
+    parser.add_argument("--weights", metavar="TSV", help="save the screened targets each prediction borrows from here")
+    parser.add_argument("--plot", metavar="IMAGE", help="save bars of the largest predicted changes here")
+    parser.add_argument("--model", help="a pretrained ScGene checkpoint with its masked-expression head (default: the "
+                                        "one shipped with scgene)")
+    parser.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's target "
+                                                                           "(A+B for two; default %(default)s)")
+    parser.add_argument("--control", default="control", help="its value for control cells (default %(default)s)")
+    parser.add_argument("--max-control-cells", type=int, default=500,
+                        help="control cells the model perturbs (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="the control-cell sample and masks (default 0)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
+    parser.add_argument("--knowledge", help="gene knowledge table with 0/1 'GO:' and 'HALLMARK_' columns, for "
+                                            "--similarity annotations (default: the one shipped with scgene)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    with coverage_report_shown():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import anndata
+
+    from ..fileio import atomic_path, claimed_output
+    from ..inference import DEFAULT_CHECKPOINT
+    from ..plotting import image_format, perturbation_changes
+    from ..screen_prediction import predict_from_screen
+
+    try:
+        if args.plot:
+            image_format(args.plot)
+        if args.max_control_cells < 1:
+            raise ValueError(f"--max-control-cells must be a positive integer, got {args.max_control_cells}.")
+        if not os.path.isfile(args.input):
+            raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
+        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)
+                                 if p and os.path.exists(p)]
+        with contextlib.ExitStack() as claims:  # every output is checked before the work starts
+            for path in (args.out, args.weights, args.plot):
+                if path:
+                    claims.enter_context(claimed_output(path, inputs, command="predict-from-screen", folder=False,
+                                                        overwrite=args.overwrite))
+            prediction = predict_from_screen(anndata.read_h5ad(args.input), targets_option(args.targets), args.model,
+                                             screen=args.screen, similarity=args.similarity,
+                                             perturbation_key=args.perturbation_key, control=args.control,
+                                             max_control_cells=args.max_control_cells, seed=args.seed,
+                                             tokenizer=args.tokenizer, knowledge=args.knowledge)
+            with atomic_path(args.out) as staged:
+                prediction.top_changes(None).to_csv(staged, sep="\t", index=False)
+            print(f"Wrote {args.out}: {len(prediction.changes)} perturbations x {prediction.changes.shape[1]} genes, "
+                  f"borrowed from {prediction.settings['screened_targets']} screened targets")
+            if args.weights:
+                with atomic_path(args.weights) as staged:
+                    prediction.nearest(None).to_csv(staged, sep="\t", index=False)
+                print(f"Wrote {args.weights}")
+            if args.plot:
+                perturbation_changes(prediction.top_changes(15), args.plot, n_genes=15)
+                print(f"Saved the plot to {args.plot}")
+    except USER_ERRORS as error:
+        print(user_error_message("predict-from-screen", error, FLAGS), file=sys.stderr)
+        return 1
+    return 0
