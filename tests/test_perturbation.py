@@ -459,6 +459,12 @@ def test_perturb_and_evaluate_commands(checkpoint, cells, tmp_path, capsys):
     assert main(["predict-from-screen", str(screen), "--model", str(checkpoint), "--screen", "knockout",
                  "--targets", "STAT1", "--perturbation-key", "guide", "--out", str(tmp_path / "y.tsv")]) == 1
     assert "'guide' is not an obs column" in capsys.readouterr().err and not (tmp_path / "y.tsv").exists()
+    pd.DataFrame({"symbol": ["STAT1"], "GO:1 shared": [1]}).to_csv(knowledge, index=False)
+    assert main(["predict-from-screen", str(screen), "--model", str(checkpoint), "--screen", "knockout",
+                 "--targets", "STAT1", "--similarity", "annotations", "--knowledge", str(knowledge),
+                 "--out", str(tmp_path / "y.tsv")]) == 1
+    error = capsys.readouterr().err
+    assert "has no gene column 'gene'" in error and error.rstrip().endswith("Rename the gene column to 'gene'.")
 
 
 def test_adapting_to_cells_trains_a_copy(checkpoint, cells):

@@ -67,7 +67,7 @@ def test_blank_in_binary_column_is_a_clear_error():
 
 def test_missing_gene_column_is_a_clear_error():
     frame = small_frame().rename(columns={"gene": "symbol"})
-    with pytest.raises(ValueError, match=r"no gene column 'gene'.*'symbol'.*--knowledge-gene-column"):
+    with pytest.raises(ValueError, match=r"no gene column 'gene'.*'symbol'.*gene_column="):
         knowledge_from_frame(frame)
     assert knowledge_from_frame(frame, gene_column="symbol").genes[0] == "TP53"
 

@@ -374,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
             write_output_marker(staged, "build-prior")
         return code
     except USER_ERRORS as error:
-        raise SystemExit(user_error_message("build-prior", error)) from None
+        raise SystemExit(user_error_message("build-prior", error, {"(gene_column=)": "(--knowledge-gene-column)"})
+                         ) from None
     except SystemExit as stop:  # the checks' own messages, in the same one-line form (an exit status passes through)
         if isinstance(stop.code, str) and not stop.code.startswith("scgene "):
             raise SystemExit(f"scgene build-prior: error: {stop.code}") from None

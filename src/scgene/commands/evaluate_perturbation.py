@@ -23,7 +23,8 @@ from . import (
 )
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells",
-         "screen must": "--screen must", "tokenizer=": "--tokenizer"}
+         "screen must": "--screen must", "tokenizer=": "--tokenizer",
+         " or pass its name (gene_column=)": ""}  # the knowledge table's gene column has no flag here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,8 @@ from . import USER_ERRORS, coverage_report_shown, user_error_message
 from .perturb import targets_option
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells", "genes=": "--targets ",
-         "similarity must": "--similarity must", "screen must": "--screen must", "tokenizer=": "--tokenizer"}
+         "similarity must": "--similarity must", "screen must": "--screen must", "tokenizer=": "--tokenizer",
+         " or pass its name (gene_column=)": ""}  # the knowledge table's gene column has no flag here
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -125,7 +125,7 @@ def knowledge_from_frame(
     if gene_column not in frame.columns:
         raise ValueError(
             f"Knowledge table {source} has no gene column {gene_column!r}; its columns start with "
-            f"{list(frame.columns[:8])}. Rename the gene column or pass its name (--knowledge-gene-column)."
+            f"{list(frame.columns[:8])}. Rename the gene column to {gene_column!r} or pass its name (gene_column=)."
         )
     genes = frame[gene_column].astype("string").str.strip()
     if genes.isna().any() or (genes == "").any():
