@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import os
 import sys
 
 # what a user's input can raise: reported as one line naming the fix, not as a traceback
@@ -56,16 +57,27 @@ def add_report_arguments(parser, saved: str = "the scores, settings and targets"
     parser.add_argument("--markdown", metavar="FILE", help="save the table as markdown")
 
 
+def existing_paths(*paths) -> list:
+    """The given paths that exist here (a Hub id or an unset option is no local input)."""
+    return [path for path in paths if path and os.path.exists(path)]
+
+
 @contextlib.contextmanager
-def claimed_reports(args, inputs: list, command: str):
-    """Claim --markdown and --json before the run: checked first, replaced if they exist, never an input."""
+def claimed_files(paths, inputs: list, command: str, overwrite: bool):
+    """Claim each output file in `paths` (unset ones skipped) before the run: checked first, never an input, an
+    existing one replaced only with `overwrite` (`fileio.claimed_output`)."""
     from ..fileio import claimed_output
 
     with contextlib.ExitStack() as claims:
-        for path in (args.markdown, args.json):
+        for path in paths:
             if path:
-                claims.enter_context(claimed_output(path, inputs, command=command, folder=False, overwrite=True))
+                claims.enter_context(claimed_output(path, inputs, command=command, folder=False, overwrite=overwrite))
         yield
+
+
+def claimed_reports(args, inputs: list, command: str):
+    """Claim --markdown and --json before the run: checked first, replaced if they exist, never an input."""
+    return claimed_files((args.markdown, args.json), inputs, command, overwrite=True)
 
 
 def show_report(report, args) -> int:

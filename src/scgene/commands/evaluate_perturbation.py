@@ -18,6 +18,7 @@ from . import (
     add_report_arguments,
     claimed_reports,
     coverage_report_shown,
+    existing_paths,
     show_report,
     user_error_message,
 )
@@ -76,8 +77,7 @@ def _run(args: argparse.Namespace) -> int:
                              f"{args.adapt_steps} and {args.adapt_learning_rate}.")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)
-                                 if p and os.path.exists(p)]
+        inputs = [args.input, *existing_paths(args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)]
         with claimed_reports(args, inputs, "evaluate-perturbation"):
             report = evaluate_perturbation(anndata.read_h5ad(args.input), args.model, screen=args.screen, mode=args.mode,
                                            perturbation_key=args.perturbation_key, control=args.control,

@@ -17,6 +17,7 @@ from . import (
     add_report_arguments,
     claimed_reports,
     coverage_report_shown,
+    existing_paths,
     show_report,
     user_error_message,
 )
@@ -70,8 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.reference is not None and not os.path.isfile(args.reference):
             raise FileNotFoundError(f"--reference {args.reference} is not a file; pass a CSV/TSV with source, target, "
                                     "weight, or leave it out for CollecTRI.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)
-                                 if p and os.path.exists(p)]
+        inputs = [args.input, *existing_paths(args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)]
         with claimed_reports(args, inputs, "evaluate-regulation"):
             with read_input(args.input) as adata:
                 options = {"gene_column": args.gene_column} if args.gene_column else {}

@@ -8,11 +8,10 @@ FDR) as tab-separated text; `--changes` the largest predicted expression changes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import USER_ERRORS, claimed_files, coverage_report_shown, existing_paths, user_error_message
 from .embed import add_reading_arguments, reading_options
 
 FLAGS = {"read_genes=": "--genes ", "genes=": "--targets ", "value=": "--value ", "groupby=": "--groupby ",
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..fileio import atomic_path, claimed_output
+    from ..fileio import atomic_path
     from ..inference import DEFAULT_CHECKPOINT
     from ..perturbation import adapt_to_cells, perturb
     from ..plotting import image_format, perturbation_changes
@@ -92,12 +91,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.adapt_steps < 0 or args.adapt_learning_rate <= 0:
             raise ValueError("--adapt-steps must be 0 or more and --adapt-learning-rate positive, got "
                              f"{args.adapt_steps} and {args.adapt_learning_rate}.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer) if p and os.path.exists(p)]
-        with contextlib.ExitStack() as claims:  # every output is checked before the work starts
-            for path in (args.out, args.changes, args.plot):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="perturb", folder=False,
-                                                        overwrite=args.overwrite))
+        inputs = [args.input, *existing_paths(args.model or DEFAULT_CHECKPOINT, args.tokenizer)]
+        with claimed_files((args.out, args.changes, args.plot), inputs, "perturb", args.overwrite):
             with read_input(args.input) as adata:
                 options = reading_options(args, adata)
                 model = args.model

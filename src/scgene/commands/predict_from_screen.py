@@ -10,11 +10,10 @@ rank`, rank by |change|) as tab-separated text; `--weights` which screened targe
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import USER_ERRORS, claimed_files, coverage_report_shown, existing_paths, user_error_message
 from .perturb import targets_option
 
 FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells", "genes=": "--targets ",
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import anndata
 
-    from ..fileio import atomic_path, claimed_output
+    from ..fileio import atomic_path
     from ..inference import DEFAULT_CHECKPOINT
     from ..plotting import image_format, perturbation_changes
     from ..screen_prediction import predict_from_screen
@@ -72,13 +71,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--max-control-cells must be a positive integer, got {args.max_control_cells}.")
         if not os.path.isfile(args.input):
             raise FileNotFoundError(f"{args.input} is not a file; pass the path of an .h5ad screen.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)
-                                 if p and os.path.exists(p)]
-        with contextlib.ExitStack() as claims:  # every output is checked before the work starts
-            for path in (args.out, args.weights, args.plot):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="predict-from-screen", folder=False,
-                                                        overwrite=args.overwrite))
+        inputs = [args.input, *existing_paths(args.model or DEFAULT_CHECKPOINT, args.tokenizer, args.knowledge)]
+        with claimed_files((args.out, args.weights, args.plot), inputs, "predict-from-screen", args.overwrite):
             prediction = predict_from_screen(anndata.read_h5ad(args.input), targets_option(args.targets), args.model,
                                              screen=args.screen, similarity=args.similarity,
                                              perturbation_key=args.perturbation_key, control=args.control,

@@ -9,11 +9,9 @@ predicts from a curated reference (`scgene.regulation_probe`; `in_reference` in 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
-from . import USER_ERRORS, coverage_report_shown, user_error_message
+from . import USER_ERRORS, claimed_files, coverage_report_shown, existing_paths, user_error_message
 from .embed import add_reading_arguments, genes_option, reading_options
 
 FLAGS = {"reference": "--reference ", "top_k": "--top-k", "min_cells": "--min-cells", "groupby=": "--groupby ", "regulators=": "--regulators ",
@@ -66,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..fileio import atomic_path, claimed_output
+    from ..fileio import atomic_path
     from ..gene_regulation import DEFAULT_REGULATION_CHECKPOINT, regulation
     from ..plotting import image_format, regulation_heatmap
     from ..regulation_probe import prior_regulation
@@ -82,14 +80,9 @@ def _run(args: argparse.Namespace) -> int:
                              "leave --groupby out, or use --method attention.")
         if args.reference and args.method != "prior-probe":
             raise ValueError("--reference is what --method prior-probe learns from: add --method prior-probe.")
-        inputs = [args.input] + [p for p in (args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)
-                                 if p and os.path.exists(p)]
+        inputs = [args.input, *existing_paths(args.model or DEFAULT_REGULATION_CHECKPOINT, args.tokenizer, args.reference)]
         regulators = regulators_option(args.regulators)
-        with contextlib.ExitStack() as claims:  # every output is checked before the work starts
-            for path in (args.out, args.plot):
-                if path:
-                    claims.enter_context(claimed_output(path, inputs, command="regulation", folder=False,
-                                                        overwrite=args.overwrite))
+        with claimed_files((args.out, args.plot), inputs, "regulation", args.overwrite):
             with read_input(args.input) as adata:
                 if args.method == "prior-probe":
                     network = prior_regulation(adata, args.model, regulators=regulators, reference=args.reference,
