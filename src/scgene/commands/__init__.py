@@ -39,7 +39,8 @@ def load_tokenizer(name: str | None):
 
 @contextlib.contextmanager
 def coverage_report_shown():
-    """Show scgene's reports logged as info (gene coverage, prior coverage) on the command's stderr, only during it."""
+    """Show scgene's reports logged as info (gene coverage, prior coverage) on the command's stderr, only during it
+    (a `with` block, or `@coverage_report_shown()` on a command's `run`)."""
     scgene_logger, report = logging.getLogger("scgene"), logging.StreamHandler(sys.stderr)
     level = scgene_logger.level
     scgene_logger.setLevel(logging.INFO)

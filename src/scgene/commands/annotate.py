@@ -29,12 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-confidence", type=float, help="label cells below this probability 'Unknown'")
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from .annotated_copy import read_input, write_annotated_copy
     from .processes import launched

@@ -134,12 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "already there is skipped; `scgene merge` joins them")
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..fileio import claimed_output
     from ..inference import embed, load_model
     from ..plotting import image_format

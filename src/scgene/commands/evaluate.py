@@ -47,12 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..evaluation import EvaluationSettings, evaluate
     from .annotated_copy import read_input
 

@@ -57,12 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "scgene)")
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     import anndata
 
     from ..inference import DEFAULT_CHECKPOINT

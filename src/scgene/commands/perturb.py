@@ -69,12 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reading_arguments(parser)
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..fileio import atomic_path
     from ..inference import DEFAULT_CHECKPOINT
     from ..perturbation import adapt_to_cells, perturb

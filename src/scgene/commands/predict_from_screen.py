@@ -51,12 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     import anndata
 
     from ..fileio import atomic_path

@@ -58,12 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_reading_arguments(parser)
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     from ..fileio import atomic_path
     from ..gene_regulation import DEFAULT_REGULATION_CHECKPOINT, regulation
     from ..plotting import image_format, regulation_heatmap

@@ -53,12 +53,8 @@ FLAGS = {
 }
 
 
+@coverage_report_shown()  # a fresh context per call
 def run(args: argparse.Namespace) -> int:
-    with coverage_report_shown():
-        return _tokenize(args)
-
-
-def _tokenize(args: argparse.Namespace) -> int:
     from ..data.export import export_dataset
     from ..tokenization_scgene import read_h5ad_backed
 
