@@ -14,21 +14,17 @@ import os
 import sys
 
 from . import USER_ERRORS, claimed_files, coverage_report_shown, existing_paths, user_error_message
+from .evaluate_perturbation import SCREEN_FLAGS, add_screen_arguments
 from .perturb import targets_option
 
-FLAGS = {"perturbation_key": "--perturbation-key", "max_control_cells": "--max-control-cells", "genes=": "--targets ",
-         "similarity must": "--similarity must", "screen must": "--screen must", "tokenizer=": "--tokenizer",
-         " or pass its name (gene_column=)": ""}  # the knowledge table's gene column has no flag here
+FLAGS = SCREEN_FLAGS | {"genes=": "--targets ", "similarity must": "--similarity must"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..perturbation_benchmark import MODE_OF_SCREEN
     from ..screen_prediction import SIMILARITIES
 
-    parser.add_argument("input", help=".h5ad screen with raw counts in X and each cell's target in obs (read, never "
-                                      "modified)")
-    parser.add_argument("--screen", required=True, choices=list(MODE_OF_SCREEN),
-                        help="what the screen did; the predicted perturbations are of the same kind")
+    add_screen_arguments(parser, "what the screen did; the predicted perturbations are of the same kind",
+                         "for --similarity annotations")
     parser.add_argument("--targets", required=True, help="perturbations to predict: 'STAT1,JAK2+IRF1' (A+B: "
                                                          "together) or a text file, one per line")
     parser.add_argument("--out", required=True, help="the predicted changes as a .tsv, written atomically")
@@ -37,17 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "annotations (default %(default)s)")
     parser.add_argument("--weights", metavar="TSV", help="save the screened targets each prediction borrows from here")
     parser.add_argument("--plot", metavar="IMAGE", help="save bars of the largest predicted changes here")
-    parser.add_argument("--model", help="a pretrained ScGene checkpoint with its masked-expression head (default: the "
-                                        "one shipped with scgene)")
-    parser.add_argument("--perturbation-key", default="perturbation", help="obs column naming each cell's target "
-                                                                           "(A+B for two; default %(default)s)")
-    parser.add_argument("--control", default="control", help="its value for control cells (default %(default)s)")
-    parser.add_argument("--max-control-cells", type=int, default=500,
-                        help="control cells the model perturbs (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="the control-cell sample and masks (default 0)")
-    parser.add_argument("--tokenizer", help="tokenizer folder (default: the one saved with the model)")
-    parser.add_argument("--knowledge", help="gene knowledge table with 0/1 'GO:' and 'HALLMARK_' columns, for "
-                                            "--similarity annotations (default: the one shipped with scgene)")
     parser.add_argument("--overwrite", action="store_true", help="replace outputs that exist")
 
 
