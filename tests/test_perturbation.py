@@ -279,7 +279,7 @@ def test_predicting_from_a_screen_borrows_from_the_targets_annotated_alike(check
                                      similarity="annotations", knowledge=knowledge, progress=False)
     weights = prediction.weights[["JAK2", "IFNGR1", "TCF7", "LEF1"]]
     np.testing.assert_allclose(weights.loc["STAT1"], [0.5, 0.5, 0, 0])
-    np.testing.assert_allclose(weights.loc["JAK2"], [0, 1, 0, 0])  # itself left out: checkable against what it did
+    np.testing.assert_allclose(weights.loc["JAK2"], [0, 1, 0, 0])  # itself left out: predicted from the others
     np.testing.assert_allclose(weights.loc["CD3E"], [0.25] * 4)  # annotated like none of them: the plain mean
     assert prediction.settings["plain_mean"] == ["CD3E"]
     planted = prediction.changes.columns.isin(screen.var_names[:10])  # the changes' columns: the measured genes

@@ -3,8 +3,9 @@ perturbations that act alike.
 
 How. For each screened target, the observed change is the pseudobulk log1p(counts per 10,000) of its cells minus that
 of the control cells. An asked perturbation's prediction is the mean of those changes weighted by how alike the two
-perturbations are, over the targets that share no gene with it (so a screened target can be predicted from the
-others, and the prediction checked against what was observed). Two similarities:
+perturbations are, over the targets that share no gene with it (a screened target asked for is predicted from the
+others; to score such predictions, `evaluate_perturbation` holds out control cells that they never see). Two
+similarities:
 
 - `"scgene"`: ScGene perturbs (up to `max_control_cells` of) the control cells with the asked perturbations and the
   screened targets together, in the screen's mode (knockout for knockout and CRISPRi screens, overexpress for
