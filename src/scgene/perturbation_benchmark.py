@@ -120,6 +120,13 @@ def shipped_knowledge() -> KnowledgeTable:
     return read_knowledge_table(DEFAULT_TABLE)
 
 
+def knowledge_table(knowledge: KnowledgeTable | str | None) -> KnowledgeTable:
+    """`knowledge` as a table: one already read, a file to read, or None for the one shipped with scgene."""
+    if isinstance(knowledge, KnowledgeTable):
+        return knowledge
+    return shipped_knowledge() if knowledge is None else read_knowledge_table(knowledge)
+
+
 def borrowing_weights(similarity: np.ndarray, asked: list[str], targets: list[str]) -> np.ndarray:
     """(asked, targets) the weight of each screened target's observed change in the prediction for each asked
     perturbation: `similarity` (asked x targets, >= 0) over the targets that share no gene with it, normalised to sum
@@ -294,9 +301,7 @@ def evaluate_perturbation(
     observed = observed_changes(expression, labels, all_targets, reference)
     observed_from_seen = observed_changes(expression, labels, all_targets, seen)
     sample = seen[np.sort(rng.permutation(len(seen))[:max_control_cells])]
-    if not isinstance(knowledge, KnowledgeTable):
-        knowledge = shipped_knowledge() if knowledge is None else read_knowledge_table(knowledge)
-    similarity = annotation_similarity(all_targets, tokenizer, knowledge)
+    similarity = annotation_similarity(all_targets, tokenizer, knowledge_table(knowledge))
     additive = additive_changes(observed_from_seen, all_targets)
     column = {name: index for index, name in enumerate(genes.names)}
     # deletion needs the gene among the cells' tokens; knockout and overexpress add it where a cell (or the file) lacks it

@@ -39,11 +39,10 @@ from .perturbation_benchmark import (
     annotation_similarity,
     borrowing_weights,
     clipped_cosine,
-    observed_changes,
+    knowledge_table,
     screen_labels,
-    shipped_knowledge,
 )
-from .prior.knowledge import KnowledgeTable, read_knowledge_table
+from .prior.knowledge import KnowledgeTable
 from .regulation_benchmark import log_expression
 
 logger = logging.get_logger(__name__)
@@ -131,15 +130,13 @@ def predict_from_screen(
     if len(set(asked)) < len(asked):
         raise ValueError("genes= names a perturbation twice: list each once.")
     control_rows = np.flatnonzero(labels == control)
-    expression = log_expression(adata, measured, np.arange(len(measured)))  # (cells, genes)
-    observed = observed_changes(expression, labels, targets, control_rows)  # (targets, genes)
+    means = group_mean_expression(adata, measured, labels, [control, *targets])  # (1 + targets, genes)
+    observed = means[1:] - means[0]  # (targets, genes)
     if similarity == "scgene":
         alike = scgene_similarity(adata, masked_model, tokenizer, asked, targets, control_rows, screen,
                                   max_control_cells, masking_rounds, seed, progress)
     else:
-        if not isinstance(knowledge, KnowledgeTable):
-            knowledge = shipped_knowledge() if knowledge is None else read_knowledge_table(knowledge)
-        alike = annotation_similarity(asked + targets, tokenizer, knowledge)[: len(asked), len(asked):]
+        alike = annotation_similarity(asked + targets, tokenizer, knowledge_table(knowledge))[: len(asked), len(asked):]
     weights = borrowing_weights(alike, [gene_key(a, tokenizer) for a in asked],
                                 [gene_key(t, tokenizer) for t in targets])  # (asked, targets)
     fallback = [a for a, row in zip(asked, alike, strict=True) if not row.any()]
@@ -153,6 +150,20 @@ def predict_from_screen(
     return ScreenPrediction(changes=pd.DataFrame(weights @ observed, index=asked, columns=names),
                             weights=pd.DataFrame(weights, index=asked, columns=targets),
                             observed=pd.DataFrame(observed, index=targets, columns=names), settings=settings)
+
+
+def group_mean_expression(adata, genes: GeneIndex, labels: np.ndarray, groups: list[str], chunk: int = 10_000
+                          ) -> np.ndarray:
+    """(groups, genes) mean log1p(counts per 10,000) of each group's cells, read `chunk` cells at a time: memory stays
+    at chunk x genes however many cells the screen has."""
+    positions = np.arange(len(genes))
+    means = np.zeros((len(groups), len(genes)))
+    for index, group in enumerate(groups):
+        rows = np.flatnonzero(labels == group)
+        for start in range(0, len(rows), chunk):
+            means[index] += log_expression(adata[rows[start: start + chunk]], genes, positions).sum(0)
+        means[index] /= len(rows)
+    return means
 
 
 def scgene_similarity(adata, model, tokenizer, asked: list[str], targets: list[str], control_rows: np.ndarray,
